@@ -1,0 +1,10 @@
+"""ComfyUI entry point of the X2I node pack (V3 schema: ``comfy_entrypoint``).
+
+Only ComfyUI imports this file.  The library lives in ``x2i_core`` and never
+imports ComfyUI; the ComfyUI layer (sockets, widgets, model management) lives
+in ``nodes``.
+"""
+
+from .nodes import comfy_entrypoint
+
+__all__ = ["comfy_entrypoint"]

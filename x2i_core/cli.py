@@ -1,0 +1,191 @@
+"""``python -m x2i_core`` - generate, convert-alignnet, make-tiny-models, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from .errors import X2IError
+
+log = logging.getLogger("x2i")
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _positive_int(name):
+    def parse(value):
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {value!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        return v
+    return parse
+
+
+def _seed(value):
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {value!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"seed must be between 0 and 2**63-1, got {v}")
+    return v
+
+
+def _guidance(value):
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"guidance must be a number, got {value!r}") from None
+    if not 0.0 <= v <= 100.0:
+        raise argparse.ArgumentTypeError(f"guidance must be between 0 and 100, got {v}")
+    return v
+
+
+def _size(value):
+    from .pipeline import parse_size
+
+    try:
+        return parse_size(value)
+    except X2IError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _existing_dir(what):
+    def parse(value):
+        if not os.path.isdir(value):
+            raise argparse.ArgumentTypeError(f"{what} folder '{value}' does not exist")
+        return value
+    return parse
+
+
+def _existing_file(what):
+    def parse(value):
+        if not os.path.isfile(value):
+            raise argparse.ArgumentTypeError(f"{what} file '{value}' does not exist")
+        return value
+    return parse
+
+
+def _out_image(value):
+    if not value.lower().endswith(IMAGE_EXTS):
+        raise argparse.ArgumentTypeError(f"output '{value}' must end with one of {', '.join(IMAGE_EXTS)}")
+    folder = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"output folder '{folder}' does not exist")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m x2i_core", description="X2I for FLUX: any prompt an MLLM understands.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate an image from a text/image/video prompt")
+    g.add_argument("--mllm", required=True, type=_existing_dir("MLLM"), help="Hugging Face MLLM folder (Qwen2.5-VL)")
+    g.add_argument("--alignnet", required=True, type=_existing_file("AlignNet"), help="AlignNet file (.safetensors or published .pt)")
+    g.add_argument("--alignnet-config", default=None, help="config for a bare AlignNet state dict: JSON file or preset name")
+    g.add_argument("--flux", required=True, type=_existing_dir("FLUX"), help="diffusers FLUX folder (e.g. FLUX.1-dev)")
+    g.add_argument("--prompt", default=None, help="prompt text, any language")
+    g.add_argument("--image", action="append", default=[], type=_existing_file("image"), help="input image (repeatable)")
+    g.add_argument("--video-frames", nargs="+", default=None, type=_existing_file("video frame"),
+                   help="one video given as its frame images, in order")
+    g.add_argument("--preset", default="auto", choices=["auto", "training", "comfyui", "scripts"],
+                   help="X2I prompt convention (auto: training for text, comfyui with media)")
+    g.add_argument("--steps", type=_positive_int("steps"), default=28, help="sampling steps (FLUX-dev 28, schnell 4)")
+    g.add_argument("--guidance", type=_guidance, default=3.5, help="FLUX guidance (default 3.5)")
+    g.add_argument("--seed", type=_seed, default=0)
+    g.add_argument("--size", type=_size, default=(1024, 1024), help="WIDTHxHEIGHT, multiples of 16")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--out", required=True, type=_out_image, help="output image path (.png/.jpg/.webp)")
+
+    c = sub.add_parser("convert-alignnet", help="published AlignNet torch file -> our safetensors")
+    c.add_argument("src", type=_existing_file("AlignNet"))
+    c.add_argument("dst")
+    c.add_argument("--config", default=None, help="config for a bare state dict: JSON file or preset name")
+
+    t = sub.add_parser("make-tiny-models", help="write the tiny random model set (tests, demo)")
+    t.add_argument("dir")
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--no-comfy", action="store_true", help="skip the ComfyUI single-file FLUX (~0.8 GB) and VAE")
+    t.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+
+    d = sub.add_parser("demo", help="build the tiny models and generate one image end to end")
+    d.add_argument("--models", default=None, help="tiny model folder (default: the cache)")
+    d.add_argument("--out", default=os.path.join("out", "x2i_demo.png"), help="output PNG")
+    d.add_argument("--prompt", default="A red fox jumps over a lazy dog in the snowy forest at dawn.")
+    d.add_argument("--size", type=_size, default=(256, 256))
+    d.add_argument("--steps", type=_positive_int("steps"), default=4)
+    return p
+
+
+def _save_image(img, path: str) -> str:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(os.path.splitext(path)[1].lower(), "PNG")
+        img.save(tmp, format=fmt)
+    return os.path.abspath(path)
+
+
+def cmd_generate(args) -> str:
+    from .pipeline import X2IPipeline
+
+    if not args.prompt and not args.image and not args.video_frames:
+        raise SystemExit("error: give --prompt, --image or --video-frames (the prompt is empty)")
+    t0 = time.time()
+    pipe = X2IPipeline.from_paths(args.mllm, args.alignnet, args.flux, device=args.device, dtype=args.dtype,
+                                  alignnet_config=args.alignnet_config)
+    log.info("models loaded in %.1fs", time.time() - t0)
+    width, height = args.size
+    img = pipe.generate(args.prompt, images=args.image or None, videos=[args.video_frames] if args.video_frames else None,
+                        preset=args.preset, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                        width=width, height=height)
+    return _save_image(img, args.out)
+
+
+def cmd_demo(args) -> str:
+    from .pipeline import X2IPipeline
+    from .tiny import default_cache_dir, make_tiny_models
+
+    root = args.models or default_cache_dir()
+    paths = make_tiny_models(root, comfy=False)
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    pipe = X2IPipeline.from_paths(paths["mllm"], paths["alignnet"], paths["flux"])
+    width, height = args.size
+    img = pipe.generate(args.prompt, steps=args.steps, width=width, height=height, seed=0)
+    return _save_image(img, out)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            print(cmd_generate(args))
+        elif args.command == "convert-alignnet":
+            from .alignnet import convert_alignnet
+
+            if not args.dst.endswith(".safetensors"):
+                parser.error(f"output '{args.dst}' must end with .safetensors")
+            net = convert_alignnet(args.src, args.dst, args.config)
+            print(f"wrote {os.path.abspath(args.dst)} ({net.config.fusion} fusion, fits {net.fits})")
+        elif args.command == "make-tiny-models":
+            from .tiny import make_tiny_models
+
+            for name, path in make_tiny_models(args.dir, seed=args.seed, comfy=not args.no_comfy, force=args.force).items():
+                print(f"{name}: {path}")
+        elif args.command == "demo":
+            print(cmd_demo(args))
+    except X2IError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,147 @@
+"""Safe reading and atomic writing of weight files and outputs.
+
+Reading never unpickles code: safetensors are preferred; torch files are read
+with ``torch.load(weights_only=True)``, whose restricted unpickler admits only
+tensors, containers and plain data.  Writing goes to a temporary file in the
+destination folder that is renamed into place, so an interrupted write never
+leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from .errors import X2IFileError, X2IUnsafeFileError
+
+_PICKLE_HINT = (
+    "It is a pickle that needs arbitrary code execution to load; x2i never does that. "
+    "Convert it once with the tool that made it into safetensors, or use a weights-only "
+    "torch file (torch.save of plain tensors and dicts)."
+)
+
+
+@dataclasses.dataclass
+class LoadedWeights:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] | None = None
+    nested: dict[str, Any] | None = None  # a torch file holding a dict that is not a flat state dict
+    kind: str = "safetensors"
+
+
+def sniff_format(path: str) -> str:
+    """'safetensors', 'torch-zip', 'pickle' or 'unknown', from the first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+def _check_file(path: str | os.PathLike, what: str) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise X2IFileError(f"{what} file '{path}' does not exist")
+    if os.path.isdir(path):
+        raise X2IFileError(f"{what} file '{path}' is a folder; expected a .safetensors or torch weights file")
+    if os.path.getsize(path) == 0:
+        raise X2IFileError(f"{what} file '{path}' is empty (0 bytes); download it again")
+    return path
+
+
+def load_weights_file(path: str | os.PathLike, what: str = "weights") -> LoadedWeights:
+    path = _check_file(path, what)
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            tensors = {}
+            with safe_open(path, framework="pt", device="cpu") as fh:
+                meta = fh.metadata() or {}
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types
+            raise X2IFileError(
+                f"{what} file '{path}' is a corrupt or truncated safetensors file ({exc}); download it again"
+            ) from exc
+        return LoadedWeights(tensors, dict(meta), None, "safetensors")
+    if fmt in ("torch-zip", "pickle"):
+        if fmt == "torch-zip":
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    bad = zf.testzip()
+                if bad is not None:
+                    raise X2IFileError(f"{what} file '{path}' is corrupt (entry {bad!r} fails its checksum)")
+            except zipfile.BadZipFile as exc:
+                raise X2IFileError(f"{what} file '{path}' is a truncated or corrupt torch file ({exc})") from exc
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise X2IUnsafeFileError(f"{what} file '{path}' was refused. {_PICKLE_HINT} (detail: {exc})") from exc
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise X2IFileError(f"{what} file '{path}' cannot be read as torch weights ({exc})") from exc
+        if not isinstance(obj, Mapping):
+            raise X2IFileError(f"{what} file '{path}' holds a {type(obj).__name__}, expected a dict of tensors")
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return LoadedWeights(dict(obj), None, None, "torch")
+        return LoadedWeights({}, None, dict(obj), "torch")
+    raise X2IFileError(
+        f"{what} file '{path}' is neither safetensors nor a torch weights file "
+        "(unrecognised header); it may be truncated, an HTML error page or another format"
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; rename it into place on success."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise X2IFileError(f"output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise X2IFileError(f"output folder '{folder}' is not writable")
+    suffix = suffix if suffix is not None else os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path, metadata: Mapping[str, str] | None = None):
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), tmp, metadata=dict(metadata or {}))
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
+def atomic_write_json(path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

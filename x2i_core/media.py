@@ -1,0 +1,161 @@
+"""Turning user media (PIL, numpy, torch, ComfyUI IMAGE batches) into RGB PIL images.
+
+Also the resize rule the reference's Qwen helper (qwen-vl-utils) applies to
+images and video frames before they reach the processor: sizes become
+multiples of 28 within ``[min_pixels, max_pixels]`` keeping the aspect ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import X2IInputError
+
+IMAGE_FACTOR = 28
+MIN_PIXELS = 4 * 28 * 28
+MAX_RATIO = 200
+FRAME_FACTOR = 2
+
+
+def _rgb_from_pil(img: Image.Image, name: str) -> Image.Image:
+    if img.width == 0 or img.height == 0:
+        raise X2IInputError(f"{name} is zero-sized ({img.width}x{img.height}); expected an image of at least 1x1 pixels")
+    if img.mode == "RGBA" or (img.mode in ("LA", "P") and "transparency" in img.info) or img.mode == "LA":
+        # Same as the reference helper: composite transparency over white.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.split()[3])
+        return background
+    if img.mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise X2IInputError(f"{name} has PIL mode {img.mode!r} that cannot be converted to RGB") from exc
+
+
+def to_pil(image: Any, name: str = "image") -> Image.Image:
+    """One image -> RGB PIL.  Arrays are HWC (or HW), uint8 0..255 or float 0..1."""
+    if isinstance(image, Image.Image):
+        return _rgb_from_pil(image, name)
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                return _rgb_from_pil(im.copy(), f"{name} '{image}'")
+        except FileNotFoundError as exc:
+            raise X2IInputError(f"{name} file '{image}' does not exist") from exc
+        except (OSError, ValueError) as exc:
+            raise X2IInputError(f"{name} file '{image}' is not a readable image ({exc})") from exc
+    if isinstance(image, torch.Tensor):
+        image = image.detach().to("cpu")
+        if image.dtype in (torch.bfloat16, torch.float16):
+            image = image.float()
+        image = image.numpy()
+    if not isinstance(image, np.ndarray):
+        raise X2IInputError(f"{name}: expected a PIL image, a path, or an HWC numpy/torch array, found {type(image).__name__}")
+    arr = image
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise X2IInputError(f"{name}: expected an HWC array (height, width, channels), found shape {tuple(image.shape)}")
+    h, w, c = arr.shape
+    if h == 0 or w == 0:
+        raise X2IInputError(f"{name} is zero-sized ({w}x{h}); expected an image of at least 1x1 pixels")
+    if c not in (1, 3, 4):
+        raise X2IInputError(
+            f"{name} has {c} channels (shape {tuple(arr.shape)}); expected RGB (3), RGBA (4) or grayscale (1) in HWC order"
+        )
+    if arr.dtype == np.uint8:
+        u8 = arr
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise X2IInputError(f"{name} contains NaN or infinite values; expected floats in 0..1")
+        u8 = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.integer):
+        top = 65535 if arr.max(initial=0) > 255 else 255
+        u8 = (arr.astype(np.float64) * (255.0 / top)).round().astype(np.uint8)
+    else:
+        raise X2IInputError(f"{name} has dtype {arr.dtype}; expected uint8 or float in 0..1")
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[c]
+    pil = Image.fromarray(u8[:, :, 0] if c == 1 else u8, mode=mode)
+    return _rgb_from_pil(pil, name)
+
+
+def to_pil_list(images: Any, name: str = "image") -> list[Image.Image]:
+    """None / one image / a list / a batched tensor ``[N, H, W, C]`` -> list of RGB PIL."""
+    if images is None:
+        return []
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return [to_pil(images[i], f"{name} {i + 1}") for i in range(images.shape[0])]
+    if isinstance(images, (list, tuple)):
+        return [to_pil(im, f"{name} {i + 1}") for i, im in enumerate(images)]
+    return [to_pil(images, name)]
+
+
+def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR,
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """Size rounded to multiples of ``factor`` with ``min_pixels <= h*w <= max_pixels``."""
+    if max(height, width) / max(1, min(height, width)) > MAX_RATIO:
+        raise X2IInputError(
+            f"image aspect ratio {max(height, width) / min(height, width):.0f}:1 is too extreme; "
+            f"expected at most {MAX_RATIO}:1"
+        )
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def fit_pixels(img: Image.Image, max_pixels: int, min_pixels: int = MIN_PIXELS) -> Image.Image:
+    """The reference helper's image fetch: smart-resize to a pixel budget (bicubic)."""
+    h, w = smart_resize(img.height, img.width, IMAGE_FACTOR, min_pixels, max_pixels)
+    return img.resize((w, h), resample=Image.BICUBIC)
+
+
+def video_frames(frames: Any, max_pixels: int, name: str = "video") -> list[Image.Image]:
+    """A list of frames (or ``[T, H, W, C]`` array) -> resized RGB frames, padded to an even count
+    by repeating the last frame (the model groups frames in pairs)."""
+    pils = to_pil_list(frames, f"{name} frame")
+    if not pils:
+        raise X2IInputError(f"{name} has no frames; expected at least one frame")
+    out = [fit_pixels(p, max_pixels) for p in pils]
+    n = math.ceil(len(out) / FRAME_FACTOR) * FRAME_FACTOR
+    out.extend([out[-1]] * (n - len(out)))
+    return out
+
+
+def as_video_list(videos: Any) -> list[Sequence[Any]]:
+    """None / one video (list of frames or 4-D array) / list of videos -> list of videos."""
+    if videos is None:
+        return []
+    if isinstance(videos, (torch.Tensor, np.ndarray)):
+        if videos.ndim == 4:
+            return [videos]
+        if videos.ndim == 5:
+            return [videos[i] for i in range(videos.shape[0])]
+        raise X2IInputError(f"video: expected frames shaped [T, H, W, C], found {tuple(videos.shape)}")
+    if isinstance(videos, (list, tuple)):
+        if not videos:
+            return []
+        first = videos[0]
+        if isinstance(first, (list, tuple)) or (isinstance(first, (torch.Tensor, np.ndarray)) and first.ndim == 4):
+            return list(videos)
+        return [list(videos)]
+    raise X2IInputError(f"video: expected a list of frames or a [T, H, W, C] array, found {type(videos).__name__}")
+
+
+def iter_nonempty(items: Iterable[Any]) -> list[Any]:
+    return [x for x in items if x is not None]

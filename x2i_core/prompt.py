@@ -1,0 +1,147 @@
+"""The X2I prompt: chat message, media placement and padding, in one place.
+
+Three presets reproduce the three conventions of the reference code:
+
+``training``  What the released AlignNets were distilled on.  The user text
+              goes into ``str({'Text input': text, 'Instruction editing
+              description': 'no', 'image input': 'no'})`` as the only item of
+              one user message; chat template with generation prompt; **left**
+              padding to exactly 512 tokens (longer prompts are truncated at
+              the end, as in training).  Text only.
+``comfyui``   The reference ComfyUI nodes.  Same dict with ``''`` for the
+              description and ``'image input': 'yes'`` when media are given;
+              media items come first (images with a 224x224 pixel budget,
+              videos 128x128 at 1 fps), vision ids in the template ("Picture
+              1: "); **right** padding to ``max(int(1.3 * length), 512)``.
+``scripts``   The reference inference scripts.  The plain user text; images
+              resized to exactly 128x128, video frames with a 128x128 budget;
+              **right** padding to 512 with truncation.
+
+Default (``auto``): ``training`` for text-only prompts, since that is the
+distribution the AlignNet was trained on; ``comfyui`` when images or videos
+are given (the training preset has no media).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from PIL import Image
+
+from .errors import X2IInputError
+from .media import fit_pixels, video_frames
+
+PRESETS = ("training", "comfyui", "scripts")
+DEFAULT_PRESET = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetSpec:
+    name: str
+    padding_side: str           # "left" or "right"
+    min_length: int             # pad to at least this many tokens
+    grow: float | None          # pad to max(int(grow * length), min_length) when set
+    truncate: bool              # truncate to min_length (fixed length)
+    image_max_pixels: int | None  # pixel budget for images (smart resize), or None
+    image_exact_size: tuple[int, int] | None  # exact (w, h) resize, or None
+    video_max_pixels: int
+    video_fps: float
+    vision_ids: bool
+
+
+SPECS = {
+    "training": PresetSpec("training", "left", 512, None, True, None, None, 128 * 128, 1.0, False),
+    "comfyui": PresetSpec("comfyui", "right", 512, 1.3, False, 224 * 224, None, 128 * 128, 1.0, True),
+    "scripts": PresetSpec("scripts", "right", 512, None, True, None, (128, 128), 128 * 128, 1.0, False),
+}
+
+
+def resolve_preset(preset: str | None, has_media: bool) -> PresetSpec:
+    name = (preset or DEFAULT_PRESET).lower()
+    if name == "auto":
+        name = "comfyui" if has_media else "training"
+    if name not in SPECS:
+        raise X2IInputError(f"prompt preset {preset!r} is unknown; expected 'auto' or one of {list(PRESETS)}")
+    if name == "training" and has_media:
+        raise X2IInputError(
+            "prompt preset 'training' is text-only (the AlignNet was trained on captions); "
+            "use 'comfyui' or 'scripts' (or 'auto') for prompts with images or video"
+        )
+    return SPECS[name]
+
+
+def instruction_dict(text: str | None, spec: PresetSpec, has_media: bool) -> str:
+    """``str()`` of the reference's instruction dict (Python repr, single quotes)."""
+    if spec.name == "training":
+        d = {"Text input": text, "Instruction editing description": "no", "image input": "no"}
+    else:
+        d = {
+            "Text input": "" if text is None else text,
+            "Instruction editing description": "",
+            "image input": "yes" if has_media else "no",
+        }
+    return str(d)
+
+
+@dataclasses.dataclass
+class BuiltPrompt:
+    text: str                        # the templated prompt string
+    images: list[Image.Image]        # processed images, in prompt order
+    videos: list[list[Image.Image]]  # processed frame lists
+    spec: PresetSpec
+    templated: bool = True
+
+
+def build_message(text: str | None, images: list[Image.Image], videos: list[list[Any]], spec: PresetSpec,
+                  processor) -> BuiltPrompt:
+    """Build one prompt exactly as the reference does for ``spec``.
+
+    ``images`` are RGB PIL images; ``videos`` lists of frames (anything
+    :func:`x2i_core.media.to_pil` accepts).
+    """
+    has_media = bool(images or videos)
+    if spec.name == "training":
+        if not text:
+            raise X2IInputError("prompt text is empty; the 'training' preset needs a caption")
+    elif not text and not has_media:
+        raise X2IInputError("prompt is empty: give text, an image or a video")
+
+    content: list[dict[str, Any]] = []
+    proc_images: list[Image.Image] = []
+    proc_videos: list[list[Image.Image]] = []
+    for img in images:
+        if spec.image_exact_size is not None:
+            im = img.resize(spec.image_exact_size, resample=Image.BICUBIC)
+        else:
+            im = fit_pixels(img, spec.image_max_pixels)
+        proc_images.append(im)
+        content.append({"type": "image", "image": im})
+    for i, frames in enumerate(videos):
+        vf = video_frames(frames, spec.video_max_pixels, name=f"video {i + 1}")
+        proc_videos.append(vf)
+        content.append({"type": "video", "video": vf})
+
+    if spec.name == "scripts":
+        if text is not None:
+            content.append({"type": "text", "text": text})
+        item_text = None
+    else:
+        item_text = instruction_dict(text, spec, has_media)
+
+    if spec.name == "comfyui" and text is not None and "<|image_pad|>" in text and "<|video_pad|>" in text:
+        # The reference nodes skip the chat template when the user text already
+        # carries both vision placeholders.
+        return BuiltPrompt(item_text, proc_images, proc_videos, spec, templated=False)
+    if item_text is not None:
+        content.append({"type": "text", "text": item_text})
+    message = [{"role": "user", "content": content}]
+    kwargs = {"add_vision_id": True} if spec.vision_ids else {}
+    prompt = processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True, **kwargs)
+    return BuiltPrompt(prompt, proc_images, proc_videos, spec)
+
+
+def target_length(spec: PresetSpec, real_length: int) -> int:
+    if spec.grow is not None:
+        return max(int(real_length * spec.grow), spec.min_length)
+    return spec.min_length

@@ -1,0 +1,377 @@
+"""Tiny random models in the same on-disk formats real users download.
+
+``python -m x2i_core make-tiny-models DIR`` writes:
+
+* ``mllm/Qwen2.5-VL-tiny/`` - a Hugging Face Qwen2.5-VL folder (2 decoder
+  layers, width 64, a 2-block vision tower), with a byte-level BPE tokenizer
+  trained here on a built-in corpus that carries the real Qwen2.5-VL special
+  tokens and chat template, and the image/video processor configs;
+* ``x2i/alignnet-tiny.pt`` - a matching AlignNet in the *published* layout
+  (``torch.save({"config", "state_dict"})``), plus ``x2i/alignnet-tiny.safetensors``
+  in ours;
+* ``flux/FLUX-tiny/`` - a diffusers FLUX folder (transformer with 1 double and
+  1 single block, width 32; a small 16-channel AutoencoderKL; the
+  flow-matching scheduler; no text encoders - X2I replaces them);
+* unless ``comfy=False``: ``comfy/flux-tiny-3072.safetensors`` - a FLUX in the
+  original (BFL) key layout that ComfyUI's stock UNETLoader detects (width
+  3072 is fixed by the detector, 1 double block, 0 single blocks, ~0.8 GB in
+  fp16) and ``comfy/taesd-flux-tiny.safetensors`` - a 16-channel TAESD-format
+  VAE that ComfyUI's VAELoader accepts for FLUX latents.
+
+Everything is deterministic from ``seed``; a ``manifest.json`` records what
+was built so a cache can be reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from .io import atomic_save_safetensors, atomic_write_json
+
+log = logging.getLogger("x2i")
+
+TINY_VERSION = 1
+
+# The Qwen2.5-VL chat template (the format, reproduced: system prompt, vision
+# placeholders, optional "Picture N: " ids, generation prompt).
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen2's pre-tokenizer split pattern (part of the tokenizer format).
+_QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_CORPUS = [
+    "A red fox jumps over a lazy dog in the snowy forest at dawn.",
+    "A photo of a cat sitting on a wooden table next to a cup of coffee.",
+    "An oil painting of a lighthouse on a rocky coast under a stormy sky.",
+    "A futuristic city skyline at night with neon lights and flying cars.",
+    "Text input Instruction editing description image input yes no",
+    "{'Text input': 'a dog', 'Instruction editing description': 'no', 'image input': 'no'}",
+    "You are a helpful assistant. user assistant system Picture Video",
+    "Render the text on the screenshot; describe the image; combine these pictures.",
+    "一只可爱的小猫坐在窗台上，阳光明媚。 Un chat mignon assis sur le rebord de la fenêtre.",
+    "Ein Hund läuft am Strand. Un perro corre en la playa. 海辺を走る犬。",
+    "0123456789 , . ! ? : ; ' \" ( ) [ ] { } - _ + = / \\ * & % $ # @",
+]
+
+
+def build_tokenizer(out_dir: str, vocab_size: int = 1024):
+    """Train a byte-level BPE on the built-in corpus and wrap it as a Qwen2 fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = Qwen2TokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, errors="replace", clean_up_tokenization_spaces=False,
+        additional_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+    )
+    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS}, replace_additional_special_tokens=True)
+    fast.model_max_length = 32768
+    fast.chat_template = QWEN25VL_CHAT_TEMPLATE
+    return fast
+
+
+def build_qwen25vl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64) -> str:
+    """A tiny Qwen2.5-VL model folder at ``out_dir``."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = build_tokenizer(out_dir)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    heads = 4
+    head_dim = hidden // heads
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
+            num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+            rope_scaling={"type": "mrope", "mrope_section": mrope}, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+            out_hidden_size=hidden, tokens_per_second=2,
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    # Random init with a larger spread so layers differ visibly in tests.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.do_sample = False
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14,
+                                            temporal_patch_size=2, merge_size=2)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 768, patch_size=14,
+                                            temporal_patch_size=2, merge_size=2)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                                    chat_template=QWEN25VL_CHAT_TEMPLATE)
+    with _staging(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    return out_dir
+
+
+def build_alignnet(channels: int, hidden: int, seed: int = 0, fusion: str = "conv", use_t5: bool = False,
+                   output_dim0: int = 768, output_dim1: int = 4096):
+    from .alignnet import AlignNet, AlignNetConfig
+
+    cfg = AlignNetConfig(in_channels=channels, input_dim=hidden, output_dim0=output_dim0, output_dim1=output_dim1,
+                         num_layers=2, num_heads=2, head_dim=hidden // 2, use_t5=use_t5,
+                         use_scale=fusion == "scale", use_cnn=fusion == "conv")
+    torch.manual_seed(seed)
+    net = AlignNet(cfg)
+    with torch.no_grad():
+        # Small output scale so the tiny FLUX sees inputs of T5-like magnitude.
+        net.mlp.projector[2].weight.mul_(0.5)
+    return net.eval()
+
+
+def save_published_alignnet(net, path: str) -> None:
+    """``torch.save({"config": …, "state_dict": …})`` as the released checkpoints are."""
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"config": net.config.to_dict(), "state_dict": net.state_dict()}, tmp)
+
+
+def build_flux_diffusers(out_dir: str, seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768) -> str:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=joint_dim, pooled_projection_dim=pooled_dim,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159, sample_size=64,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    with _staging(out_dir) as tmp:
+        transformer.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
+        vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
+        scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, "model_index.json"), "w", encoding="utf-8") as fh:
+            json.dump({
+                "_class_name": "FluxPipeline", "_diffusers_version": _diffusers_version(),
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": [None, None], "text_encoder_2": [None, None],
+                "tokenizer": [None, None], "tokenizer_2": [None, None],
+                "transformer": ["diffusers", "FluxTransformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }, fh, indent=2)
+    return out_dir
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def comfy_flux_state_dict(seed: int = 0, double_blocks: int = 1, single_blocks: int = 0, hidden: int = 3072,
+                          context_dim: int = 4096, vec_dim: int = 768, in_channels: int = 64,
+                          dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Random FLUX weights in the original key layout (what ComfyUI's detector reads)."""
+    g = torch.Generator().manual_seed(seed)
+    mlp = hidden * 4
+    head_dim = 128
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def lin(name, out_f, in_f, bias=True):
+        shapes[f"{name}.weight"] = (out_f, in_f)
+        if bias:
+            shapes[f"{name}.bias"] = (out_f,)
+
+    lin("img_in", hidden, in_channels)
+    lin("txt_in", hidden, context_dim)
+    for emb, width in (("time_in", 256), ("guidance_in", 256), ("vector_in", vec_dim)):
+        lin(f"{emb}.in_layer", hidden, width)
+        lin(f"{emb}.out_layer", hidden, hidden)
+    for i in range(double_blocks):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{i}.{s}"
+            lin(f"{p}_mod.lin", 6 * hidden, hidden)
+            lin(f"{p}_attn.qkv", 3 * hidden, hidden)
+            shapes[f"{p}_attn.norm.query_norm.scale"] = (head_dim,)
+            shapes[f"{p}_attn.norm.key_norm.scale"] = (head_dim,)
+            lin(f"{p}_attn.proj", hidden, hidden)
+            lin(f"{p}_mlp.0", mlp, hidden)
+            lin(f"{p}_mlp.2", hidden, mlp)
+    for i in range(single_blocks):
+        p = f"single_blocks.{i}"
+        lin(f"{p}.linear1", 3 * hidden + mlp, hidden)
+        lin(f"{p}.linear2", hidden, hidden + mlp)
+        shapes[f"{p}.norm.query_norm.scale"] = (head_dim,)
+        shapes[f"{p}.norm.key_norm.scale"] = (head_dim,)
+        lin(f"{p}.modulation.lin", 3 * hidden, hidden)
+    lin("final_layer.linear", in_channels, hidden)
+    lin("final_layer.adaLN_modulation.1", 2 * hidden, hidden)
+    sd = {}
+    for name, shape in shapes.items():
+        if name.endswith(".scale"):
+            t = torch.ones(shape)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape)
+        else:
+            t = torch.randn(shape, generator=g) * (0.5 / shape[-1] ** 0.5)
+        sd[name] = t.to(dtype)
+    return sd
+
+
+def taesd_flux_state_dict(seed: int = 0, latent_channels: int = 16) -> dict[str, torch.Tensor]:
+    """A TAESD-format VAE (16 latent channels) in ComfyUI's single-file key layout.
+
+    Built with diffusers' ``AutoencoderTiny`` (the same architecture) and
+    renamed: ``encoder.layers.N`` -> ``taesd_encoder.N``; ``decoder.layers.N``
+    -> ``taesd_decoder.(N+1)`` (ComfyUI's decoder starts with a parameterless
+    clamp); plus ``vae_scale`` / ``vae_shift``.
+    """
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    tiny = AutoencoderTiny(latent_channels=latent_channels)
+    sd = {}
+    for k, v in tiny.state_dict().items():
+        part, _, rest = k.partition(".layers.")
+        idx, _, tail = rest.partition(".")
+        if part == "encoder":
+            sd[f"taesd_encoder.{int(idx)}.{tail}"] = v
+        elif part == "decoder":
+            sd[f"taesd_decoder.{int(idx) + 1}.{tail}"] = v
+    sd["vae_scale"] = torch.tensor(0.3611)
+    sd["vae_shift"] = torch.tensor(0.1159)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+class _staging:
+    """Build a folder in a temporary sibling and rename it into place when complete."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = os.path.abspath(out_dir)
+
+    def __enter__(self) -> str:
+        parent = os.path.dirname(self.out_dir)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.out_dir) + "-", dir=parent)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if os.path.exists(self.out_dir):
+            shutil.rmtree(self.out_dir)
+        os.replace(self.tmp, self.out_dir)
+        return False
+
+
+def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool = False) -> dict[str, Any]:
+    """Build the full tiny set under ``root`` (reused when its manifest matches)."""
+    root = os.path.abspath(root)
+    os.makedirs(root, exist_ok=True)
+    manifest_path = os.path.join(root, "manifest.json")
+    wanted = {"version": TINY_VERSION, "seed": seed}
+    if not force and os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        if all(manifest.get(k) == v for k, v in wanted.items()) and (manifest.get("comfy") or not comfy):
+            if all(os.path.exists(os.path.join(root, p)) for p in manifest["paths"].values()):
+                return _absolute(root, manifest)
+    paths = {
+        "mllm": "mllm/Qwen2.5-VL-tiny",
+        "alignnet": "x2i/alignnet-tiny.pt",
+        "alignnet_safetensors": "x2i/alignnet-tiny.safetensors",
+        "flux": "flux/FLUX-tiny",
+    }
+    log.info("building tiny models in %s", root)
+    build_qwen25vl(os.path.join(root, paths["mllm"]), seed=seed)
+    os.makedirs(os.path.join(root, "x2i"), exist_ok=True)
+    net = build_alignnet(channels=3, hidden=64, seed=seed + 1)
+    save_published_alignnet(net, os.path.join(root, paths["alignnet"]))
+    net.save(os.path.join(root, paths["alignnet_safetensors"]))
+    build_flux_diffusers(os.path.join(root, paths["flux"]), seed=seed + 2)
+    if comfy:
+        paths["comfy_flux"] = "comfy/flux-tiny-3072.safetensors"
+        paths["comfy_vae"] = "comfy/taesd-flux-tiny.safetensors"
+        os.makedirs(os.path.join(root, "comfy"), exist_ok=True)
+        atomic_save_safetensors(comfy_flux_state_dict(seed + 3), os.path.join(root, paths["comfy_flux"]))
+        atomic_save_safetensors(taesd_flux_state_dict(seed + 4), os.path.join(root, paths["comfy_vae"]))
+    manifest = {**wanted, "comfy": comfy, "paths": paths}
+    atomic_write_json(manifest_path, manifest)
+    return _absolute(root, manifest)
+
+
+def _absolute(root: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    return {k: os.path.join(root, v) for k, v in manifest["paths"].items()}
+
+
+def default_cache_dir() -> str:
+    env = os.environ.get("X2I_TINY_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "x2i", f"tiny-v{TINY_VERSION}")
