@@ -1,0 +1,91 @@
+"""The encoder's hidden-state stack equals the reference recipe (processor -> generate prefill)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reference_recipe import reference_hidden
+from x2i_core.mllm import EncodeRequest
+
+TOL = 1e-5
+
+
+def _image(seed, w, h):
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+
+
+CASES = [
+    ("training", "A red fox jumps over a lazy dog in the snowy forest at dawn.", 0),
+    ("training", "一只可爱的小猫坐在窗台上", 0),
+    ("comfyui", "A futuristic city skyline at night.", 0),
+    ("comfyui", "Combine these pictures into one scene.", 2),
+    ("comfyui", None, 1),
+    ("scripts", "An oil painting of a lighthouse.", 0),
+    ("scripts", "Draw this in watercolour.", 2),
+]
+
+
+@pytest.mark.parametrize("preset,text,n_images", CASES)
+def test_hidden_stack_matches_reference_generate_prefill(encoder, hf_model, preset, text, n_images):
+    model, processor = hf_model
+    images = [_image(i, 150 + 37 * i, 100 + 11 * i) for i in range(n_images)]
+    ref = reference_hidden(model, processor, preset, text, images)
+    hs = encoder.encode(EncodeRequest(text=text, images=images or None), preset=preset)
+    assert hs.hidden.shape == ref.shape
+    assert hs.hidden.shape[1] == 3  # 2 layers + embeddings
+    diff = (hs.hidden - ref).abs().max().item()
+    assert diff <= TOL, f"{preset}: max abs diff {diff}"
+
+
+def test_video_frames_match_reference(encoder, hf_model):
+    model, processor = hf_model
+    frames = [_image(10 + i, 160, 120) for i in range(3)]
+    for preset in ("comfyui", "scripts"):
+        ref = reference_hidden(model, processor, preset, "What happens in this video?", video=frames)
+        hs = encoder.encode(EncodeRequest(text="What happens in this video?", videos=[frames]), preset=preset)
+        assert (hs.hidden - ref).abs().max().item() <= TOL
+
+
+def test_image_inputs_as_numpy_and_comfy_tensor_equal_pil(encoder):
+    img = _image(3, 120, 90)
+    arr = np.asarray(img).astype(np.float32) / 255.0
+    a = encoder.encode(EncodeRequest(text="x", images=[img]), preset="comfyui").hidden
+    b = encoder.encode(EncodeRequest(text="x", images=arr), preset="comfyui").hidden
+    c = encoder.encode(EncodeRequest(text="x", images=torch.from_numpy(arr)[None]), preset="comfyui").hidden
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_training_preset_left_pads_to_512_with_constant_pad_rows(encoder):
+    hs = encoder.encode_text(["a cat", "A red fox jumps over a lazy dog in the snowy forest."], preset="training")
+    assert hs.hidden.shape[2] == 512
+    mask = hs.attention_mask
+    assert mask[:, -1].all() and not mask[:, 0].any()  # left padding
+    # Every pad row is one prompt-independent constant per layer.
+    pad_a = hs.hidden[0, :, 0]
+    pad_b = hs.hidden[1, :, 0]
+    assert (pad_a - pad_b).abs().max() <= 1e-6
+    # Real rows equal an unpadded run of the same prompt.
+    batch, _, lengths = encoder.prepare([EncodeRequest(text="a cat")], "training")
+    n = lengths[0]
+    ids = batch["input_ids"][:, -n:]
+    unpadded = encoder.forward_hidden({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert (hs.hidden[0, :, -n:] - unpadded[0]).abs().max() <= 1e-5
+
+
+def test_batch_of_prompts_equals_one_at_a_time_for_fixed_length_presets(encoder):
+    texts = ["a cat", "a dog on a beach"]
+    both = encoder.encode_text(texts, preset="training").hidden
+    for i, t in enumerate(texts):
+        one = encoder.encode_text(t, preset="training").hidden
+        assert (both[i] - one[0]).abs().max() <= TOL
+
+
+def test_comfyui_preset_pads_to_1_3_times_length_when_long(encoder):
+    long_text = "a very long caption with many words " * 80
+    hs = encoder.encode_text(long_text, preset="comfyui")
+    n = hs.lengths[0]
+    assert n > 512
+    assert hs.hidden.shape[2] == int(n * 1.3)
+    assert hs.attention_mask[0, :n].all() and not hs.attention_mask[0, n:].any()  # right padding
