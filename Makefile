@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-REQS   := requirements.txt requirements/dev.txt requirements/constraints.txt pyproject.toml
+REQS   := requirements.txt requirements/dev.txt requirements/comfyui.txt requirements/constraints.txt pyproject.toml
 STAMP  := $(VENV)/.x2i-env-$(shell cat $(REQS) 2>/dev/null | sha1sum | cut -c1-12)
 
 .PHONY: env demo test clean-env
@@ -14,8 +14,8 @@ env: $(STAMP)
 $(STAMP): $(REQS)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/dev.txt
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/dev.txt -r requirements/comfyui.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
