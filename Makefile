@@ -14,7 +14,7 @@ env: $(STAMP)
 $(STAMP): $(REQS)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=64,<82" wheel
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/dev.txt -r requirements/comfyui.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)

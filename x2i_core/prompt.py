@@ -71,6 +71,18 @@ def resolve_preset(preset: str | None, has_media: bool) -> PresetSpec:
     return SPECS[name]
 
 
+def with_image_size(spec: PresetSpec, size: int | None) -> PresetSpec:
+    """Override the preset's image resolution: a ``size x size`` pixel budget for
+    budget presets (``comfyui``), an exact ``size x size`` resize for ``scripts``."""
+    if not size:
+        return spec
+    if size < 28:
+        raise X2IInputError(f"image resolution {size} is too small; expected at least 28 pixels")
+    if spec.image_exact_size is not None:
+        return dataclasses.replace(spec, image_exact_size=(size, size))
+    return dataclasses.replace(spec, image_max_pixels=size * size)
+
+
 def instruction_dict(text: str | None, spec: PresetSpec, has_media: bool) -> str:
     """``str()`` of the reference's instruction dict (Python repr, single quotes)."""
     if spec.name == "training":

@@ -37,7 +37,7 @@ from .io import atomic_save_safetensors, atomic_write_json
 
 log = logging.getLogger("x2i")
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 # The Qwen2.5-VL chat template (the format, reproduced: system prompt, vision
 # placeholders, optional "Picture N: " ids, generation prompt).
@@ -302,6 +302,12 @@ def taesd_flux_state_dict(seed: int = 0, latent_channels: int = 16) -> dict[str,
             sd[f"taesd_encoder.{int(idx)}.{tail}"] = v
         elif part == "decoder":
             sd[f"taesd_decoder.{int(idx) + 1}.{tail}"] = v
+    # Random decoders output ~0 (black after ComfyUI's [-1, 1] mapping); centre the
+    # last conv on mid-grey and widen it so the tiny pictures show their noise.
+    last = max((k for k in sd if k.startswith("taesd_decoder.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[1]))
+    sd[last] = sd[last] * 20.0
+    sd[last.replace(".weight", ".bias")] = torch.full_like(sd[last.replace(".weight", ".bias")], 0.5)
     sd["vae_scale"] = torch.tensor(0.3611)
     sd["vae_shift"] = torch.tensor(0.1159)
     return {k: v.contiguous() for k, v in sd.items()}

@@ -41,5 +41,6 @@ class MLLMEncoder(Protocol):
     channels: int       # layers + 1
     hidden_size: int
 
-    def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None) -> HiddenStates:
+    def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
+               image_size: int | None = None) -> HiddenStates:
         ...

