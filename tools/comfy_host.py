@@ -284,6 +284,71 @@ def load_workflow(name: str) -> dict:
         return json.load(fh)
 
 
+def run_in_process(spec_path: str) -> None:
+    """Run one API prompt with ComfyUI's PromptExecutor inside this process (call in a subprocess).
+
+    ``spec``: {"comfy_dir", "base", "prompt", "capture": [node ids], "out": path}.  Writes
+    ``out`` (safetensors) with the captured CONDITIONING tensors and ``out + ".json"`` with
+    facts about ComfyUI's model management before and after ``unload_all_models()`` (what
+    ``/free`` calls).
+    """
+    import asyncio
+
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    comfy_dir = spec["comfy_dir"]
+    sys.path.insert(0, comfy_dir)
+    os.chdir(comfy_dir)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.base_directory = spec["base"]
+    import utils.extra_config  # noqa: F401  (must precede nodes: 'utils' is ComfyUI's package)
+    import comfy.model_management as mm
+    import execution
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+
+    class _Server:
+        client_id = None
+        last_node_id = None
+        last_prompt_id = None
+
+        def send_sync(self, *a, **k):
+            pass
+
+    prompt = spec["prompt"]
+    valid = asyncio.run(execution.validate_prompt("inproc", prompt, None))
+    if not valid[0]:
+        raise SystemExit(f"invalid prompt: {valid[1]} {valid[3]}")
+    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    executor.execute(prompt, "inproc", {}, valid[2])
+    facts = {"success": executor.success, "messages": [m[0] for m in executor.status_messages]}
+    tensors = {}
+    for nid in spec.get("capture", []):
+        entry = executor.caches.outputs.get(nid)
+        cond = entry.outputs[0][0]
+        for i, (seq, extra) in enumerate(cond):
+            tensors[f"{nid}.{i}.seq"] = seq.contiguous()
+            tensors[f"{nid}.{i}.pooled"] = extra["pooled_output"].contiguous()
+            facts[f"{nid}.{i}.guidance"] = extra.get("guidance")
+
+    def ours():
+        return [type(lm.model.model).__name__ for lm in mm.current_loaded_models
+                if type(lm.model.model).__name__ == "_Holder"]
+
+    facts["managed_before"] = ours()
+    mm.unload_all_models()
+    facts["managed_after"] = ours()
+    from safetensors.torch import save_file
+
+    if tensors:
+        save_file(tensors, spec["out"])
+    with open(spec["out"] + ".json", "w", encoding="utf-8") as fh:
+        json.dump(facts, fh)
+
+
 def demo(workflow: str = "x2i_text2image.json", out_dir: str | None = None) -> str:
     sys.path.insert(0, ROOT)
     from x2i_core.tiny import default_cache_dir, make_tiny_models
@@ -324,6 +389,8 @@ def demo(workflow: str = "x2i_text2image.json", out_dir: str | None = None) -> s
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "demo":
         print(demo(*sys.argv[2:3]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "inprocess":
+        run_in_process(sys.argv[2])
     elif len(sys.argv) >= 2 and sys.argv[1] == "fetch":
         print(ensure_comfyui())
     else:

@@ -1,0 +1,212 @@
+"""The node pack in the real ComfyUI (v0.3.75 source from the registry wheel): server, executor, workflows."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tools.comfy_host import (ROOT, ComfyServer, PromptRejected, ensure_comfyui, execution_error, load_workflow,
+                              prepare_base, ui_to_api)
+
+NODE_IDS = ["X2IMLLMLoader", "X2IMLLMEncode", "X2IAlignNetLoader", "X2IAlignNetProject", "X2ISampler"]
+WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    from x2i_core.tiny import build_alignnet, default_cache_dir, make_tiny_models
+
+    tiny = make_tiny_models(default_cache_dir(), comfy=True)
+    comfy_dir = ensure_comfyui()
+    base = str(tmp_path_factory.mktemp("comfy-base"))
+    names = prepare_base(base, tiny)
+    # A folder that is not a Qwen2.5-VL model, and an AlignNet for another MLLM.
+    other = os.path.join(base, "models", "mllm", "not-a-qwen")
+    os.makedirs(other)
+    with open(os.path.join(other, "config.json"), "w") as fh:
+        json.dump({"model_type": "llama", "hidden_size": 64}, fh)
+    build_alignnet(channels=29, hidden=64, seed=5).save(os.path.join(base, "models", "x2i", "alignnet-7b-like.safetensors"))
+    rng = np.random.RandomState(0)
+    Image.fromarray((rng.rand(96, 128, 3) * 255).astype(np.uint8)).save(os.path.join(base, "input", "photo.png"))
+    server = ComfyServer(comfy_dir, base).start()
+    yield {"server": server, "names": names, "base": base, "tiny": tiny, "comfy_dir": comfy_dir}
+    server.stop()
+
+
+def tiny_api(host, workflow_name, **overrides):
+    """A shipped workflow, converted to API format, pointed at the tiny models and sizes."""
+    s, n = host["server"], host["names"]
+    api = ui_to_api(load_workflow(workflow_name), s.object_info())
+    for node in api.values():
+        ins = node["inputs"]
+        ct = node["class_type"]
+        if ct == "UNETLoader":
+            ins["unet_name"] = n["unet"]
+        elif ct == "VAELoader":
+            ins["vae_name"] = n["vae"]
+        elif ct == "X2IMLLMLoader":
+            ins["model_name"] = n["mllm"]
+        elif ct == "X2IAlignNetLoader":
+            ins["alignnet_name"] = n["alignnet"]
+        for key, value in (("width", 64), ("height", 48), ("steps", 2)):
+            if key in ins and not isinstance(ins[key], list):
+                ins[key] = value
+        for key, value in overrides.get(ct, {}).items():
+            ins[key] = value
+    return api
+
+
+def node_of(api, class_type):
+    return next(k for k, v in api.items() if v["class_type"] == class_type)
+
+
+def test_quick_test_for_ci_imports_the_pack_without_failures(host, tmp_path):
+    r = subprocess.run([sys.executable, "main.py", "--cpu", "--quick-test-for-ci", "--base-directory", host["base"],
+                        "--database-url", "sqlite:///:memory:"],
+                       cwd=host["comfy_dir"], capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "IMPORT FAILED" not in out
+    assert "comfyui-x2i" in out  # listed among the custom node imports
+
+
+def test_all_node_ids_registered_with_tooltips_on_every_input(host):
+    info = host["server"].object_info()
+    for nid in NODE_IDS:
+        assert nid in info, nid
+        assert info[nid]["category"].startswith("X2I")
+        for group in ("required", "optional"):
+            for name, spec in info[nid]["input"].get(group, {}).items():
+                assert spec[1].get("tooltip"), f"{nid}.{name} has no tooltip"
+    assert info["X2IMLLMLoader"]["input"]["required"]["model_name"][1]["options"] == ["Qwen2.5-VL-tiny", "not-a-qwen"] \
+        or sorted(info["X2IMLLMLoader"]["input"]["required"]["model_name"][1]["options"]) == ["Qwen2.5-VL-tiny", "not-a-qwen"]
+    assert info["X2IMLLMEncode"]["output"] == ["X2I_HIDDEN"]
+    assert info["X2IAlignNetProject"]["output"] == ["CONDITIONING"]
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS)
+def test_shipped_workflow_runs_end_to_end_and_repeats_exactly(host, workflow):
+    s = host["server"]
+    api = tiny_api(host, workflow)
+    entry = s.run(api)
+    assert execution_error(entry) is None, execution_error(entry)
+    (first,) = s.output_images(entry)
+    a = np.asarray(Image.open(first))
+    assert a.shape == (48, 64, 3)
+    # Drop caches and models (what the UI's "free" button does), run again: same seed, same image.
+    assert s.post("/free", {"unload_models": True, "free_memory": True})[0] == 200
+    time.sleep(1.0)
+    entry2 = s.run(api)
+    assert execution_error(entry2) is None
+    (second,) = s.output_images(entry2)
+    assert second != first
+    assert np.array_equal(a, np.asarray(Image.open(second)))
+    # A different prompt gives a different image.
+    enc = node_of(api, "X2IMLLMEncode")
+    api[enc]["inputs"]["text"] = "a completely different prompt about the deep blue ocean"
+    entry3 = s.run(api)
+    (third,) = s.output_images(entry3)
+    assert not np.array_equal(a, np.asarray(Image.open(third)))
+
+
+def test_image_batch_enters_as_comfy_image_tensors(host):
+    s = host["server"]
+    api = tiny_api(host, "x2i_sampler.json")
+    enc = node_of(api, "X2IMLLMEncode")
+    api["100"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    api["101"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["100", 0], "amount": 2}}
+    api[enc]["inputs"]["image"] = ["101", 0]
+    api[enc]["inputs"]["text"] = "Combine these pictures into one scene."
+    entry = s.run(api)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert len(s.output_images(entry)) == 1
+
+
+def _expect_node_error(host, api, node_class, *needles):
+    s = host["server"]
+    try:
+        entry = s.run(api)
+    except PromptRejected as exc:  # refused at validation: fine if it names the problem
+        body = json.dumps(exc.body)
+        assert all(n in body for n in needles[:1]), body
+        return
+    err = execution_error(entry)
+    assert err is not None, "expected an execution error"
+    assert err["node_type"] == node_class
+    for needle in needles:
+        assert needle in err["exception_message"], err["exception_message"]
+    assert "Traceback" not in err["exception_message"]
+
+
+def test_bad_inputs_give_clear_node_errors_and_the_host_keeps_working(host):
+    s = host["server"]
+    # unknown model names (API prompts can send any string): a node error naming the value and the folders
+    _expect_node_error(host, tiny_api(host, "x2i_sampler.json", X2IMLLMLoader={"model_name": "no-such-model"}),
+                       "X2IMLLMLoader", "no-such-model", "mllm folders")
+    _expect_node_error(host, tiny_api(host, "x2i_sampler.json", X2IMLLMLoader={"model_name": "../../etc"}),
+                       "X2IMLLMLoader", "not a plain name")
+    _expect_node_error(host, tiny_api(host, "x2i_sampler.json", X2IAlignNetLoader={"alignnet_name": "/etc/passwd"}),
+                       "X2IAlignNetLoader", "not a plain name")
+    # a folder that is not a Qwen2.5-VL model
+    _expect_node_error(host, tiny_api(host, "x2i_sampler.json", X2IMLLMLoader={"model_name": "not-a-qwen"}),
+                       "X2IMLLMLoader", "llama", "Qwen2.5-VL")
+    # mismatched AlignNet: names both files and the dimensions
+    _expect_node_error(host, tiny_api(host, "x2i_sampler.json",
+                                      X2IAlignNetLoader={"alignnet_name": "alignnet-7b-like.safetensors"}),
+                       "X2IAlignNetProject", "alignnet-7b-like.safetensors", "Qwen2.5-VL-tiny", "C=29", "C=3")
+    # empty text and no image
+    _expect_node_error(host, tiny_api(host, "x2i_sampler.json", X2IMLLMEncode={"text": "   "}),
+                       "X2IMLLMEncode", "prompt is empty")
+    # the next prompt works
+    entry = s.run(tiny_api(host, "x2i_sampler.json"))
+    assert execution_error(entry) is None
+
+
+def test_conditioning_equals_standalone_and_mllm_is_managed(host, tmp_path):
+    from x2i_core.alignnet import load_alignnet
+    from x2i_core.mllm import EncodeRequest, load_mllm
+
+    text = "一只在雪地里奔跑的红狐狸"
+    api = {
+        "1": {"class_type": "X2IMLLMLoader", "inputs": {"model_name": host["names"]["mllm"], "dtype": "fp32",
+                                                        "device": "default"}},
+        "2": {"class_type": "X2IMLLMEncode", "inputs": {"mllm": ["1", 0], "text": text, "preset": "auto",
+                                                        "image_resolution": 0}},
+        "3": {"class_type": "X2IAlignNetLoader", "inputs": {"alignnet_name": host["names"]["alignnet_published"]}},
+        "4": {"class_type": "X2IAlignNetProject", "inputs": {"hidden": ["2", 0], "alignnet": ["3", 0], "guidance": 2.5}},
+        "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}},
+        "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        "7": {"class_type": "UNETLoader", "inputs": {"unet_name": host["names"]["unet"], "weight_dtype": "default"}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["7", 0], "seed": 1, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "positive": ["4", 0],
+                                                   "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "x2i_inproc"}},
+    }
+    out = str(tmp_path / "cond.safetensors")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"comfy_dir": host["comfy_dir"], "base": host["base"], "prompt": api,
+                                "capture": ["4"], "out": out}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "comfy_host.py"), "inprocess", str(spec)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    facts = json.loads(open(out + ".json").read())
+    assert facts["success"], facts
+    assert facts["4.0.guidance"] == 2.5
+    assert facts["managed_before"], "the MLLM/AlignNet were not loaded through ComfyUI model management"
+    assert facts["managed_after"] == []
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    enc = load_mllm(host["tiny"]["mllm"], dtype="fp32")
+    net = load_alignnet(host["tiny"]["alignnet"])
+    with torch.no_grad():
+        pooled, seq = net(enc.encode(EncodeRequest(text=text)).hidden)
+    assert got["4.0.seq"].shape == seq.shape == (1, 512, 4096)
+    assert (got["4.0.seq"] - seq).abs().max().item() <= 1e-6
+    assert (got["4.0.pooled"] - pooled).abs().max().item() <= 1e-6
