@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   - environment + tiny models + one generated image (prints its path)
+#   make demo   - environment + tiny models + the text2image workflow run in a real ComfyUI (prints the PNG path)
 #   make test   - environment + the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 REQS   := requirements.txt requirements/dev.txt requirements/comfyui.txt requirements/constraints.txt pyproject.toml
 STAMP  := $(VENV)/.x2i-env-$(shell cat $(REQS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: env demo test clean-env
+.PHONY: env browser demo demo-cli test clean-env
 
 env: $(STAMP)
 
@@ -19,10 +19,23 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Headless Chromium for the frontend tests (Debian packages; needs root, skipped otherwise).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+		|| echo "warning: could not install chromium; frontend tests will fail under CI"; \
+	else echo "note: chromium/chromedriver missing; the frontend tests are skipped"; fi
+
+# The text2image workflow through the real ComfyUI executor on the tiny models.
 demo: env
+	$(PY) tools/comfy_host.py demo
+
+# The same models through the standalone x2i_core pipeline (no ComfyUI).
+demo-cli: env
 	$(PY) -m x2i_core demo
 
-test: env
+test: env browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-env:

@@ -6,6 +6,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)  # tools/ (the ComfyUI host harness)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,3 +36,31 @@ def hf_model(tiny):
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny["mllm"], dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(tiny["mllm"])
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """A real ComfyUI server (v0.3.75 from the registry wheel) with the pack and the tiny models."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tools.comfy_host import ComfyServer, ensure_comfyui, prepare_base
+    from x2i_core.tiny import build_alignnet, default_cache_dir, make_tiny_models
+
+    tiny = make_tiny_models(default_cache_dir(), comfy=True)
+    comfy_dir = ensure_comfyui()
+    base = str(tmp_path_factory.mktemp("comfy-base"))
+    names = prepare_base(base, tiny)
+    # A folder that is not a Qwen2.5-VL model, and an AlignNet for another MLLM.
+    other = os.path.join(base, "models", "mllm", "not-a-qwen")
+    os.makedirs(other)
+    with open(os.path.join(other, "config.json"), "w") as fh:
+        json.dump({"model_type": "llama", "hidden_size": 64}, fh)
+    build_alignnet(channels=29, hidden=64, seed=5).save(os.path.join(base, "models", "x2i", "alignnet-7b-like.safetensors"))
+    rng = np.random.RandomState(0)
+    Image.fromarray((rng.rand(96, 128, 3) * 255).astype(np.uint8)).save(os.path.join(base, "input", "photo.png"))
+    server = ComfyServer(comfy_dir, base).start()
+    yield {"server": server, "names": names, "base": base, "tiny": tiny, "comfy_dir": comfy_dir}
+    server.stop()

@@ -11,32 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.comfy_host import (ROOT, ComfyServer, PromptRejected, ensure_comfyui, execution_error, load_workflow,
-                              prepare_base, ui_to_api)
+from tools.comfy_host import ROOT, PromptRejected, execution_error, load_workflow, ui_to_api
 
 NODE_IDS = ["X2IMLLMLoader", "X2IMLLMEncode", "X2IAlignNetLoader", "X2IAlignNetProject", "X2ISampler"]
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    from x2i_core.tiny import build_alignnet, default_cache_dir, make_tiny_models
-
-    tiny = make_tiny_models(default_cache_dir(), comfy=True)
-    comfy_dir = ensure_comfyui()
-    base = str(tmp_path_factory.mktemp("comfy-base"))
-    names = prepare_base(base, tiny)
-    # A folder that is not a Qwen2.5-VL model, and an AlignNet for another MLLM.
-    other = os.path.join(base, "models", "mllm", "not-a-qwen")
-    os.makedirs(other)
-    with open(os.path.join(other, "config.json"), "w") as fh:
-        json.dump({"model_type": "llama", "hidden_size": 64}, fh)
-    build_alignnet(channels=29, hidden=64, seed=5).save(os.path.join(base, "models", "x2i", "alignnet-7b-like.safetensors"))
-    rng = np.random.RandomState(0)
-    Image.fromarray((rng.rand(96, 128, 3) * 255).astype(np.uint8)).save(os.path.join(base, "input", "photo.png"))
-    server = ComfyServer(comfy_dir, base).start()
-    yield {"server": server, "names": names, "base": base, "tiny": tiny, "comfy_dir": comfy_dir}
-    server.stop()
 
 
 def tiny_api(host, workflow_name, **overrides):

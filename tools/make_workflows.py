@@ -30,12 +30,12 @@ WORKFLOWS = {
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
             (5, "X2IMLLMEncode", (420, 320), [PROMPT, "auto", 0], {"mllm": (3, 0)}, None),
             (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-            (7, "ConditioningZeroOut", (820, 480), [], {"conditioning": (6, 0)}, None),
-            (8, "EmptySD3LatentImage", (820, 580), [1024, 1024, 1], {}, None),
-            (9, "KSampler", (1160, 200), [0, "fixed", 28, 1.0, "euler", "simple", 1.0],
+            (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
+            (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),
+            (9, "KSampler", (1200, 200), [0, "fixed", 28, 1.0, "euler", "simple", 1.0],
              {"model": (1, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}, None),
-            (10, "VAEDecode", (1520, 200), [], {"samples": (9, 0), "vae": (2, 0)}, None),
-            (11, "SaveImage", (1760, 200), ["X2I"], {"images": (10, 0)}, None),
+            (10, "VAEDecode", (1580, 200), [], {"samples": (9, 0), "vae": (2, 0)}, None),
+            (11, "SaveImage", (1580, 360), ["X2I"], {"images": (10, 0)}, None),
         ],
     ),
     "x2i_sampler.json": (
@@ -48,9 +48,9 @@ WORKFLOWS = {
             (5, "X2IMLLMEncode", (420, 320), ["A lighthouse on a rocky coast under a stormy sky, oil painting",
                                               "auto", 0], {"mllm": (3, 0)}, None),
             (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-            (7, "X2ISampler", (1160, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple"],
+            (7, "X2ISampler", (1200, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple"],
              {"model": (1, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
-            (8, "SaveImage", (1560, 200), ["X2I"], {"images": (7, 0)}, None),
+            (8, "SaveImage", (1600, 200), ["X2I"], {"images": (7, 0)}, None),
         ],
     ),
 }
@@ -117,7 +117,7 @@ def build(nodes, object_info, description):
         ui_nodes.append(node)
     note_id = max(by_id) + 1
     ui_nodes.append({
-        "id": note_id, "type": "Note", "pos": [420, 40], "size": [380, 200], "flags": {}, "order": len(nodes),
+        "id": note_id, "type": "Note", "pos": [420, 40], "size": [380, 220], "flags": {}, "order": len(nodes),
         "mode": 0, "inputs": [], "outputs": [], "properties": {},
         "widgets_values": [description + "\n\nModels: put a Qwen2.5-VL-Instruct folder in models/mllm, the matching "
                            "X2I AlignNet in models/x2i, FLUX in models/diffusion_models and its VAE in models/vae. "
@@ -125,7 +125,7 @@ def build(nodes, object_info, description):
     })
     return {
         "last_node_id": note_id, "last_link_id": link_id, "nodes": ui_nodes, "links": links, "groups": [],
-        "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
+        "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 140]}}, "version": 0.4,
     }
 
 
