@@ -9,6 +9,13 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)  # tools/ (the ComfyUI host harness)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The fused loss kernels run under Triton's interpreter on CPU; it must be chosen
+# before anything imports triton (diffusers does).
+if not os.environ.get("X2I_NO_TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-comfy", action="store_true", help="skip the ComfyUI single-file FLUX (~0.8 GB) and VAE")
     t.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
 
+    ds = sub.add_parser("distill", help="train an AlignNet by attention distillation (torchrun for several GPUs)")
+    ds.add_argument("--config", default=None, help="YAML config (see configs/distill-*.yaml)")
+    ds.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 train.lr=1e-4")
+
     d = sub.add_parser("demo", help="build the tiny models and generate one image end to end")
     d.add_argument("--models", default=None, help="tiny model folder (default: the cache)")
     d.add_argument("--out", default=os.path.join("out", "x2i_demo.png"), help="output PNG")
@@ -185,6 +189,10 @@ def main(argv=None) -> int:
                 print(f"{name}: {path}")
         elif args.command == "demo":
             print(cmd_demo(args))
+        elif args.command == "distill":
+            from .distill.trainer import run
+
+            print(run(args.config, args.overrides))
     except X2IError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -11,7 +11,8 @@
   in ours;
 * ``flux/FLUX-tiny/`` - a diffusers FLUX folder (transformer with 1 double and
   1 single block, width 32; a small 16-channel AutoencoderKL; the
-  flow-matching scheduler; no text encoders - X2I replaces them);
+  flow-matching scheduler; tiny CLIP-L / T5 stand-ins with their tokenizers,
+  the teacher encoders for distillation - X2I inference never loads them);
 * unless ``comfy=False``: ``comfy/flux-tiny-3072.safetensors`` - a FLUX in the
   original (BFL) key layout that ComfyUI's stock UNETLoader detects (width
   3072 is fixed by the detector, 1 double block, 0 single blocks, ~0.8 GB in
@@ -37,7 +38,7 @@ from .io import atomic_save_safetensors, atomic_write_json
 
 log = logging.getLogger("x2i")
 
-TINY_VERSION = 2
+TINY_VERSION = 4
 
 # The Qwen2.5-VL chat template (the format, reproduced: system prompt, vision
 # placeholders, optional "Picture N: " ids, generation prompt).
@@ -113,6 +114,47 @@ def build_tokenizer(out_dir: str, vocab_size: int = 1024):
     fast.model_max_length = 32768
     fast.chat_template = QWEN25VL_CHAT_TEMPLATE
     return fast
+
+
+def _bpe(special: list[str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=special)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok
+
+
+def build_teacher_text_encoders(seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768):
+    """Tiny CLIP-L and T5-XXL stand-ins (2 layers) with their tokenizers: FLUX's teacher encoders."""
+    from tokenizers import processors
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel, T5TokenizerFast
+
+    clip_tok = _bpe(["<|startoftext|>", "<|endoftext|>"])
+    bos, eos = clip_tok.token_to_id("<|startoftext|>"), clip_tok.token_to_id("<|endoftext|>")
+    clip_tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    # A generic fast tokenizer with CLIP's special tokens (CLIPTokenizerFast insists on CLIP's own BPE).
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=clip_tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77)
+    t5_tok = _bpe(["<pad>", "</s>", "<unk>"])
+    t5_tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", t5_tok.token_to_id("</s>"))])
+    tokenizer_2 = T5TokenizerFast(tokenizer_object=t5_tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                  model_max_length=512, extra_ids=0)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=pooled_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+        projection_dim=pooled_dim)).eval()
+    torch.manual_seed(seed + 1)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=joint_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+        feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True, pad_token_id=t5_tok.token_to_id("<pad>"),
+        eos_token_id=t5_tok.token_to_id("</s>"), decoder_start_token_id=0, tie_word_embeddings=False)).eval()
+    return tokenizer, clip, tokenizer_2, t5
 
 
 def build_qwen25vl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64) -> str:
@@ -210,7 +252,12 @@ def build_flux_diffusers(out_dir: str, seed: int = 0, joint_dim: int = 4096, poo
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
     )
+    tokenizer, clip, tokenizer_2, t5 = build_teacher_text_encoders(seed + 3, joint_dim, pooled_dim)
     with _staging(out_dir) as tmp:
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        clip.save_pretrained(os.path.join(tmp, "text_encoder"), safe_serialization=True)
+        tokenizer_2.save_pretrained(os.path.join(tmp, "tokenizer_2"))
+        t5.save_pretrained(os.path.join(tmp, "text_encoder_2"), safe_serialization=True)
         transformer.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
         vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
         scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
@@ -218,8 +265,8 @@ def build_flux_diffusers(out_dir: str, seed: int = 0, joint_dim: int = 4096, poo
             json.dump({
                 "_class_name": "FluxPipeline", "_diffusers_version": _diffusers_version(),
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-                "text_encoder": [None, None], "text_encoder_2": [None, None],
-                "tokenizer": [None, None], "tokenizer_2": [None, None],
+                "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+                "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "FluxTransformer2DModel"],
                 "vae": ["diffusers", "AutoencoderKL"],
             }, fh, indent=2)
@@ -360,6 +407,9 @@ def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool =
     save_published_alignnet(net, os.path.join(root, paths["alignnet"]))
     net.save(os.path.join(root, paths["alignnet_safetensors"]))
     build_flux_diffusers(os.path.join(root, paths["flux"]), seed=seed + 2)
+    # A narrow-context variant (T5 width 64, CLIP width 32) for fast training tests.
+    paths["flux_small"] = "flux/FLUX-tiny-ctx64"
+    build_flux_diffusers(os.path.join(root, paths["flux_small"]), seed=seed + 5, joint_dim=64, pooled_dim=32)
     if comfy:
         paths["comfy_flux"] = "comfy/flux-tiny-3072.safetensors"
         paths["comfy_vae"] = "comfy/taesd-flux-tiny.safetensors"

@@ -1,0 +1,384 @@
+"""Attention distillation of an AlignNet (the paper's stage 1), with one shared frozen FLUX.
+
+Per step and sample: pure-noise latents (the reference: 1024x1024 -> 4096
+packed tokens, sigma 1 = the first step of the schedule, guidance 3.5); the
+teacher pass feeds FLUX the caption's T5 sequence and CLIP pooled vector
+(no grad) and stores each attention output; the student pass feeds the *same*
+FLUX weights ``AlignNet(MLLM(caption))`` and, as each block's attention
+output appears, adds that pair's loss (normalise over features, T = 3,
+KL(student || teacher), batchmean; non-finite pairs skipped) and drops the
+teacher tensor - so no more than one block's loss intermediates exist at a
+time.  Only the AlignNet trains.
+
+    python -m x2i_core distill --config FILE.yaml [key=value ...]
+    torchrun --nproc_per_node N -m x2i_core distill --config FILE.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from ..alignnet import AlignNet, AlignNetConfig, describe_mllm_dims, load_alignnet
+from ..errors import X2IInputError, X2IShapeError
+from ..flux.capture import AttentionCapture, collect
+from ..train import runtime as rt
+from ..train.data import CaptionStream
+from .kl import distill_loss, finite_or_skip
+
+log = logging.getLogger("x2i")
+
+DEFAULTS = {
+    "mllm": None,               # Hugging Face MLLM folder (Qwen2.5-VL)
+    "flux": None,               # diffusers FLUX folder *with* its T5 / CLIP (the teacher encoders)
+    "output_dir": None,
+    "seed": 0,
+    "preset": "training",       # student prompt convention (what the released AlignNets used)
+    "alignnet": {"init": None, "fusion": "conv", "kernel_size": 5, "use_t5": False, "t5_layers": 2,
+                 "t5_heads": 16, "t5_head_dim": 128},
+    "data": {"paths": [], "caption_key": None, "shuffle": True, "validate_first": 1000, "skip_long": False},
+    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 100,
+              "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
+              "gradient_checkpointing": False},
+    "distill": {"resolution": 1024, "tokens": 512, "guidance": 3.5, "timestep": "first", "temperature": 3.0,
+                "loss_backend": "auto", "cache_teacher_embeddings": False},
+    "checkpoint": {"every": 500, "keep_last": 3, "resume": "auto"},
+    "log": {"every": 1, "tensorboard": False},
+    "samples": {"every": 0, "prompts": ["A red fox in the snow at dawn."], "steps": 4, "size": 256},
+}
+
+
+class DistillTrainer:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.dist = rt.Dist()
+        for key in ("mllm", "flux", "output_dir"):
+            if not cfg.get(key):
+                raise X2IInputError(f"config needs '{key}'")
+        if not cfg["data"]["paths"]:
+            raise X2IInputError("config needs data.paths (caption files: .txt, .jsonl, .parquet or .tar shards)")
+        self.out = rt.check_output_dir(cfg["output_dir"])
+        self.train_cfg = cfg["train"]
+        self.dcfg = cfg["distill"]
+        self.global_batch = int(self.train_cfg["batch_size"])
+        if self.global_batch % self.dist.world:
+            raise X2IInputError(
+                f"train.batch_size {self.global_batch} (global) must be divisible by the {self.dist.world} processes")
+        self.local_batch = self.global_batch // self.dist.world
+        res = int(self.dcfg["resolution"])
+        if res % 16:
+            raise X2IInputError(f"distill.resolution {res} must be a multiple of 16")
+        if self.dcfg["timestep"] not in ("first", "uniform"):
+            raise X2IInputError(f"distill.timestep {self.dcfg['timestep']!r}: expected 'first' (sigma 1) or 'uniform'")
+        self.device = self.dist.device
+        mp = self.train_cfg["mixed_precision"]
+        if mp not in ("no", "bf16", "fp16"):
+            raise X2IInputError(f"train.mixed_precision {mp!r}: expected no, bf16 or fp16")
+        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+        self._load_models()
+        self.stream = CaptionStream(cfg["data"]["paths"], cfg["data"]["caption_key"], cfg["seed"],
+                                    cfg["data"]["shuffle"])
+        self._validate_data()
+
+    # -- setup --------------------------------------------------------------------
+    def _load_models(self):
+        from diffusers import FluxPipeline
+
+        from ..mllm import load_mllm
+
+        cfg = self.cfg
+        self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
+        pipe = FluxPipeline.from_pretrained(cfg["flux"], torch_dtype=self.weight_dtype)
+        if pipe.text_encoder is None or pipe.text_encoder_2 is None:
+            raise X2IInputError(
+                f"FLUX folder '{cfg['flux']}' has no text_encoder / text_encoder_2: distillation needs FLUX's own "
+                "CLIP and T5 as the teacher's encoders")
+        pipe.to(self.device)
+        for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+            m.requires_grad_(False).eval()
+        self.pipe = pipe
+        self.flux = pipe.transformer
+        tcfg = self.flux.config
+        t5_dim = pipe.text_encoder_2.config.d_model
+        if t5_dim != tcfg.joint_attention_dim:
+            raise X2IShapeError(f"teacher T5 width {t5_dim} differs from FLUX's context width {tcfg.joint_attention_dim}")
+        acfg = cfg["alignnet"]
+        if acfg["init"]:
+            net = load_alignnet(acfg["init"])
+        else:
+            fusion = acfg["fusion"]
+            if fusion not in ("conv", "scale", "mean"):
+                raise X2IInputError(f"alignnet.fusion {fusion!r}: expected conv, scale or mean")
+            torch.manual_seed(int(cfg["seed"]))
+            net = AlignNet(AlignNetConfig(
+                in_channels=self.encoder.channels, input_dim=self.encoder.hidden_size,
+                output_dim0=tcfg.pooled_projection_dim, output_dim1=tcfg.joint_attention_dim,
+                kernel_size=int(acfg["kernel_size"]), use_t5=bool(acfg["use_t5"]), use_scale=fusion == "scale",
+                use_cnn=fusion == "conv", num_layers=int(acfg["t5_layers"]), num_heads=int(acfg["t5_heads"]),
+                head_dim=int(acfg["t5_head_dim"])))
+        c = net.config
+        if (c.in_channels, c.input_dim) != (self.encoder.channels, self.encoder.hidden_size):
+            raise X2IShapeError(
+                f"AlignNet '{acfg['init']}' fits {net.fits}, but MLLM '{cfg['mllm']}' produces "
+                f"{describe_mllm_dims(self.encoder.channels, self.encoder.hidden_size)}")
+        if (c.output_dim1, c.output_dim0) != (tcfg.joint_attention_dim, tcfg.pooled_projection_dim):
+            raise X2IShapeError(
+                f"AlignNet outputs widths {c.output_dim1}/{c.output_dim0} but FLUX '{cfg['flux']}' expects "
+                f"{tcfg.joint_attention_dim}/{tcfg.pooled_projection_dim}")
+        net.requires_grad_(True).train()
+        self.net = net.to(self.device)
+        if self.train_cfg["gradient_checkpointing"]:
+            self.flux.enable_gradient_checkpointing()
+            if c.use_t5:
+                self.net.t5stack.gradient_checkpointing = True
+        if self.dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.model = self.net
+        self.capture = AttentionCapture(self.flux)
+        self.optimizer = rt.make_optimizer(self.net.parameters(), self.train_cfg["optimizer"],
+                                           float(self.train_cfg["lr"]), float(self.train_cfg["weight_decay"]))
+        self.scheduler = rt.cosine_with_warmup(self.optimizer, int(self.train_cfg["warmup_steps"]),
+                                               int(self.train_cfg["steps"]), float(self.train_cfg["min_lr_ratio"]))
+
+    def _too_long(self, caption: str) -> str | None:
+        limit = int(self.dcfg["tokens"])
+        n = len(self.pipe.tokenizer_2(caption).input_ids)
+        if n > limit:
+            return f"{n} T5 tokens > distill.tokens {limit}"
+        return None
+
+    def _validate_data(self):
+        head = self.stream.head(int(self.cfg["data"]["validate_first"]))
+        if not head:
+            raise X2IInputError(f"dataset {self.stream.files[:3]} has no captions")
+        long = [(c, why) for c in head if (why := self._too_long(c))]
+        if long and not self.cfg["data"]["skip_long"]:
+            cap, why = long[0]
+            raise X2IInputError(
+                f"{len(long)} of the first {len(head)} captions exceed the token limit ({why}), e.g. "
+                f"{cap[:80]!r}…; raise distill.tokens, shorten them, or set data.skip_long=true to skip them")
+
+    # -- one step ------------------------------------------------------------------
+    def _teacher_embeds(self, captions):
+        tokens = int(self.dcfg["tokens"])
+        if not self.dcfg["cache_teacher_embeddings"]:
+            with torch.no_grad():
+                pe, pooled, _ = self.pipe.encode_prompt(captions, captions, device=self.device,
+                                                        max_sequence_length=tokens)
+            return pe, pooled
+        from safetensors.torch import load_file, save_file
+
+        cache = os.path.join(self.out, "teacher_cache")
+        os.makedirs(cache, exist_ok=True)
+        pes, pools = [], []
+        for cap in captions:
+            key = hashlib.sha1(f"{tokens}\0{cap}".encode("utf-8")).hexdigest()
+            path = os.path.join(cache, key + ".safetensors")
+            if os.path.isfile(path):
+                d = load_file(path, device=str(self.device))
+            else:
+                with torch.no_grad():
+                    pe, pooled, _ = self.pipe.encode_prompt([cap], [cap], device=self.device, max_sequence_length=tokens)
+                d = {"pe": pe[0].contiguous(), "pooled": pooled[0].contiguous()}
+                tmp = path + f".tmp{os.getpid()}"
+                save_file({k: v.cpu() for k, v in d.items()}, tmp)
+                os.replace(tmp, path)
+            pes.append(d["pe"])
+            pools.append(d["pooled"])
+        return torch.stack(pes).to(self.weight_dtype), torch.stack(pools).to(self.weight_dtype)
+
+    def _latents(self, step: int, first_index: int):
+        res = int(self.dcfg["resolution"])
+        side = res // 16
+        lat, sig = [], []
+        for k in range(self.local_batch):
+            g = rt.step_generator(self.cfg["seed"], step, first_index + k)
+            lat.append(torch.randn(side * side, 64, generator=g))
+            sig.append(1.0 if self.dcfg["timestep"] == "first" else float(torch.rand((), generator=g)))
+        latents = torch.stack(lat).to(self.device, self.weight_dtype)
+        sigmas = torch.tensor(sig, device=self.device, dtype=self.weight_dtype)
+        img_ids = self.pipe._prepare_latent_image_ids(self.local_batch, side, side, self.device, self.weight_dtype)
+        return latents, sigmas, img_ids
+
+    def _flux(self, latents, sigmas, img_ids, seq, pooled):
+        txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.weight_dtype)
+        guidance = None
+        if self.flux.config.guidance_embeds:
+            guidance = torch.full((latents.shape[0],), float(self.dcfg["guidance"]), device=self.device,
+                                  dtype=self.weight_dtype)
+        return self.flux(hidden_states=latents, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
+                         encoder_hidden_states=seq, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+    def step(self, step: int, captions: list[str]) -> dict:
+        first_index = step * self.global_batch + self.dist.rank * self.local_batch
+        latents, sigmas, img_ids = self._latents(step, first_index)
+        t_seq, t_pooled = self._teacher_embeds(captions)
+        with torch.no_grad():
+            teacher = collect(self.capture, lambda: self._flux(latents, sigmas, img_ids, t_seq, t_pooled))
+            hidden = self.encoder.encode_text(captions, preset=self.cfg["preset"]).hidden
+        s_tokens = hidden.shape[2]
+        t_tokens = t_seq.shape[1]
+        temperature = float(self.dcfg["temperature"])
+        backend = self.dcfg["loss_backend"]
+        terms, skipped = [], []
+
+        def sink(key, out):
+            ref = teacher.pop(key)
+            if key[0] == "double" and key[2] == "txt" and s_tokens != t_tokens:
+                return  # text streams of different lengths are not comparable
+            if key[0] == "single" and s_tokens != t_tokens:
+                out, ref = out[:, s_tokens:], ref[:, t_tokens:]
+            value = distill_loss(out.float() if out.dtype == torch.float16 else out, ref, temperature, backend)
+            if finite_or_skip(value.detach()):
+                terms.append(value)
+            else:
+                skipped.append(key)
+
+        amp = torch.autocast(self.device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32 \
+            else torch.autocast(self.device.type, enabled=False)
+        with amp:
+            pooled, seq = self.model(hidden)
+            self.capture.run(sink, lambda: self._flux(latents, sigmas, img_ids, seq.to(self.weight_dtype),
+                                                      pooled.to(self.weight_dtype)))
+        if not terms:
+            raise X2IInputError(f"step {step}: every loss term was non-finite ({len(skipped)} pairs)")
+        loss = torch.stack([t.float() for t in terms]).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(self.train_cfg["max_grad_norm"]))
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return {"loss": float(loss.detach()), "pairs": len(terms), "skipped": len(skipped),
+                "grad_norm": float(gnorm), "lr": float(lr)}
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _save(self, ckpt: rt.CheckpointManager, step: int) -> None:
+        def writer(folder):
+            self.net.save(os.path.join(folder, "alignnet.safetensors"))
+            crash = os.environ.get("X2I_TEST_CRASH", "")
+            if crash == f"checkpoint:{step}":  # fault injection for the resume tests
+                os.kill(os.getpid(), signal.SIGKILL)
+            rt.save_state(os.path.join(folder, "trainer_state.pt"), {
+                "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "global_batch": self.global_batch})
+            rt.write_json(os.path.join(folder, "meta.json"), {"step": step, "config": self.cfg})
+
+        if self.dist.main:
+            ckpt.save(step, writer)
+        self.dist.barrier()
+
+    def _resume(self, ckpt: rt.CheckpointManager) -> int:
+        mode = self.cfg["checkpoint"]["resume"]
+        latest = ckpt.latest()
+        if mode in ("never", False, None) or latest is None:
+            return 0
+        folder = ckpt.path(latest)
+        state = rt.load_state(os.path.join(folder, "trainer_state.pt"))
+        if int(state["global_batch"]) != self.global_batch:
+            raise X2IInputError(
+                f"checkpoint {folder} was trained with global batch {state['global_batch']}, this run uses "
+                f"{self.global_batch}; keep train.batch_size to resume exactly")
+        saved = load_alignnet(os.path.join(folder, "alignnet.safetensors"))
+        self.net.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.dist.main:
+            log.info("resumed from %s (step %d)", folder, latest)
+        return int(state["step"])
+
+    # -- loop ------------------------------------------------------------------------
+    def fit(self) -> str:
+        from tqdm import tqdm
+
+        total = int(self.train_cfg["steps"])
+        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
+        start = self._resume(ckpt)
+        if self.dist.main:
+            rt.write_json(os.path.join(self.out, "config.json"), self.cfg)
+        metrics = rt.MetricsLog(self.out, ["loss", "pairs", "skipped", "grad_norm", "lr", "seconds"],
+                                resume_step=start if start else None, enabled=self.dist.main,
+                                tensorboard=bool(self.cfg["log"]["tensorboard"]))
+        skip_long = bool(self.cfg["data"]["skip_long"])
+        stream = self.stream.iterate_from(start * self.global_batch)
+        every = int(self.cfg["checkpoint"]["every"])
+        bar = tqdm(total=total, initial=start, desc="distill", disable=not self.dist.main)
+        skipped_long = 0
+        try:
+            for step in range(start, total):
+                batch = []
+                while len(batch) < self.global_batch:
+                    cap = next(stream)
+                    if skip_long and self._too_long(cap):
+                        skipped_long += 1
+                        continue
+                    batch.append(cap)
+                local = batch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
+                t0 = time.time()
+                info = self.step(step, local)
+                info["loss"] = self.dist.mean(info["loss"])
+                info["seconds"] = round(time.time() - t0, 4)
+                if step % int(self.cfg["log"]["every"]) == 0 or step == total - 1:
+                    metrics.log(step + 1, **info)
+                bar.update(1)
+                bar.set_postfix(loss=f"{info['loss']:.4g}")
+                done = step + 1
+                if every and done % every == 0 and done < total:
+                    self._save(ckpt, done)
+                se = int(self.cfg["samples"]["every"])
+                if se and done % se == 0 and self.dist.main:
+                    self.sample(done)
+            self._save(ckpt, total)
+            final = os.path.join(self.out, "alignnet.safetensors")
+            if self.dist.main:
+                self.net.save(final)
+                if skipped_long:
+                    log.warning("skipped %d captions over the token limit", skipped_long)
+            self.dist.barrier()
+            return final
+        finally:
+            bar.close()
+            metrics.close()
+
+    def sample(self, step: int) -> list[str]:
+        from ..pipeline import X2IPipeline
+
+        folder = os.path.join(self.out, "samples")
+        os.makedirs(folder, exist_ok=True)
+        self.net.eval()
+        pipe = X2IPipeline(self.encoder, self.net, self.pipe, alignnet_name="AlignNet (training)")
+        paths = []
+        scfg = self.cfg["samples"]
+        try:
+            for i, prompt in enumerate(scfg["prompts"]):
+                img = pipe.generate(prompt, preset=self.cfg["preset"], steps=int(scfg["steps"]), seed=i,
+                                    width=int(scfg["size"]), height=int(scfg["size"]), progress=False)
+                path = os.path.join(folder, f"step-{step:08d}-{i}.png")
+                img.save(path)
+                paths.append(path)
+        finally:
+            self.net.train()
+        return paths
+
+    def close(self):
+        self.capture.remove()
+        self.dist.close()
+
+
+def run(config_path: str | None, overrides: list[str]) -> str:
+    cfg = rt.load_config(DEFAULTS, config_path, overrides)
+    trainer = DistillTrainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+__all__ = ["DEFAULTS", "DistillTrainer", "run"]

@@ -1,0 +1,65 @@
+"""Forward hooks on diffusers FLUX attention modules (the distillation targets).
+
+Every double-stream block's attention yields two outputs (image tokens, text
+tokens); every single-stream block's attention one (text + image tokens, text
+first).  Keys: ``("double", i, "img")``, ``("double", i, "txt")``,
+``("single", j)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class AttentionCapture:
+    """Registers hooks once; ``sink(key, tensor)`` receives each output while ``active``."""
+
+    def __init__(self, transformer):
+        self.sink: Callable | None = None
+        self.active = False
+        self.handles = []
+        for i, block in enumerate(transformer.transformer_blocks):
+            self.handles.append(block.attn.register_forward_hook(self._double_hook(i)))
+        for j, block in enumerate(transformer.single_transformer_blocks):
+            self.handles.append(block.attn.register_forward_hook(self._single_hook(j)))
+        self.num_pairs = 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+
+    def _double_hook(self, i):
+        def hook(module, args, output):
+            if self.active and self.sink is not None:
+                self.sink(("double", i, "img"), output[0])
+                self.sink(("double", i, "txt"), output[1])
+        return hook
+
+    def _single_hook(self, j):
+        def hook(module, args, output):
+            if self.active and self.sink is not None:
+                self.sink(("single", j), output)
+        return hook
+
+    def run(self, sink: Callable, fn: Callable):
+        """Call ``fn()`` with hooks feeding ``sink``; inactive afterwards (so a
+        gradient-checkpoint recomputation during backward does not fire them)."""
+        self.sink, self.active = sink, True
+        try:
+            return fn()
+        finally:
+            self.sink, self.active = None, False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def collect(capture: AttentionCapture, fn: Callable, dtype: torch.dtype | None = None) -> dict:
+    """Run ``fn`` and return every captured output (detached)."""
+    store = {}
+
+    def sink(key, t):
+        store[key] = t.detach() if dtype is None else t.detach().to(dtype)
+
+    capture.run(sink, fn)
+    return store

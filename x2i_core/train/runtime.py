@@ -1,0 +1,304 @@
+"""The trainer runtime shared by distillation, LightControl and LoRA training.
+
+* config: a YAML file + ``key.sub=value`` overrides over a dict of defaults;
+* distributed: ``torch.distributed`` (env:// as set by torchrun; gloo on CPU,
+  nccl on CUDA), world/rank helpers, DDP wrapping;
+* checkpoints: ``checkpoints/step-XXXXXXXX/`` folders written in a temporary
+  sibling and renamed into place (a killed write never leaves a folder that
+  looks complete), keep-last-N, resume from the newest;
+* logging: a CSV of per-step metrics rewritten on resume so it continues
+  exactly, optional TensorBoard, tqdm progress on rank 0;
+* optimisers and schedules: AdamW (or bitsandbytes' 8-bit AdamW when asked
+  for and installed), cosine with warmup.
+
+Randomness that matters for exactness (noise, timesteps) is derived from
+``(seed, global step, sample index)`` - never from a global RNG - so a resumed
+run and an uninterrupted one draw identical numbers, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import X2IFileError, X2IInputError
+
+log = logging.getLogger("x2i")
+
+
+# -- config ---------------------------------------------------------------------
+def deep_update(base: dict, other: Mapping) -> dict:
+    for k, v in other.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def load_config(defaults: Mapping, path: str | None = None, overrides: list[str] | None = None) -> dict:
+    import yaml
+
+    cfg = copy.deepcopy(dict(defaults))
+    if path:
+        if not os.path.isfile(path):
+            raise X2IInputError(f"config file '{path}' does not exist")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise X2IInputError(f"config file '{path}' is not valid YAML ({exc})") from exc
+        if not isinstance(data, Mapping):
+            raise X2IInputError(f"config file '{path}' must hold a mapping of settings")
+        _check_keys(defaults, data, "")
+        deep_update(cfg, data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise X2IInputError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = cfg
+        parts = key.split(".")
+        ref = defaults
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise X2IInputError(f"override key {key!r}: {p!r} is not a section")
+            node = node[p]
+            ref = ref.get(p, {}) if isinstance(ref, Mapping) else {}
+        if isinstance(ref, Mapping) and ref and parts[-1] not in ref:
+            raise X2IInputError(f"override key {key!r} is unknown; known here: {sorted(ref)}")
+        node[parts[-1]] = value
+    return cfg
+
+
+def _check_keys(defaults: Mapping, data: Mapping, prefix: str) -> None:
+    for k, v in data.items():
+        if k not in defaults:
+            raise X2IInputError(f"config key '{prefix}{k}' is unknown; known: {sorted(defaults)}")
+        if isinstance(v, Mapping) and isinstance(defaults[k], Mapping) and defaults[k]:
+            _check_keys(defaults[k], v, f"{prefix}{k}.")
+
+
+# -- distributed -------------------------------------------------------------------
+class Dist:
+    """Rank/world info; initialises torch.distributed when launched by torchrun."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def step_generator(seed: int, step: int, index: int, device="cpu") -> torch.Generator:
+    """A generator for one sample of one step, independent of ranks and resumes."""
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + int(step)) * 1_000_003 + int(index))
+    return g
+
+
+# -- output folder ----------------------------------------------------------------
+def check_output_dir(path: str) -> str:
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise X2IInputError(f"output folder '{path}' cannot be created ({exc.strerror})") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise X2IInputError(f"output folder '{path}' is not writable ({exc.strerror})") from exc
+    return path
+
+
+# -- checkpoints ------------------------------------------------------------------
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointManager:
+    """``output/checkpoints/step-XXXXXXXX/`` with atomic writes and keep-last-N."""
+
+    def __init__(self, output_dir: str, keep_last: int = 3):
+        self.root = os.path.join(output_dir, "checkpoints")
+        self.keep_last = max(1, int(keep_last))
+
+    def steps(self) -> list[int]:
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(int(m.group(1)) for name in os.listdir(self.root) if (m := _STEP_DIR.match(name)))
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, f"step-{step:08d}")
+
+    def latest(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, writer) -> str:
+        """``writer(tmp_dir)`` fills a temporary folder that is then renamed into place."""
+        os.makedirs(self.root, exist_ok=True)
+        for name in os.listdir(self.root):  # leftovers of a killed write
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=self.root)
+        try:
+            writer(tmp)
+            _fsync_tree(tmp)
+            final = self.path(step)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.steps()[:-self.keep_last]:
+            shutil.rmtree(self.path(old), ignore_errors=True)
+        return final
+
+
+def _fsync_tree(folder: str) -> None:
+    for name in os.listdir(folder):
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save_state(path: str, state: dict) -> None:
+    """Optimizer / scheduler / counters: plain tensors and containers (weights-only loadable)."""
+    torch.save(state, path)
+
+
+def load_state(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - report any unreadable checkpoint the same way
+        raise X2IFileError(f"checkpoint state '{path}' cannot be read ({exc})") from exc
+
+
+# -- metrics ------------------------------------------------------------------------
+class MetricsLog:
+    """A CSV of per-step metrics that resumes exactly (rows after the resume step are dropped)."""
+
+    def __init__(self, output_dir: str, fields: list[str], resume_step: int | None, enabled: bool = True,
+                 tensorboard: bool = False):
+        self.path = os.path.join(output_dir, "metrics.csv")
+        self.fields = ["step", *fields]
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and os.path.isfile(self.path):
+            with open(self.path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+        self.fh = open(self.path, "a", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.fh, fieldnames=self.fields)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed; logging to metrics.csv only")
+
+    def log(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow({"step": step, **{k: (repr(v) if isinstance(v, float) else v) for k, v in values.items()}})
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def read_metrics(output_dir: str) -> list[dict[str, str]]:
+    with open(os.path.join(output_dir, "metrics.csv"), newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+# -- optimisation -------------------------------------------------------------------
+def make_optimizer(params, name: str, lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise X2IInputError("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes, CUDA only)") from exc
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise X2IInputError(f"optimizer {name!r} is unknown; expected adamw or adamw8bit")
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float = 0.0):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
