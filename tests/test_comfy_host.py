@@ -188,3 +188,21 @@ def test_conditioning_equals_standalone_and_mllm_is_managed(host, tmp_path):
     assert got["4.0.seq"].shape == seq.shape == (1, 512, 4096)
     assert (got["4.0.seq"] - seq).abs().max().item() <= 1e-6
     assert (got["4.0.pooled"] - pooled).abs().max().item() <= 1e-6
+
+
+def test_distilled_alignnet_loads_and_runs_in_the_nodes(host, tmp_path):
+    """A short distillation on the tiny FLUX (4096-wide context), then the trained file in the X2I workflow."""
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a red fox in the snow\na cat on a table\n")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "x2i_core", "distill", f"mllm={host['tiny']['mllm']}",
+                        f"flux={host['tiny']['flux']}", f"output_dir={out}", f"data.paths=[{caps}]",
+                        "distill.resolution=32", "train.steps=2", "checkpoint.every=0"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import shutil
+
+    shutil.copy(out / "alignnet.safetensors", os.path.join(host["base"], "models", "x2i", "distilled.safetensors"))
+    entry = host["server"].run(tiny_api(host, "x2i_sampler.json", X2IAlignNetLoader={"alignnet_name": "distilled.safetensors"}))
+    assert execution_error(entry) is None, execution_error(entry)
+    assert len(host["server"].output_images(entry)) == 1

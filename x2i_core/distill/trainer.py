@@ -93,11 +93,20 @@ class DistillTrainer:
 
         cfg = self.cfg
         self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
-        pipe = FluxPipeline.from_pretrained(cfg["flux"], torch_dtype=self.weight_dtype)
+        no_teacher = X2IInputError(
+            f"FLUX folder '{cfg['flux']}' lacks text_encoder / text_encoder_2 (or their tokenizers): distillation "
+            "needs FLUX's own CLIP and T5 as the teacher's encoders (a full diffusers FLUX download has them)")
+        for part in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer"):
+            if not os.path.isdir(os.path.join(cfg["flux"], part)):
+                if part == "transformer":
+                    raise X2IInputError(f"FLUX folder '{cfg['flux']}' is not a diffusers FLUX folder (no transformer/)")
+                raise no_teacher
+        try:
+            pipe = FluxPipeline.from_pretrained(cfg["flux"], torch_dtype=self.weight_dtype)
+        except (OSError, ValueError) as exc:
+            raise X2IInputError(f"FLUX folder '{cfg['flux']}' cannot be loaded ({exc})") from exc
         if pipe.text_encoder is None or pipe.text_encoder_2 is None:
-            raise X2IInputError(
-                f"FLUX folder '{cfg['flux']}' has no text_encoder / text_encoder_2: distillation needs FLUX's own "
-                "CLIP and T5 as the teacher's encoders")
+            raise no_teacher
         pipe.to(self.device)
         for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
             m.requires_grad_(False).eval()

@@ -1,0 +1,179 @@
+"""The distillation trainer end to end on tiny models: learning, exact resume after SIGKILL, DDP, bad input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from x2i_core.train.data import CaptionStream, write_tar_shard
+from x2i_core.train.runtime import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = ["a red fox in the snow", "a cat on a wooden table", "an oil painting of a lighthouse",
+            "a futuristic city at night", "一只可爱的小猫", "a dog running on the beach"]
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    d = tmp_path_factory.mktemp("captions")
+    (d / "caps.txt").write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
+    return str(d / "caps.txt")
+
+
+def base_args(tiny, captions, out, *extra, flux="flux_small"):
+    return ["distill", f"mllm={tiny['mllm']}", f"flux={tiny[flux]}", f"output_dir={out}", f"data.paths=[{captions}]",
+            "distill.resolution=64", "train.batch_size=2", "train.lr=1e-3", "train.warmup_steps=5", *extra]
+
+
+def distill(*args, env=None, timeout=600, check=True):
+    e = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "x2i_core", *args], capture_output=True, text=True, env=e,
+                       timeout=timeout, cwd=ROOT)
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def losses(out):
+    return [(int(r["step"]), r["loss"]) for r in read_metrics(out)]
+
+
+def test_200_steps_cut_the_summed_kl_tenfold(tiny, captions, tmp_path):
+    out = tmp_path / "run"
+    distill(*base_args(tiny, captions, out, "train.steps=200", "checkpoint.every=100"))
+    rows = read_metrics(out)
+    assert len(rows) == 200 and all(int(r["pairs"]) == 3 for r in rows)  # 1 double block x2 + 1 single block
+    first = float(rows[0]["loss"])
+    last = sum(float(r["loss"]) for r in rows[-10:]) / 10
+    print(f"summed KL: first {first:.4g}, mean of last 10 {last:.4g}, ratio {first / last:.1f}x")
+    assert first / last >= 10
+    from x2i_core.alignnet import load_alignnet
+
+    net = load_alignnet(out / "alignnet.safetensors")
+    assert (net.config.in_channels, net.config.input_dim) == (3, 64)
+
+
+def test_sigkill_during_checkpoint_write_then_resume_continues_identically(tiny, captions, tmp_path):
+    common = ("train.steps=12", "checkpoint.every=4", "checkpoint.keep_last=2")
+    ref = tmp_path / "ref"
+    distill(*base_args(tiny, captions, ref, *common))
+    out = tmp_path / "killed"
+    r = distill(*base_args(tiny, captions, out, *common), env={"X2I_TEST_CRASH": "checkpoint:8"}, check=False)
+    assert r.returncode == -signal.SIGKILL
+    ckpts = sorted(os.listdir(out / "checkpoints"))
+    assert "step-00000004" in ckpts and "step-00000008" not in ckpts  # the half-written one is not a checkpoint
+    distill(*base_args(tiny, captions, out, *common))
+    assert losses(out) == losses(ref)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000008", "step-00000012"]  # keep_last=2, no temp left
+    a = open(out / "alignnet.safetensors", "rb").read()
+    b = open(ref / "alignnet.safetensors", "rb").read()
+    assert a == b
+
+
+def test_sigkill_mid_step_then_resume_continues_identically(tiny, captions, tmp_path):
+    common = ("train.steps=14", "checkpoint.every=3")
+    ref = tmp_path / "ref"
+    distill(*base_args(tiny, captions, ref, *common))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "x2i_core", *base_args(tiny, captions, out, *common)],
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "metrics.csv").exists() and len(read_metrics(out)) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_metrics(out)) < 14
+    distill(*base_args(tiny, captions, out, *common))
+    assert losses(out) == losses(ref)
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny, captions, tmp_path):
+    # A small lr: Adam's first steps are ~lr * sign(grad), which magnifies round-off in near-zero gradients.
+    common = ("train.steps=4", "checkpoint.every=0", "train.lr=1e-5")
+    one = tmp_path / "one"
+    distill(*base_args(tiny, captions, one, *common))
+    two = tmp_path / "two"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "x2i_core",
+                        *base_args(tiny, captions, two, *common)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    l1 = [float(v) for _, v in losses(one)]
+    l2 = [float(v) for _, v in losses(two)]
+    assert len(l1) == len(l2) == 4
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (l1, l2)
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(one / "alignnet.safetensors"), load_file(two / "alignnet.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-6, rtol=1e-4), (k, (w1[k] - w2[k]).abs().max())
+
+
+def test_teacher_embedding_cache_gives_the_same_losses(tiny, captions, tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    distill(*base_args(tiny, captions, plain, "train.steps=3", "checkpoint.every=0"))
+    distill(*base_args(tiny, captions, cached, "train.steps=3", "checkpoint.every=0",
+                       "distill.cache_teacher_embeddings=true"))
+    assert len(os.listdir(cached / "teacher_cache")) == 6
+    for (s1, a), (s2, b) in zip(losses(plain), losses(cached)):
+        assert abs(float(a) - float(b)) <= 1e-5 * max(1.0, abs(float(a)))
+
+
+@pytest.mark.parametrize("case", ["empty", "long", "mismatch", "unwritable", "unknown_key", "no_teacher"])
+def test_bad_input_fails_clearly_before_any_step(tiny, captions, tmp_path, case):
+    out = tmp_path / "out"
+    extra, flux, data = [], "flux_small", captions
+    if case == "empty":
+        (tmp_path / "empty.txt").write_text("\n\n")
+        data, needle = str(tmp_path / "empty.txt"), "has no captions"
+    elif case == "long":
+        (tmp_path / "long.txt").write_text("word " * 600 + "\n")
+        data, needle = str(tmp_path / "long.txt"), "data.skip_long"
+    elif case == "mismatch":
+        from x2i_core.tiny import build_alignnet
+
+        build_alignnet(channels=29, hidden=64, seed=1, output_dim0=32, output_dim1=64).save(tmp_path / "a.safetensors")
+        extra, needle = [f"alignnet.init={tmp_path / 'a.safetensors'}"], "C=29"
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        out, needle = tmp_path / "file" / "out", "cannot be created"
+    elif case == "unknown_key":
+        extra, needle = ["train.learning_rate=1"], "unknown"
+    else:
+        flux, needle = "flux", None
+        shutil.copytree(tiny["flux"], tmp_path / "flux")
+        shutil.rmtree(tmp_path / "flux" / "text_encoder_2")
+        import json
+
+        idx = json.loads((tmp_path / "flux" / "model_index.json").read_text())
+        idx["text_encoder_2"] = [None, None]
+        idx["tokenizer_2"] = [None, None]
+        (tmp_path / "flux" / "model_index.json").write_text(json.dumps(idx))
+        tiny = dict(tiny, flux=str(tmp_path / "flux"))
+        needle = "teacher"
+    args = base_args(tiny, data, out, "train.steps=3", *extra, flux=flux)
+    r = distill(*args, check=False, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not (out / "metrics.csv").exists() and not (out / "checkpoints").exists()
+
+
+def test_caption_sources_txt_jsonl_and_tar_shards(tmp_path):
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "b.jsonl").write_text('{"caption": "three"}\n{"caption_en": "four"}\n{"other": 1}\n')
+    write_tar_shard(str(tmp_path / "c.tar"), ["five", "six"])
+    s = CaptionStream([str(tmp_path)], shuffle=False)
+    assert s.head(10) == ["one", "two", "three", "four", "five", "six"]
+    it = s.iterate_from(5)
+    assert [next(it) for _ in range(3)] == ["six", "one", "two"]  # wraps into the next epoch
+    shuffled = CaptionStream([str(tmp_path)], seed=3)
+    assert sorted(shuffled.head(6)) == sorted(s.head(6))
