@@ -177,3 +177,27 @@ def test_caption_sources_txt_jsonl_and_tar_shards(tmp_path):
     assert [next(it) for _ in range(3)] == ["six", "one", "two"]  # wraps into the next epoch
     shuffled = CaptionStream([str(tmp_path)], seed=3)
     assert sorted(shuffled.head(6)) == sorted(s.head(6))
+
+
+def test_shipped_configs_parse():
+    from x2i_core.distill.trainer import DEFAULTS
+    from x2i_core.train.runtime import load_config
+
+    folder = os.path.join(ROOT, "configs")
+    names = sorted(f for f in os.listdir(folder) if f.startswith("distill-"))
+    assert len(names) >= 3
+    for name in names:
+        cfg = load_config(DEFAULTS, os.path.join(folder, name))
+        assert cfg["distill"]["temperature"] == 3.0 and cfg["preset"] == "training"
+
+
+def test_benchmark_script_runs(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_distill.py"), "--rows", "64",
+                        "--width", "128", "--repeat", "1", "--json", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["two_vs_one_flux_weight_ratio"] == 2.0
+    assert report["rowwise_memory_ratio_vs_eager"] < 1.0
