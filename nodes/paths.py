@@ -62,21 +62,21 @@ def _safe_name(name: str, what: str) -> str:
     return name
 
 
-def resolve_mllm_dir(name: str) -> str:
-    _safe_name(name, "MLLM")
-    for root in folder_paths.get_folder_paths(MLLM_FOLDER):
+def _resolve(folder: str, name: str, what: str, exists) -> str:
+    _safe_name(name, what)
+    for root in folder_paths.get_folder_paths(folder):
         path = os.path.join(root, name)
-        if os.path.isdir(path) and _inside(root, path):
+        if exists(path) and _inside(root, path):
             return path
-    roots = ", ".join(folder_paths.get_folder_paths(MLLM_FOLDER))
-    raise ValueError(f"MLLM '{name}' was not found in the mllm folders ({roots}); expected a Hugging Face model folder there")
+    roots = ", ".join(folder_paths.get_folder_paths(folder))
+    raise ValueError(f"{what} '{name}' was not found in the {folder} folders ({roots})")
+
+
+def resolve_mllm_dir(name: str) -> str:
+    """A Hugging Face model folder inside the ``mllm`` folders."""
+    return _resolve(MLLM_FOLDER, name, "MLLM", os.path.isdir)
 
 
 def resolve_x2i_file(name: str) -> str:
-    _safe_name(name, "X2I model")
-    for root in folder_paths.get_folder_paths(X2I_FOLDER):
-        path = os.path.join(root, name)
-        if os.path.isfile(path) and _inside(root, path):
-            return path
-    roots = ", ".join(folder_paths.get_folder_paths(X2I_FOLDER))
-    raise ValueError(f"X2I model file '{name}' was not found in the x2i folders ({roots})")
+    """A weights file inside the ``x2i`` folders."""
+    return _resolve(X2I_FOLDER, name, "X2I model file", os.path.isfile)

@@ -56,20 +56,20 @@ def _size(value):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _existing_dir(what):
+def _existing(what, check=os.path.isfile, noun="file"):
     def parse(value):
-        if not os.path.isdir(value):
-            raise argparse.ArgumentTypeError(f"{what} folder '{value}' does not exist")
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{what} {noun} '{value}' does not exist")
         return value
     return parse
+
+
+def _existing_dir(what):
+    return _existing(what, os.path.isdir, "folder")
 
 
 def _existing_file(what):
-    def parse(value):
-        if not os.path.isfile(value):
-            raise argparse.ArgumentTypeError(f"{what} file '{value}' does not exist")
-        return value
-    return parse
+    return _existing(what)
 
 
 def _out_image(value):
