@@ -66,8 +66,26 @@ def host(tmp_path_factory):
     with open(os.path.join(other, "config.json"), "w") as fh:
         json.dump({"model_type": "llama", "hidden_size": 64}, fh)
     build_alignnet(channels=29, hidden=64, seed=5).save(os.path.join(base, "models", "x2i", "alignnet-7b-like.safetensors"))
+    names["lora"] = "tiny-flux-lora.safetensors"
+    _random_flux_lora(os.path.join(base, "models", "loras", names["lora"]))
     rng = np.random.RandomState(0)
     Image.fromarray((rng.rand(96, 128, 3) * 255).astype(np.uint8)).save(os.path.join(base, "input", "photo.png"))
     server = ComfyServer(comfy_dir, base).start()
     yield {"server": server, "names": names, "base": base, "tiny": tiny, "comfy_dir": comfy_dir}
     server.stop()
+
+
+def _random_flux_lora(path, rank=4, hidden=3072, seed=0):
+    """A small deterministic LoRA (diffusers/PEFT keys) for the stock-loadable tiny FLUX."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in ("attn.to_q", "attn.add_k_proj", "attn.to_out.0", "ff.net.0.proj"):
+        out_f = hidden * 4 if name == "ff.net.0.proj" else hidden
+        key = f"transformer.transformer_blocks.0.{name}"
+        sd[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=g) * 0.02
+        sd[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.02
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)

@@ -32,6 +32,8 @@ def tiny_api(host, workflow_name, **overrides):
             ins["model_name"] = n["mllm"]
         elif ct == "X2IAlignNetLoader":
             ins["alignnet_name"] = n["alignnet"]
+        elif ct == "LoraLoaderModelOnly":
+            ins["lora_name"] = n["lora"]
         for key, value in (("width", 64), ("height", 48), ("steps", 2)):
             if key in ins and not isinstance(ins[key], list):
                 ins[key] = value

@@ -85,7 +85,7 @@ def _link(src: str, dst: str) -> None:
 def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
     """A ComfyUI base directory with the pack and the tiny models; returns the model names."""
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models/mllm", "models/x2i",
-                "models/diffusion_models", "models/vae"):
+                "models/diffusion_models", "models/vae", "models/loras"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     _link(ROOT, os.path.join(base, "custom_nodes", PACK_LINK_NAME))
     names = {

@@ -53,6 +53,23 @@ WORKFLOWS = {
             (8, "SaveImage", (1600, 200), ["X2I"], {"images": (7, 0)}, None),
         ],
     ),
+    "x2i_lora.json": (
+        "X2I with a FLUX LoRA trained under X2I conditioning (python -m x2i_core train-lora): the stock "
+        "LoraLoaderModelOnly applies it to FLUX; prompts then come from the MLLM + AlignNet as usual.",
+        [
+            (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
+            (9, "LoraLoaderModelOnly", (420, -120), ["x2i_lora.safetensors", 1.0], {"model": (1, 0)}, None),
+            (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default"], {}, None),
+            (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
+            (5, "X2IMLLMEncode", (420, 320), ["A portrait of a woman in the trained style", "auto", 0],
+             {"mllm": (3, 0)}, None),
+            (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+            (7, "X2ISampler", (1200, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple"],
+             {"model": (9, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
+            (8, "SaveImage", (1600, 200), ["X2I_lora"], {"images": (7, 0)}, None),
+        ],
+    ),
 }
 
 
@@ -149,6 +166,8 @@ THUMBS = {
                              "KSampler + FLUX", "VAE decode -> image"]),
     "x2i_sampler.json": ("X2I with the X2I Sampler node",
                          ["prompt", "MLLM encode", "AlignNet project", "X2I Sampler", "image"]),
+    "x2i_lora.json": ("X2I + a LoRA trained under X2I conditioning",
+                      ["FLUX + LoraLoaderModelOnly", "MLLM encode", "AlignNet project", "X2I Sampler", "image"]),
 }
 
 

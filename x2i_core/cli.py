@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--config", default=None, help="YAML config (see configs/distill-*.yaml)")
     ds.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 train.lr=1e-4")
 
+    tl = sub.add_parser("train-lora", help="train a FLUX LoRA whose prompts are X2I conditionings")
+    tl.add_argument("--config", default=None, help="YAML config (see configs/lora-*.yaml)")
+    tl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.rank=32")
+
     d = sub.add_parser("demo", help="build the tiny models and generate one image end to end")
     d.add_argument("--models", default=None, help="tiny model folder (default: the cache)")
     d.add_argument("--out", default=os.path.join("out", "x2i_demo.png"), help="output PNG")
@@ -189,6 +193,10 @@ def main(argv=None) -> int:
                 print(f"{name}: {path}")
         elif args.command == "demo":
             print(cmd_demo(args))
+        elif args.command == "train-lora":
+            from .train.lora import run as run_lora
+
+            print(run_lora(args.config, args.overrides))
         elif args.command == "distill":
             from .distill.trainer import run
 

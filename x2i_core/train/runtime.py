@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 from typing import Any, Mapping
 
@@ -189,6 +190,8 @@ class CheckpointManager:
         tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=self.root)
         try:
             writer(tmp)
+            if os.environ.get("X2I_TEST_CRASH") == f"checkpoint:{step}":  # fault injection for resume tests
+                os.kill(os.getpid(), signal.SIGKILL)
             _fsync_tree(tmp)
             final = self.path(step)
             if os.path.exists(final):

@@ -1,0 +1,512 @@
+"""LoRA training of FLUX under X2I conditioning (text, or reference images + text).
+
+The prompts of the training samples are X2I conditionings - MLLM(text [+
+reference images]) -> AlignNet, both frozen - so a LoRA can be trained for
+image+text -> image, which T5/CLIP conditioning cannot express.  peft LoRA on
+the diffusers FLUX transformer, flow-matching loss (x_t = (1-s) x0 + s e,
+target e - x0) with logit-normal sigmas, latents and conditionings cached once,
+aspect-ratio buckets, the shared runtime's checkpoints / exact resume / CSV.
+
+The saved file is one safetensors in the diffusers/PEFT layout with a
+``transformer.`` prefix (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``),
+``.alpha`` tensors when alpha != rank, which ComfyUI's stock
+``LoraLoaderModelOnly`` maps completely onto FLUX and diffusers'
+``load_lora_weights`` reads.
+
+    python -m x2i_core train-lora --config FILE.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from ..errors import X2IInputError
+from . import runtime as rt
+
+log = logging.getLogger("x2i")
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Attention and MLP projections of every double- and single-stream block.
+DEFAULT_TARGETS = (
+    r".*(transformer_blocks|single_transformer_blocks)\.\d+\.("
+    r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out)"
+)
+
+DEFAULTS = {
+    "mllm": None,
+    "alignnet": None,
+    "flux": None,                  # diffusers FLUX folder (transformer, vae, scheduler)
+    "flux_transformer": None,      # optional: a single-file FLUX (ComfyUI / BFL layout) replacing transformer/
+    "output_dir": None,
+    "seed": 0,
+    "preset": "auto",
+    "lora": {"rank": 16, "alpha": None, "targets": DEFAULT_TARGETS, "dropout": 0.0},
+    "data": {"path": None, "resolution": 512, "buckets": True, "bucket_step": 64},
+    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 50,
+              "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
+              "gradient_checkpointing": False, "guidance": 1.0, "sigma_mean": 0.0, "sigma_std": 1.0},
+    "checkpoint": {"every": 250, "keep_last": 3, "resume": "auto"},
+    "log": {"every": 1, "tensorboard": False},
+}
+
+
+# -- dataset --------------------------------------------------------------------
+def scan_dataset(path: str) -> list[dict]:
+    """Samples ``{"image", "caption", "references"}`` from a folder (sidecar .txt/.json) or a JSONL file."""
+    if not path or not os.path.exists(path):
+        raise X2IInputError(f"data.path '{path}' does not exist; expected a folder of images with captions or a JSONL")
+    samples, missing = [], []
+    if os.path.isfile(path):
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise X2IInputError(f"{path}:{n} is not valid JSON ({exc})") from exc
+                img = rec.get("image")
+                if not img:
+                    raise X2IInputError(f"{path}:{n} has no 'image'")
+                refs = [os.path.join(base, r) for r in rec.get("references", [])]
+                cap = rec.get("caption")
+                if not cap or not str(cap).strip():
+                    missing.append(img)
+                    continue
+                samples.append({"image": os.path.join(base, img), "caption": str(cap).strip(), "references": refs})
+    else:
+        names = sorted(os.listdir(path))
+        refs_used = set()
+        meta = {}
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() == ".json":
+                with open(os.path.join(path, name), encoding="utf-8") as fh:
+                    try:
+                        meta[stem] = json.load(fh)
+                    except json.JSONDecodeError as exc:
+                        raise X2IInputError(f"{os.path.join(path, name)} is not valid JSON ({exc})") from exc
+                refs_used.update(meta[stem].get("references", []))
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTS or name in refs_used:
+                continue
+            cap = None
+            refs = []
+            if stem in meta:
+                cap = meta[stem].get("caption")
+                refs = [os.path.join(path, r) for r in meta[stem].get("references", [])]
+            txt = os.path.join(path, stem + ".txt")
+            if cap is None and os.path.isfile(txt):
+                with open(txt, encoding="utf-8") as fh:
+                    cap = fh.read().strip()
+            if not cap:
+                missing.append(name)
+                continue
+            samples.append({"image": os.path.join(path, name), "caption": cap, "references": refs})
+    if missing:
+        raise X2IInputError(
+            f"{len(missing)} training image(s) have no caption, e.g. {missing[:5]}; add a same-name .txt "
+            "(or a .json with 'caption') next to each image, or a 'caption' field in the JSONL")
+    if not samples:
+        raise X2IInputError(f"data.path '{path}' holds no captioned images ({', '.join(IMAGE_EXTS)})")
+    return samples
+
+
+def bucket_sizes(resolution: int, step: int) -> list[tuple[int, int]]:
+    area = resolution * resolution
+    sizes = set()
+    w = max(step, (resolution // 2) // step * step)
+    while w <= resolution * 2:
+        h = max(step, round(area / w / step) * step)
+        sizes.add((w, h))
+        w += step
+    return sorted(sizes)
+
+
+def pick_bucket(w: int, h: int, sizes) -> tuple[int, int]:
+    ratio = math.log(w / h)
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - ratio), abs(s[0] * s[1] - w * h)))
+
+
+def fit_to(img, size):
+    """Resize to cover ``size`` and centre-crop."""
+    from PIL import Image
+
+    tw, th = size
+    scale = max(tw / img.width, th / img.height)
+    nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
+    img = img.resize((nw, nh), resample=Image.BICUBIC)
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return img.crop((left, top, left + tw, top + th))
+
+
+# -- trainer ----------------------------------------------------------------------
+class LoraTrainer:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.dist = rt.Dist()
+        for key in ("mllm", "alignnet", "flux", "output_dir"):
+            if not cfg.get(key):
+                raise X2IInputError(f"config needs '{key}'")
+        self.out = rt.check_output_dir(cfg["output_dir"])
+        self.tcfg = cfg["train"]
+        self.global_batch = int(self.tcfg["batch_size"])
+        if self.global_batch % self.dist.world:
+            raise X2IInputError(f"train.batch_size {self.global_batch} must divide by {self.dist.world} processes")
+        self.local_batch = self.global_batch // self.dist.world
+        self.device = self.dist.device
+        mp = self.tcfg["mixed_precision"]
+        if mp not in ("no", "bf16", "fp16"):
+            raise X2IInputError(f"train.mixed_precision {mp!r}: expected no, bf16 or fp16")
+        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+        self.samples = scan_dataset(cfg["data"]["path"])
+        self._load_models()
+        self._prepare_data()
+
+    def _load_models(self):
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from peft import LoraConfig
+
+        from ..alignnet import load_alignnet
+        from ..mllm import load_mllm
+
+        cfg = self.cfg
+        flux_dir = cfg["flux"]
+        if not os.path.isdir(os.path.join(flux_dir, "vae")):
+            raise X2IInputError(f"FLUX folder '{flux_dir}' has no vae/; expected a diffusers FLUX folder")
+        self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
+        self.alignnet = load_alignnet(cfg["alignnet"], dtype=self.weight_dtype, device=self.device)
+        if (self.alignnet.config.in_channels, self.alignnet.config.input_dim) != (self.encoder.channels,
+                                                                                  self.encoder.hidden_size):
+            from ..alignnet import describe_mllm_dims
+
+            raise X2IInputError(f"AlignNet '{cfg['alignnet']}' fits {self.alignnet.fits}, but MLLM '{cfg['mllm']}' "
+                                f"produces {describe_mllm_dims(self.encoder.channels, self.encoder.hidden_size)}")
+        self.vae = AutoencoderKL.from_pretrained(flux_dir, subfolder="vae", torch_dtype=self.weight_dtype).to(self.device)
+        self.vae.requires_grad_(False).eval()
+        if cfg["flux_transformer"]:
+            from ..flux.convert import diffusers_flux_from_bfl
+            from ..io import load_weights_file
+
+            sd = load_weights_file(cfg["flux_transformer"], what="FLUX").tensors
+            transformer = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, self.weight_dtype)
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer",
+                                                                 torch_dtype=self.weight_dtype)
+        transformer.requires_grad_(False)
+        a = self.alignnet.config
+        if (a.output_dim1, a.output_dim0) != (transformer.config.joint_attention_dim,
+                                              transformer.config.pooled_projection_dim):
+            raise X2IInputError(f"AlignNet outputs {a.output_dim1}/{a.output_dim0} but the FLUX transformer expects "
+                                f"{transformer.config.joint_attention_dim}/{transformer.config.pooled_projection_dim}")
+        lcfg = cfg["lora"]
+        rank = int(lcfg["rank"])
+        alpha = float(lcfg["alpha"]) if lcfg["alpha"] is not None else float(rank)
+        if rank < 1:
+            raise X2IInputError(f"lora.rank must be at least 1, found {rank}")
+        import re
+
+        pattern = re.compile(lcfg["targets"])
+        targets = [(n, m) for n, m in transformer.named_modules()
+                   if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
+        if not targets:
+            raise X2IInputError(f"lora.targets {lcfg['targets']!r} matches no Linear layer of the FLUX transformer")
+        for name, mod in targets:
+            if rank > min(mod.in_features, mod.out_features):
+                raise X2IInputError(
+                    f"lora.rank {rank} is larger than layer '{name}' ({mod.in_features} -> {mod.out_features}); "
+                    f"use a rank of at most {min(mod.in_features, mod.out_features)}")
+        self.rank, self.alpha = rank, alpha
+        torch.manual_seed(int(cfg["seed"]))
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=lcfg["targets"],
+                                           lora_dropout=float(lcfg["dropout"]), init_lora_weights="gaussian"))
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if self.tcfg["gradient_checkpointing"]:
+            transformer.enable_gradient_checkpointing()
+        self.transformer = transformer.to(self.device).train()
+        self.params = [p for p in transformer.parameters() if p.requires_grad]
+        self.model = (torch.nn.parallel.DistributedDataParallel(
+            transformer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.dist.enabled else transformer)
+        self.optimizer = rt.make_optimizer(self.params, self.tcfg["optimizer"], float(self.tcfg["lr"]),
+                                           float(self.tcfg["weight_decay"]))
+        self.scheduler = rt.cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
+                                               float(self.tcfg["min_lr_ratio"]))
+
+    def _prepare_data(self):
+        """Load, bucket, VAE-encode and X2I-encode every sample once (corrupt images skipped and counted)."""
+        from PIL import Image, UnidentifiedImageError
+
+        from ..mllm.base import EncodeRequest
+
+        dcfg = self.cfg["data"]
+        res = int(dcfg["resolution"])
+        step = int(dcfg["bucket_step"])
+        if res % 16 or step % 16:
+            raise X2IInputError(f"data.resolution {res} and data.bucket_step {step} must be multiples of 16")
+        sizes = bucket_sizes(res, step) if dcfg["buckets"] else [(res, res)]
+        scale = self.vae.config.scaling_factor
+        shift = self.vae.config.shift_factor or 0.0
+        self.items, self.skipped = [], []
+        for s in self.samples:
+            try:
+                with Image.open(s["image"]) as im:
+                    im.load()
+                    img = im.convert("RGB")
+                refs = []
+                for r in s["references"]:
+                    with Image.open(r) as rim:
+                        rim.load()
+                        refs.append(rim.convert("RGB"))
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                self.skipped.append((s["image"], str(exc)))
+                continue
+            size = pick_bucket(img.width, img.height, sizes)
+            px = torch.from_numpy(np.asarray(fit_to(img, size), dtype=np.float32) / 127.5 - 1.0)
+            px = px.permute(2, 0, 1)[None].to(self.device, self.weight_dtype)
+            with torch.no_grad():
+                lat = self.vae.encode(px).latent_dist.mode()
+                lat = ((lat - shift) * scale)[0].float().cpu()
+                hs = self.encoder.encode(EncodeRequest(text=s["caption"], images=refs or None), preset=self.cfg["preset"])
+                pooled, seq = self.alignnet(hs.hidden)
+            self.items.append({"latent": lat, "pooled": pooled[0].cpu(), "seq": seq[0].cpu(), "bucket": size})
+        if self.skipped:
+            log.warning("skipped %d unreadable image(s), e.g. %s", len(self.skipped), self.skipped[0])
+        if not self.items:
+            raise X2IInputError(f"no training image could be read ({len(self.skipped)} unreadable)")
+        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, it in enumerate(self.items):
+            self.by_bucket.setdefault((it["bucket"], it["seq"].shape[0]), []).append(i)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.cfg['seed']}:{epoch}")
+        batches = []
+        for key in sorted(self.by_bucket):
+            idx = list(self.by_bucket[key])
+            rng.shuffle(idx)
+            while len(idx) < self.global_batch:
+                idx += idx[: self.global_batch - len(idx)]
+            for i in range(0, len(idx) - self.global_batch + 1, self.global_batch):
+                batches.append(idx[i:i + self.global_batch])
+        rng.shuffle(batches)
+        return batches
+
+    def batch_for(self, step: int) -> list[int]:
+        epoch, rest = 0, step
+        while True:
+            batches = self.epoch_batches(epoch)
+            if rest < len(batches):
+                return batches[rest]
+            rest -= len(batches)
+            epoch += 1
+
+    def step(self, step: int) -> dict:
+        gbatch = self.batch_for(step)
+        local = gbatch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
+        items = [self.items[i] for i in local]
+        x0 = torch.stack([it["latent"] for it in items]).to(self.device)
+        b, c, h, w = x0.shape
+        noise, sig = [], []
+        for k in range(b):
+            g = rt.step_generator(self.cfg["seed"], step, self.dist.rank * self.local_batch + k)
+            noise.append(torch.randn(c, h, w, generator=g))
+            u = torch.randn((), generator=g) * float(self.tcfg["sigma_std"]) + float(self.tcfg["sigma_mean"])
+            sig.append(torch.sigmoid(u))
+        noise = torch.stack(noise).to(self.device)
+        sigma = torch.stack(sig).to(self.device)
+        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        target = noise - x0
+        packed = pack_latents(xt)
+        from diffusers import FluxPipeline
+
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.weight_dtype)
+        seq = torch.stack([it["seq"] for it in items]).to(self.device, self.weight_dtype)
+        pooled = torch.stack([it["pooled"] for it in items]).to(self.device, self.weight_dtype)
+        txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.weight_dtype)
+        guidance = (torch.full((b,), float(self.tcfg["guidance"]), device=self.device, dtype=self.weight_dtype)
+                    if self.transformer.config.guidance_embeds else None)
+        amp = torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
+        with amp:
+            pred = self.model(hidden_states=packed.to(self.weight_dtype), timestep=sigma.to(self.weight_dtype),
+                              guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
+                              txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), target.float())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, float(self.tcfg["max_grad_norm"]))
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return {"loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": float(lr)}
+
+    @torch.no_grad()
+    def eval_loss(self, sigmas=(0.25, 0.5, 0.75), seed: int = 12345) -> float:
+        """Flow-matching loss on every training sample at fixed sigmas and fixed noise (a steady yardstick)."""
+        from diffusers import FluxPipeline
+
+        was_training = self.transformer.training
+        self.transformer.eval()
+        total, n = 0.0, 0
+        try:
+            for i, it in enumerate(self.items):
+                x0 = it["latent"][None].to(self.device)
+                _, c, h, w = x0.shape
+                img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.weight_dtype)
+                seq = it["seq"][None].to(self.device, self.weight_dtype)
+                pooled = it["pooled"][None].to(self.device, self.weight_dtype)
+                txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.weight_dtype)
+                guidance = (torch.full((1,), float(self.tcfg["guidance"]), device=self.device, dtype=self.weight_dtype)
+                            if self.transformer.config.guidance_embeds else None)
+                for j, s in enumerate(sigmas):
+                    g = rt.step_generator(seed, j, i)
+                    noise = torch.randn(x0.shape[1:], generator=g)[None].to(self.device)
+                    xt = (1 - s) * x0 + s * noise
+                    pred = self.transformer(hidden_states=pack_latents(xt).to(self.weight_dtype),
+                                            timestep=torch.full((1,), s, device=self.device, dtype=self.weight_dtype),
+                                            guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
+                                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+                    total += float(torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), (noise - x0).float()))
+                    n += 1
+        finally:
+            self.transformer.train(was_training)
+        return total / n
+
+    # -- saving -----------------------------------------------------------------------
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(self.transformer)
+        out = {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in sd.items()}
+        if self.alpha != self.rank:
+            for k in list(out):
+                if k.endswith(".lora_A.weight"):
+                    out[k[: -len(".lora_A.weight")] + ".alpha"] = torch.tensor(self.alpha)
+        return out
+
+    def save_lora(self, path: str, step: int) -> None:
+        from ..io import atomic_save_safetensors
+
+        meta = {"x2i_format": "lora", "x2i_lora": json.dumps({
+            "rank": self.rank, "alpha": self.alpha, "targets": self.cfg["lora"]["targets"], "step": step,
+            "mllm": os.path.basename(os.path.normpath(self.cfg["mllm"])),
+            "alignnet": os.path.basename(self.cfg["alignnet"]), "preset": self.cfg["preset"],
+            "resolution": self.cfg["data"]["resolution"]})}
+        atomic_save_safetensors(self.lora_state(), path, metadata=meta)
+
+    def _save(self, ckpt, step):
+        def writer(folder):
+            self.save_lora(os.path.join(folder, "lora.safetensors"), step)
+            rt.save_state(os.path.join(folder, "trainer_state.pt"), {
+                "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "global_batch": self.global_batch})
+
+        if self.dist.main:
+            ckpt.save(step, writer)
+        self.dist.barrier()
+
+    def _resume(self, ckpt) -> int:
+        latest = ckpt.latest()
+        if self.cfg["checkpoint"]["resume"] in ("never", False, None) or latest is None:
+            return 0
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = ckpt.path(latest)
+        state = rt.load_state(os.path.join(folder, "trainer_state.pt"))
+        if int(state["global_batch"]) != self.global_batch:
+            raise X2IInputError(f"checkpoint {folder} used global batch {state['global_batch']}, this run "
+                                f"{self.global_batch}; keep train.batch_size to resume exactly")
+        sd = load_file(os.path.join(folder, "lora.safetensors"))
+        sd = {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
+        set_peft_model_state_dict(self.transformer, sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return int(state["step"])
+
+    def fit(self) -> str:
+        from tqdm import tqdm
+
+        total = int(self.tcfg["steps"])
+        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
+        start = self._resume(ckpt)
+        if self.dist.main:
+            rt.write_json(os.path.join(self.out, "config.json"), self.cfg)
+        metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
+                                enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
+        every = int(self.cfg["checkpoint"]["every"])
+        eval_start = self.eval_loss() if self.dist.main and start == 0 else None
+        bar = tqdm(total=total, initial=start, desc="lora", disable=not self.dist.main)
+        try:
+            for step in range(start, total):
+                t0 = time.time()
+                info = self.step(step)
+                info["loss"] = self.dist.mean(info["loss"])
+                info["seconds"] = round(time.time() - t0, 4)
+                if step % int(self.cfg["log"]["every"]) == 0 or step == total - 1:
+                    metrics.log(step + 1, **info)
+                bar.update(1)
+                bar.set_postfix(loss=f"{info['loss']:.4g}")
+                if every and (step + 1) % every == 0 and step + 1 < total:
+                    self._save(ckpt, step + 1)
+            self._save(ckpt, total)
+            final = os.path.join(self.out, "lora.safetensors")
+            if self.dist.main:
+                self.save_lora(final, total)
+                report = os.path.join(self.out, "eval.json")
+                prev = {}
+                if os.path.isfile(report):
+                    with open(report, encoding="utf-8") as fh:
+                        prev = json.load(fh)
+                rt.write_json(report, {"fixed_noise_loss_start": eval_start if eval_start is not None
+                                       else prev.get("fixed_noise_loss_start"),
+                                       "fixed_noise_loss_end": self.eval_loss()})
+                rt.write_json(os.path.join(self.out, "data_report.json"), {
+                    "samples": len(self.items), "skipped_unreadable": [p for p, _ in self.skipped],
+                    "buckets": sorted({f"{w}x{h}" for (w, h), _ in self.by_bucket})})
+            self.dist.barrier()
+            return final
+        finally:
+            bar.close()
+            metrics.close()
+
+    def close(self):
+        self.dist.close()
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, C*4] (FLUX's 2x2 patches, row-major)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, n, d = x.shape
+    c = d // 4
+    x = x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+def run(config_path: str | None, overrides: list[str]) -> str:
+    cfg = rt.load_config(DEFAULTS, config_path, overrides)
+    trainer = LoraTrainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+__all__ = ["DEFAULTS", "LoraTrainer", "run", "scan_dataset", "bucket_sizes", "pack_latents", "unpack_latents"]
