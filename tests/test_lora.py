@@ -58,7 +58,9 @@ def small_args(tiny, data, out, *extra):
 def test_loss_falls_on_image_and_text_data_and_file_layout(tiny, tmp_path):
     data = make_dataset(str(tmp_path / "data"), corrupt=True)
     out = tmp_path / "out"
-    train(*small_args(tiny, data, out, "train.steps=150", "checkpoint.every=0", "lora.alpha=4"))
+    train(*small_args(tiny, data, out, "train.steps=150", "checkpoint.every=0", "lora.alpha=4", "samples.every=150",
+                      "samples.steps=2", "samples.size=32"))
+    assert len(os.listdir(out / "samples")) == 1  # sample images from the fixed prompts
     ev = json.loads((out / "eval.json").read_text())
     print(f"fixed-noise flow-matching loss: {ev['fixed_noise_loss_start']:.4f} -> {ev['fixed_noise_loss_end']:.4f}")
     assert ev["fixed_noise_loss_end"] < 0.9 * ev["fixed_noise_loss_start"]
@@ -82,6 +84,20 @@ def test_resume_after_kill_is_exact(tiny, tmp_path):
     assert [row["loss"] for row in read_metrics(out)] == [row["loss"] for row in read_metrics(ref)]
     a, b = load_file(out / "lora.safetensors"), load_file(ref / "lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_jsonl_dataset_with_references(tmp_path):
+    from x2i_core.train.lora import scan_dataset
+
+    make_dataset(str(tmp_path), n=2)
+    (tmp_path / "data.jsonl").write_text(
+        '{"image": "img0.png", "caption": "a red square"}\n'
+        '{"image": "edit.png", "caption": "at night", "references": ["ref0.png"]}\n')
+    samples = scan_dataset(str(tmp_path / "data.jsonl"))
+    assert [os.path.basename(s["image"]) for s in samples] == ["img0.png", "edit.png"]
+    assert [os.path.basename(r) for r in samples[1]["references"]] == ["ref0.png"]
+    folder = scan_dataset(str(tmp_path))
+    assert "ref0.png" not in [os.path.basename(s["image"]) for s in folder]  # references are not targets
 
 
 @pytest.mark.parametrize("case", ["missing_caption", "rank", "no_images"])

@@ -47,6 +47,7 @@ DEFAULTS = {
     "distill": {"resolution": 1024, "tokens": 512, "guidance": 3.5, "timestep": "first", "temperature": 3.0,
                 "loss_backend": "auto", "cache_teacher_embeddings": False},
     "checkpoint": {"every": 500, "keep_last": 3, "resume": "auto"},
+    "distributed": {"fsdp_flux": False},   # shard the frozen FLUX over the ranks (FSDP2) when it does not fit
     "log": {"every": 1, "tensorboard": False},
     "samples": {"every": 0, "prompts": ["A red fox in the snow at dawn."], "steps": 4, "size": 256},
 }
@@ -149,6 +150,15 @@ class DistillTrainer:
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
             self.model = self.net
+        if cfg["distributed"]["fsdp_flux"] and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise X2IInputError("distributed.fsdp_flux shards FLUX over CUDA ranks (nccl); it is not "
+                                    "available on CPU processes - use plain DDP there")
+            from torch.distributed.fsdp import fully_shard
+
+            for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
+                fully_shard(block)
+            fully_shard(self.flux)
         self.capture = AttentionCapture(self.flux)
         self.optimizer = rt.make_optimizer(self.net.parameters(), self.train_cfg["optimizer"],
                                            float(self.train_cfg["lr"]), float(self.train_cfg["weight_decay"]))

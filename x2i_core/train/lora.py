@@ -56,6 +56,8 @@ DEFAULTS = {
               "gradient_checkpointing": False, "guidance": 1.0, "sigma_mean": 0.0, "sigma_std": 1.0},
     "checkpoint": {"every": 250, "keep_last": 3, "resume": "auto"},
     "log": {"every": 1, "tensorboard": False},
+    "samples": {"every": 0, "prompts": ["A portrait in the trained style."], "steps": 28, "size": 512,
+                "guidance": 3.5},
 }
 
 
@@ -384,6 +386,37 @@ class LoraTrainer:
             self.transformer.train(was_training)
         return total / n
 
+    def sample(self, step: int) -> list[str]:
+        """Images from the fixed prompts with the current LoRA (rank 0)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        from ..mllm.base import EncodeRequest
+
+        scfg = self.cfg["samples"]
+        folder = os.path.join(self.out, "samples")
+        os.makedirs(folder, exist_ok=True)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.cfg["flux"], subfolder="scheduler")
+        pipe = FluxPipeline(scheduler=scheduler, vae=self.vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=self.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        paths = []
+        self.transformer.eval()
+        try:
+            for i, prompt in enumerate(scfg["prompts"]):
+                with torch.no_grad():
+                    hs = self.encoder.encode(EncodeRequest(text=prompt), preset=self.cfg["preset"])
+                    pooled, seq = self.alignnet(hs.hidden)
+                    img = pipe(prompt_embeds=seq.to(self.weight_dtype), pooled_prompt_embeds=pooled.to(self.weight_dtype),
+                               num_inference_steps=int(scfg["steps"]), guidance_scale=float(scfg["guidance"]),
+                               width=int(scfg["size"]), height=int(scfg["size"]),
+                               generator=torch.Generator().manual_seed(i)).images[0]
+                path = os.path.join(folder, f"step-{step:08d}-{i}.png")
+                img.save(path)
+                paths.append(path)
+        finally:
+            self.transformer.train()
+        return paths
+
     # -- saving -----------------------------------------------------------------------
     def lora_state(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
@@ -461,6 +494,9 @@ class LoraTrainer:
                 bar.set_postfix(loss=f"{info['loss']:.4g}")
                 if every and (step + 1) % every == 0 and step + 1 < total:
                     self._save(ckpt, step + 1)
+                se = int(self.cfg["samples"]["every"])
+                if se and (step + 1) % se == 0 and self.dist.main:
+                    self.sample(step + 1)
             self._save(ckpt, total)
             final = os.path.join(self.out, "lora.safetensors")
             if self.dist.main:
