@@ -23,6 +23,12 @@ def _collect_nodes() -> list:
         found.extend(core_nodes)
     except ImportError as exc:  # e.g. transformers/diffusers missing in this ComfyUI
         log.error("X2I: core nodes disabled: %s (pip install -r requirements.txt in the pack folder)", exc)
+    try:
+        from .lightcontrol_nodes import NODES as lightcontrol_nodes
+
+        found.extend(lightcontrol_nodes)
+    except ImportError as exc:
+        log.error("X2I: LightControl nodes disabled: %s", exc)
     return found
 
 

@@ -252,16 +252,29 @@ class X2ISampler(io.ComfyNode):
                                tooltip="Sampler (the reference uses FLUX's flow-matching Euler)."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
                                tooltip="Noise schedule."),
+                io.Float.Input("control_strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Strength of the optional control_net (e.g. X2I LightControl); 0 = off."),
+                io.ControlNet.Input("control_net", optional=True,
+                                    tooltip="Optional: X2I LightControl (or any CONTROL_NET) for instruction edits."),
+                io.Image.Input("source_image", optional=True,
+                               tooltip="The image being edited; the control_net's hint."),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
         )
 
     @classmethod
     def execute(cls, model, vae, conditioning, seed=0, steps=28, guidance=3.5, width=1024, height=1024,
-                sampler_name="euler", scheduler="simple") -> io.NodeOutput:
+                sampler_name="euler", scheduler="simple", control_strength=1.0, control_net=None,
+                source_image=None) -> io.NodeOutput:
         if width % 16 or height % 16:
             raise NodeError(f"X2I Sampler: width and height must be multiples of 16, got {width}x{height}")
+        if (control_net is None) != (source_image is None):
+            raise NodeError("X2I Sampler: connect both control_net and source_image, or neither")
         positive = node_helpers.conditioning_set_values(conditioning, {"guidance": float(guidance)})
+        if control_net is not None:
+            from .lightcontrol_nodes import apply_lightcontrol
+
+            positive = apply_lightcontrol(positive, control_net, source_image, float(control_strength))
         negative = _zero_out(conditioning)  # cfg 1: FLUX-dev skips the negative, KSampler still wants one
         latent = torch.zeros([1, 16, height // 8, width // 8], device=mm.intermediate_device())
         (out,) = comfy_nodes.common_ksampler(model, seed, steps, 1.0, sampler_name, scheduler, positive, negative,

@@ -13,7 +13,8 @@ from PIL import Image
 
 from tools.comfy_host import ROOT, PromptRejected, execution_error, load_workflow, ui_to_api
 
-NODE_IDS = ["X2IMLLMLoader", "X2IMLLMEncode", "X2IAlignNetLoader", "X2IAlignNetProject", "X2ISampler"]
+NODE_IDS = ["X2IMLLMLoader", "X2IMLLMEncode", "X2IAlignNetLoader", "X2IAlignNetProject", "X2ISampler",
+            "X2ILightControlLoader"]
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
 
 
@@ -34,6 +35,10 @@ def tiny_api(host, workflow_name, **overrides):
             ins["alignnet_name"] = n["alignnet"]
         elif ct == "LoraLoaderModelOnly":
             ins["lora_name"] = n["lora"]
+        elif ct == "X2ILightControlLoader":
+            ins["lightcontrol_name"] = n["lightcontrol"]
+        elif ct == "LoadImage":
+            ins["image"] = "photo.png"
         for key, value in (("width", 64), ("height", 48), ("steps", 2)):
             if key in ins and not isinstance(ins[key], list):
                 ins[key] = value

@@ -94,10 +94,12 @@ def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
         "alignnet_published": os.path.basename(tiny["alignnet"]),
         "unet": os.path.basename(tiny["comfy_flux"]),
         "vae": os.path.basename(tiny["comfy_vae"]),
+        "lightcontrol": os.path.basename(tiny["comfy_lightcontrol"]),
     }
     _link(tiny["mllm"], os.path.join(base, "models", "mllm", names["mllm"]))
     _link(tiny["alignnet_safetensors"], os.path.join(base, "models", "x2i", names["alignnet"]))
     _link(tiny["alignnet"], os.path.join(base, "models", "x2i", names["alignnet_published"]))
+    _link(tiny["comfy_lightcontrol"], os.path.join(base, "models", "x2i", names["lightcontrol"]))
     _link(tiny["comfy_flux"], os.path.join(base, "models", "diffusion_models", names["unet"]))
     _link(tiny["comfy_vae"], os.path.join(base, "models", "vae", names["vae"]))
     return names

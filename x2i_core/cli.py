@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--config", default=None, help="YAML config (see configs/lora-*.yaml)")
     tl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.rank=32")
 
+    tc = sub.add_parser("train-lightcontrol", help="train LightControl on (source, instruction, target) triples")
+    tc.add_argument("--config", default=None, help="YAML config")
+    tc.add_argument("overrides", nargs="*", help="key=value overrides")
+
     d = sub.add_parser("demo", help="build the tiny models and generate one image end to end")
     d.add_argument("--models", default=None, help="tiny model folder (default: the cache)")
     d.add_argument("--out", default=os.path.join("out", "x2i_demo.png"), help="output PNG")
@@ -197,6 +201,10 @@ def main(argv=None) -> int:
             from .train.lora import run as run_lora
 
             print(run_lora(args.config, args.overrides))
+        elif args.command == "train-lightcontrol":
+            from .train.lightcontrol_trainer import run as run_lc
+
+            print(run_lc(args.config, args.overrides))
         elif args.command == "distill":
             from .distill.trainer import run
 

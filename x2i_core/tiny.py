@@ -38,7 +38,7 @@ from .io import atomic_save_safetensors, atomic_write_json
 
 log = logging.getLogger("x2i")
 
-TINY_VERSION = 4
+TINY_VERSION = 5
 
 # The Qwen2.5-VL chat template (the format, reproduced: system prompt, vision
 # placeholders, optional "Picture N: " ids, generation prompt).
@@ -407,6 +407,16 @@ def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool =
     save_published_alignnet(net, os.path.join(root, paths["alignnet"]))
     net.save(os.path.join(root, paths["alignnet_safetensors"]))
     build_flux_diffusers(os.path.join(root, paths["flux"]), seed=seed + 2)
+    # LightControl for the diffusers tiny FLUX (width 32), in the published layout (a bare ModuleList state dict).
+    from .lightcontrol import LightControl, LightControlConfig
+
+    paths["lightcontrol"] = "x2i/lightcontrol-tiny-w32.bin"
+    torch.manual_seed(seed + 6)
+    lc = LightControl(LightControlConfig(num_modules=1, out_dim=32))
+    from .io import atomic_path
+
+    with atomic_path(os.path.join(root, paths["lightcontrol"])) as tmp:
+        torch.save(lc.state_dict(), tmp)
     # A narrow-context variant (T5 width 64, CLIP width 32) for fast training tests.
     paths["flux_small"] = "flux/FLUX-tiny-ctx64"
     build_flux_diffusers(os.path.join(root, paths["flux_small"]), seed=seed + 5, joint_dim=64, pooled_dim=32)
@@ -416,6 +426,9 @@ def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool =
         os.makedirs(os.path.join(root, "comfy"), exist_ok=True)
         atomic_save_safetensors(comfy_flux_state_dict(seed + 3), os.path.join(root, paths["comfy_flux"]))
         atomic_save_safetensors(taesd_flux_state_dict(seed + 4), os.path.join(root, paths["comfy_vae"]))
+        paths["comfy_lightcontrol"] = "x2i/lightcontrol-tiny-3072.safetensors"
+        torch.manual_seed(seed + 7)
+        LightControl(LightControlConfig(num_modules=1, out_dim=3072)).save(os.path.join(root, paths["comfy_lightcontrol"]))
     manifest = {**wanted, "comfy": comfy, "paths": paths}
     atomic_write_json(manifest_path, manifest)
     return _absolute(root, manifest)

@@ -1,0 +1,211 @@
+"""LightControl: light ControlNeXt-style modules for instruction-editing fidelity (the paper's stage 2).
+
+One module per FLUX double-stream block.  Each reads the *source* image in
+pixel space ``[B, 3, 8h, 8w]`` (values in [-1, 1]) and the timestep, and
+produces ``[B, D, h/2, w/2]`` - one D-wide vector per FLUX image token,
+flattened row-major like FLUX's 2x2 patches - that is **added to the image
+tokens after double block i** (times a scale, 1.0).
+
+Module layout (state-dict names follow the published training code, so its
+``diffusion_pytorch_model.bin`` - a ``ModuleList`` state dict ``"<i>.<name>"``
+- loads unchanged): sinusoidal time projection 128 -> ``time_embedding``
+(MLP to 256); ``embedding`` stem Conv(3->64, s2), GN(2), ReLU, Conv(64->64),
+GN(2), ReLU, Conv(64->128), GN(2), ReLU; ``down_res`` ResNet blocks with the
+time embedding (128->128 groups 4, 128->256 groups 8) each followed by a
+strided-conv ``down_sample``; ``mid_convs[0]`` Conv 256->256, ReLU, GN(8),
+Conv 256->256, GN(8) (residual); ``mid_convs[1]`` Conv(256 -> D, k2, s2).
+
+The timestep each module sees is the one FLUX embeds: sigma x 1000.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .errors import X2IFileError, X2IInputError
+from .io import atomic_save_safetensors, load_weights_file
+
+log = logging.getLogger("x2i")
+
+FORMAT_TAG = "lightcontrol"
+
+
+@dataclasses.dataclass
+class LightControlConfig:
+    num_modules: int = 19
+    out_dim: int = 3072
+    in_channels: tuple = (128, 128)
+    out_channels: tuple = (128, 256)
+    groups: tuple = (4, 8)
+    time_embed_dim: int = 256
+    scale: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LightControlConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(data) - known)
+        if bad:
+            raise X2IFileError(f"unknown LightControl config key(s) {bad}; expected {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+class LightControlModule(nn.Module):
+    def __init__(self, cfg: LightControlConfig):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+
+        self.time_proj = Timesteps(128, True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(128, cfg.time_embed_dim)
+        self.embedding = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1), nn.GroupNorm(2, 64), nn.ReLU(),
+            nn.Conv2d(64, 64, kernel_size=3, padding=1), nn.GroupNorm(2, 64), nn.ReLU(),
+            nn.Conv2d(64, 128, kernel_size=3, padding=1), nn.GroupNorm(2, 128), nn.ReLU(),
+        )
+        self.down_res = nn.ModuleList()
+        self.down_sample = nn.ModuleList()
+        for cin, cout, g in zip(cfg.in_channels, cfg.out_channels, cfg.groups):
+            self.down_res.append(ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=cfg.time_embed_dim,
+                                               groups=g))
+            self.down_sample.append(Downsample2D(cout, use_conv=True, out_channels=cout, padding=1, name="op"))
+        c = cfg.out_channels[-1]
+        self.mid_convs = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(), nn.GroupNorm(8, c), nn.Conv2d(c, c, 3, 1, 1),
+                          nn.GroupNorm(8, c)),
+            nn.Conv2d(c, cfg.out_dim, kernel_size=2, stride=2),
+        ])
+
+    def forward(self, hint: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """``hint [B, 3, H, W]`` in [-1, 1], ``timestep [B]`` (sigma x 1000) -> ``[B, H/16 * W/16, D]``."""
+        t = timestep.expand(hint.shape[0]) if timestep.dim() == 1 else timestep.reshape(1).expand(hint.shape[0])
+        emb = self.time_embedding(self.time_proj(t).to(hint.dtype))
+        x = self.embedding(hint)
+        for res, down in zip(self.down_res, self.down_sample):
+            x = down(res(x, emb))
+        x = self.mid_convs[0](x) + x
+        x = self.mid_convs[1](x)
+        return x.flatten(2).transpose(1, 2)
+
+
+class LightControl(nn.Module):
+    """The set of modules (a ``ModuleList`` whose state dict is ``"<i>.<name>"``)."""
+
+    def __init__(self, config: LightControlConfig | Mapping[str, Any] | None = None):
+        super().__init__()
+        cfg = config if isinstance(config, LightControlConfig) else LightControlConfig.from_dict(config or {})
+        self.config = cfg
+        self.blocks = nn.ModuleList([LightControlModule(cfg) for _ in range(cfg.num_modules)])
+
+    def state_dict(self, *args, **kwargs):  # published layout: "<i>.<name>"
+        sd = super().state_dict(*args, **kwargs)
+        return type(sd)((k[len("blocks."):], v) for k, v in sd.items())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict({f"blocks.{k}": v for k, v in state_dict.items()}, strict=strict, assign=assign)
+
+    @staticmethod
+    def check_hint(hint: torch.Tensor, name: str = "source image") -> None:
+        if hint.dim() != 4 or hint.shape[1] != 3:
+            raise X2IInputError(f"{name}: expected [B, 3, H, W], found {tuple(hint.shape)}")
+        if hint.shape[2] % 16 or hint.shape[3] % 16:
+            raise X2IInputError(f"{name}: height and width must be multiples of 16, found {hint.shape[3]}x{hint.shape[2]}")
+
+    def forward(self, hint: torch.Tensor, timestep: torch.Tensor, num_blocks: int | None = None) -> list[torch.Tensor]:
+        """Residuals for the first ``min(num_modules, num_blocks)`` double blocks, scaled."""
+        self.check_hint(hint)
+        n = len(self.blocks) if num_blocks is None else min(len(self.blocks), num_blocks)
+        p = next(self.parameters())
+        hint = hint.to(device=p.device, dtype=p.dtype)
+        timestep = torch.as_tensor(timestep, device=p.device).to(p.dtype).reshape(-1)
+        return [self.blocks[i](hint, timestep) * self.config.scale for i in range(n)]
+
+    def save(self, path) -> None:
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_save_safetensors(sd, path, metadata={"x2i_format": FORMAT_TAG, "config": json.dumps(self.config.to_dict())})
+
+
+def _strip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "controlnet."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_lightcontrol(path, config=None) -> LightControl:
+    """Our safetensors (config in metadata) or the published bare ``ModuleList`` state dict."""
+    source = f"LightControl file '{os.fspath(path)}'"
+    loaded = load_weights_file(path, what="LightControl")
+    sd = loaded.tensors
+    if loaded.nested is not None:
+        sd = loaded.nested.get("state_dict", loaded.nested)
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise X2IFileError(f"{source} is not a LightControl (a dict without a tensor state dict)")
+    sd = _strip(sd)
+    meta = loaded.metadata or {}
+    if meta.get("x2i_format") not in (None, FORMAT_TAG):
+        raise X2IFileError(f"{source} is an X2I '{meta['x2i_format']}' file, not a LightControl")
+    indices = sorted({int(k.split(".")[0]) for k in sd if k.split(".")[0].isdigit()})
+    if not indices or f"{indices[0]}.mid_convs.1.weight" not in sd:
+        raise X2IFileError(
+            f"{source} is not a LightControl: expected tensors like '0.mid_convs.1.weight', found e.g. {sorted(sd)[:3]}")
+    if config is None and "config" in meta:
+        config = json.loads(meta["config"])
+    if config is None:
+        config = {"num_modules": len(indices), "out_dim": int(sd[f"{indices[0]}.mid_convs.1.weight"].shape[0])}
+    cfg = config if isinstance(config, LightControlConfig) else LightControlConfig.from_dict(config)
+    model = LightControl(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise X2IFileError(f"{source}: tensors do not match {cfg.to_dict()}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise X2IFileError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(sd)
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def inject(transformer, residuals: list[torch.Tensor] | None):
+    """Add ``residuals[i]`` to the image tokens after diffusers FLUX double block ``i``."""
+    if not residuals:
+        yield
+        return
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    if residuals[0].shape[-1] != width:
+        raise X2IInputError(f"LightControl outputs width {residuals[0].shape[-1]}, the FLUX transformer is {width} wide")
+
+    def make(i):
+        def hook(module, args, output):
+            enc, hid = output
+            return enc, hid + residuals[i].to(hid.dtype)
+        return hook
+
+    handles = [transformer.transformer_blocks[i].register_forward_hook(make(i))
+               for i in range(min(len(residuals), len(transformer.transformer_blocks)))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pixels_to_hint(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B, H, W, C]`` in 0..1 -> ``[B, 3, H, W]`` in [-1, 1]."""
+    return images[..., :3].movedim(-1, 1) * 2.0 - 1.0

@@ -1,0 +1,315 @@
+"""Training LightControl (the paper's stage 2) on (source image, instruction, target image) triples.
+
+Frozen FLUX, frozen X2I conditioning of the instruction *with the source image*
+(MLLM -> AlignNet), flow-matching loss on the target's latents with
+logit-normal sigmas and guidance 3.5; only the LightControl modules train,
+fed the source image.  Shares checkpoints / exact resume / metrics with the
+other trainers.
+
+    python -m x2i_core train-lightcontrol --config FILE.yaml [key=value ...]
+
+Data: a JSONL of ``{"source", "target", "instruction"}`` (paths relative to the
+file), a folder of ``NAME_source.png`` / ``NAME_target.png`` / ``NAME.txt``, or
+WebDataset ``.tar`` shards whose samples hold ``source.png``, ``target.png`` and
+``txt`` members.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+
+import numpy as np
+import torch
+
+from ..errors import X2IInputError
+from . import runtime as rt
+from .lora import fit_to, pack_latents, unpack_latents
+
+log = logging.getLogger("x2i")
+
+DEFAULTS = {
+    "mllm": None, "alignnet": None, "flux": None, "flux_transformer": None, "output_dir": None, "seed": 0,
+    "preset": "auto",
+    "lightcontrol": {"init": None, "num_modules": 19},
+    "data": {"path": None, "resolution": 512},
+    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-5, "weight_decay": 1e-2, "warmup_steps": 100,
+              "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
+              "guidance": 3.5, "sigma_mean": 0.0, "sigma_std": 1.0},
+    "checkpoint": {"every": 500, "keep_last": 3, "resume": "auto"},
+    "log": {"every": 1, "tensorboard": False},
+}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def scan_triples(path: str) -> list[dict]:
+    """``[{"source": PIL-loader, "target": ..., "instruction": str}]`` (images loaded lazily)."""
+    from PIL import Image
+
+    if not path or not os.path.exists(path):
+        raise X2IInputError(f"data.path '{path}' does not exist")
+    out = []
+
+    def from_file(p):
+        return lambda: Image.open(p)
+
+    if os.path.isfile(path) and path.endswith(".jsonl"):
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                missing = [k for k in ("source", "target", "instruction") if not rec.get(k)]
+                if missing:
+                    raise X2IInputError(f"{path}:{n} lacks {missing}")
+                out.append({"source": from_file(os.path.join(base, rec["source"])),
+                            "target": from_file(os.path.join(base, rec["target"])),
+                            "instruction": rec["instruction"], "name": rec["target"]})
+    elif os.path.isfile(path) and path.endswith(".tar"):
+        groups: dict[str, dict] = {}
+        with tarfile.open(path) as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, _, field = m.name.partition(".")
+                data = tf.extractfile(m).read()
+                groups.setdefault(key, {})[field] = data
+        for key, g in sorted(groups.items()):
+            src = next((g[f] for f in g if f.startswith("source")), None)
+            tgt = next((g[f] for f in g if f.startswith("target")), None)
+            txt = g.get("txt") or g.get("instruction.txt")
+            if src is None or tgt is None or not txt:
+                raise X2IInputError(f"{path}: sample '{key}' needs source.*, target.* and txt members")
+            out.append({"source": (lambda b=src: Image.open(io.BytesIO(b))),
+                        "target": (lambda b=tgt: Image.open(io.BytesIO(b))),
+                        "instruction": txt.decode("utf-8").strip(), "name": key})
+    elif os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            stem, ext = os.path.splitext(name)
+            if not stem.endswith("_target") or ext.lower() not in IMAGE_EXTS:
+                continue
+            base = stem[: -len("_target")]
+            src = next((os.path.join(path, base + "_source" + e) for e in IMAGE_EXTS
+                        if os.path.isfile(os.path.join(path, base + "_source" + e))), None)
+            txt = os.path.join(path, base + ".txt")
+            if src is None or not os.path.isfile(txt):
+                raise X2IInputError(f"{name}: needs {base}_source.<png|jpg> and {base}.txt beside it")
+            with open(txt, encoding="utf-8") as fh:
+                out.append({"source": from_file(src), "target": from_file(os.path.join(path, name)),
+                            "instruction": fh.read().strip(), "name": name})
+    else:
+        raise X2IInputError(f"data.path '{path}': expected a folder, a .jsonl or a .tar shard")
+    if not out:
+        raise X2IInputError(f"data.path '{path}' holds no (source, instruction, target) triples")
+    return out
+
+
+class LightControlTrainer:
+    def __init__(self, cfg: dict):
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+        from ..alignnet import load_alignnet
+        from ..lightcontrol import LightControl, LightControlConfig, load_lightcontrol
+        from ..mllm import load_mllm
+
+        self.cfg = cfg
+        self.dist = rt.Dist()
+        for key in ("mllm", "alignnet", "flux", "output_dir"):
+            if not cfg.get(key):
+                raise X2IInputError(f"config needs '{key}'")
+        self.out = rt.check_output_dir(cfg["output_dir"])
+        self.tcfg = cfg["train"]
+        self.global_batch = int(self.tcfg["batch_size"])
+        if self.global_batch % self.dist.world:
+            raise X2IInputError(f"train.batch_size {self.global_batch} must divide by {self.dist.world} processes")
+        self.local_batch = self.global_batch // self.dist.world
+        self.device = self.dist.device
+        self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.tcfg["mixed_precision"]]
+        self.triples = scan_triples(cfg["data"]["path"])
+        self.encoder = load_mllm(cfg["mllm"], dtype=self.dtype, device=self.device)
+        self.alignnet = load_alignnet(cfg["alignnet"], dtype=self.dtype, device=self.device)
+        self.vae = AutoencoderKL.from_pretrained(cfg["flux"], subfolder="vae", torch_dtype=self.dtype).to(self.device)
+        self.vae.requires_grad_(False).eval()
+        if cfg["flux_transformer"]:
+            from ..flux.convert import diffusers_flux_from_bfl
+            from ..io import load_weights_file
+
+            sd = load_weights_file(cfg["flux_transformer"], what="FLUX").tensors
+            self.flux = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, self.dtype)
+        else:
+            self.flux = FluxTransformer2DModel.from_pretrained(cfg["flux"], subfolder="transformer", torch_dtype=self.dtype)
+        self.flux.to(self.device).requires_grad_(False).eval()
+        width = self.flux.config.num_attention_heads * self.flux.config.attention_head_dim
+        lcfg = cfg["lightcontrol"]
+        if lcfg["init"]:
+            lc = load_lightcontrol(lcfg["init"])
+        else:
+            torch.manual_seed(int(cfg["seed"]))
+            n = min(int(lcfg["num_modules"]), len(self.flux.transformer_blocks))
+            lc = LightControl(LightControlConfig(num_modules=n, out_dim=width))
+        if lc.config.out_dim != width:
+            raise X2IInputError(f"LightControl width {lc.config.out_dim} differs from the FLUX transformer's {width}")
+        self.lc = lc.to(self.device).float().requires_grad_(True).train()
+        self.model = (torch.nn.parallel.DistributedDataParallel(self.lc) if self.dist.enabled else self.lc)
+        self.optimizer = rt.make_optimizer(self.lc.parameters(), self.tcfg["optimizer"], float(self.tcfg["lr"]),
+                                           float(self.tcfg["weight_decay"]))
+        self.scheduler = rt.cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
+                                               float(self.tcfg["min_lr_ratio"]))
+        self._prepare()
+
+    def _prepare(self):
+        from ..mllm.base import EncodeRequest
+
+        res = int(self.cfg["data"]["resolution"])
+        if res % 16:
+            raise X2IInputError(f"data.resolution {res} must be a multiple of 16")
+        scale, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor or 0.0
+        self.items, self.skipped = [], []
+        for t in self.triples:
+            try:
+                src = t["source"]().convert("RGB")
+                tgt = t["target"]().convert("RGB")
+            except (OSError, ValueError) as exc:
+                self.skipped.append((t["name"], str(exc)))
+                continue
+            to_px = lambda im: torch.from_numpy(np.asarray(fit_to(im, (res, res)), dtype=np.float32) / 127.5 - 1.0)
+            hint = to_px(src).permute(2, 0, 1)
+            with torch.no_grad():
+                lat = self.vae.encode(to_px(tgt).permute(2, 0, 1)[None].to(self.device, self.dtype)).latent_dist.mode()
+                hs = self.encoder.encode(EncodeRequest(text=t["instruction"], images=[src]), preset=self.cfg["preset"])
+                pooled, seq = self.alignnet(hs.hidden)
+            self.items.append({"latent": ((lat - shift) * scale)[0].float().cpu(), "hint": hint,
+                               "pooled": pooled[0].cpu(), "seq": seq[0].cpu()})
+        if not self.items:
+            raise X2IInputError(f"no training triple could be read ({len(self.skipped)} unreadable)")
+
+    def _forward(self, x0, noise, sigma, items, train=True):
+        b, c, h, w = x0.shape
+        from diffusers import FluxPipeline
+
+        from ..lightcontrol import inject
+
+        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        hint = torch.stack([it["hint"] for it in items]).to(self.device)
+        residuals = (self.model if train else self.lc)(hint, sigma * 1000.0, len(self.flux.transformer_blocks))
+        seq = torch.stack([it["seq"] for it in items]).to(self.device, self.dtype)
+        pooled = torch.stack([it["pooled"] for it in items]).to(self.device, self.dtype)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
+        guidance = (torch.full((b,), float(self.tcfg["guidance"]), device=self.device, dtype=self.dtype)
+                    if self.flux.config.guidance_embeds else None)
+        with inject(self.flux, [r.to(self.dtype) for r in residuals]):
+            pred = self.flux(hidden_states=pack_latents(xt).to(self.dtype), timestep=sigma.to(self.dtype),
+                             guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
+                             txt_ids=torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.dtype),
+                             img_ids=img_ids, return_dict=False)[0]
+        return torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), (noise - x0).float())
+
+    def _draw(self, seed, step, index, shape):
+        g = rt.step_generator(seed, step, index)
+        noise = torch.randn(shape, generator=g)
+        u = torch.randn((), generator=g) * float(self.tcfg["sigma_std"]) + float(self.tcfg["sigma_mean"])
+        return noise, torch.sigmoid(u)
+
+    def step(self, step: int) -> dict:
+        n = len(self.items)
+        first = step * self.global_batch + self.dist.rank * self.local_batch
+        idx = [(first + k) % n for k in range(self.local_batch)]
+        items = [self.items[i] for i in idx]
+        x0 = torch.stack([it["latent"] for it in items]).to(self.device)
+        draws = [self._draw(self.cfg["seed"], step, first + k, x0.shape[1:]) for k in range(len(items))]
+        noise = torch.stack([d[0] for d in draws]).to(self.device)
+        sigma = torch.stack([d[1] for d in draws]).to(self.device)
+        loss = self._forward(x0, noise, sigma, items)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.lc.parameters(), float(self.tcfg["max_grad_norm"]))
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return {"loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": float(lr)}
+
+    @torch.no_grad()
+    def eval_loss(self, sigmas=(0.25, 0.5, 0.75)) -> float:
+        self.lc.eval()
+        try:
+            total = []
+            for i, it in enumerate(self.items):
+                for j, s in enumerate(sigmas):
+                    noise = torch.randn(it["latent"].shape, generator=rt.step_generator(4242, j, i))[None]
+                    total.append(float(self._forward(it["latent"][None].to(self.device), noise.to(self.device),
+                                                     torch.tensor([s], device=self.device), [it], train=False)))
+            return sum(total) / len(total)
+        finally:
+            self.lc.train()
+
+    def fit(self) -> str:
+        from tqdm import tqdm
+
+        total = int(self.tcfg["steps"])
+        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
+        start = 0
+        latest = ckpt.latest()
+        if latest is not None and self.cfg["checkpoint"]["resume"] not in ("never", False, None):
+            from ..lightcontrol import load_lightcontrol
+
+            folder = ckpt.path(latest)
+            state = rt.load_state(os.path.join(folder, "trainer_state.pt"))
+            self.lc.load_state_dict(load_lightcontrol(os.path.join(folder, "lightcontrol.safetensors")).state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            start = int(state["step"])
+        metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
+                                enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
+        eval_start = self.eval_loss() if start == 0 and self.dist.main else None
+
+        def writer(folder, step):
+            self.lc.save(os.path.join(folder, "lightcontrol.safetensors"))
+            rt.save_state(os.path.join(folder, "trainer_state.pt"), {
+                "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+
+        every = int(self.cfg["checkpoint"]["every"])
+        bar = tqdm(total=total, initial=start, desc="lightcontrol", disable=not self.dist.main)
+        try:
+            for step in range(start, total):
+                t0 = time.time()
+                info = self.step(step)
+                info["loss"] = self.dist.mean(info["loss"])
+                info["seconds"] = round(time.time() - t0, 4)
+                metrics.log(step + 1, **info)
+                bar.update(1)
+                if every and (step + 1) % every == 0 and step + 1 < total:
+                    if self.dist.main:
+                        ckpt.save(step + 1, lambda f, s=step + 1: writer(f, s))
+                    self.dist.barrier()
+            if self.dist.main:
+                ckpt.save(total, lambda f: writer(f, total))
+                final = os.path.join(self.out, "lightcontrol.safetensors")
+                self.lc.save(final)
+                report = os.path.join(self.out, "eval.json")
+                prev = json.load(open(report, encoding="utf-8")) if os.path.isfile(report) else {}
+                rt.write_json(report, {"fixed_noise_loss_start": eval_start if eval_start is not None
+                                       else prev.get("fixed_noise_loss_start"),
+                                       "fixed_noise_loss_end": self.eval_loss(),
+                                       "skipped_unreadable": [n for n, _ in self.skipped]})
+            self.dist.barrier()
+            return os.path.join(self.out, "lightcontrol.safetensors")
+        finally:
+            bar.close()
+            metrics.close()
+
+    def close(self):
+        self.dist.close()
+
+
+def run(config_path, overrides) -> str:
+    cfg = rt.load_config(DEFAULTS, config_path, overrides)
+    trainer = LightControlTrainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
