@@ -203,3 +203,11 @@ def test_trained_lightcontrol_runs_in_the_node(host, tmp_path):
     entry = host["server"].run(tiny_api(host, "x2i_edit_lightcontrol.json",
                                         X2ILightControlLoader={"lightcontrol_name": "trained-lc.safetensors"}))
     assert execution_error(entry) is None, execution_error(entry)
+
+
+def test_lightcontrol_config_parses():
+    from x2i_core.train.lightcontrol_trainer import DEFAULTS
+    from x2i_core.train.runtime import load_config
+
+    cfg = load_config(DEFAULTS, os.path.join(ROOT, "configs", "lightcontrol-80gb.yaml"))
+    assert cfg["lightcontrol"]["num_modules"] == 19 and cfg["train"]["lr"] == 1e-5
