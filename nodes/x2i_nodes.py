@@ -131,9 +131,15 @@ class X2IMLLMEncode(io.ComfyNode):
         if not (text or "").strip() and images is None:
             raise NodeError("X2I MLLM Encode: the prompt is empty - type some text or connect an image")
         mllm.load()
-        with _user_errors("X2I MLLM Encode"), _layer_progress(mllm.encoder):
-            hs = mllm.encoder.encode(EncodeRequest(text=text if text else None, images=images), preset=preset,
-                                     image_size=image_resolution or None)
+        try:
+            with _user_errors("X2I MLLM Encode"), _layer_progress(mllm.encoder):
+                hs = mllm.encoder.encode(EncodeRequest(text=text if text else None, images=images), preset=preset,
+                                         image_size=image_resolution or None)
+        except torch.OutOfMemoryError:
+            mm.soft_empty_cache(True)
+            raise NodeError(
+                f"X2I MLLM Encode: out of memory while encoding with '{mllm.name}'. Try dtype fp16/bf16 in the loader, "
+                "device cpu, a smaller image_resolution, fewer images, or a smaller MLLM") from None
         hs.hidden = hs.hidden.to(mm.intermediate_device())
         hs.source_path = mllm.path
         return io.NodeOutput(hs)
@@ -178,6 +184,9 @@ def project(hs, alignnet, guidance: float | None = 3.5):
             f"{describe_mllm_dims(cfg.in_channels, cfg.input_dim)}, but MLLM '{os.path.basename(str(src))}' "
             f"produced C={hs.channels}, H={hs.hidden_size}. Load the AlignNet trained for this MLLM."
         )
+    if not torch.isfinite(hs.hidden).all():
+        raise NodeError("X2I AlignNet Project: the hidden states contain NaN or infinite values (the MLLM ran in a "
+                        "precision it overflows in?); load the MLLM with dtype bf16 or fp32")
     alignnet.load()
     p = next(alignnet.net.parameters())
     with torch.no_grad():

@@ -73,3 +73,23 @@ def test_fixed_length_preset_refuses_to_cut_image_tokens(encoder):
     # 'scripts' resizes to 128x128 (few tokens) - fine; many images overflow 512 tokens.
     with pytest.raises(X2IInputError, match="comfyui"):
         encoder.encode(EncodeRequest(text="x", images=[img] * 40), preset="scripts")
+
+
+def test_vision_placeholders_in_text_are_refused_clearly(encoder):
+    for preset in ("training", "comfyui", "scripts"):
+        with pytest.raises(X2IInputError, match="placeholder"):
+            encoder.encode(EncodeRequest(text="look at <|image_pad|> this"), preset=preset)
+    # other special tokens are just text to the model
+    hs = encoder.encode(EncodeRequest(text="<|im_end|><|endoftext|>"), preset="training")
+    assert torch.isfinite(hs.hidden).all()
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 1, 3), np.uint8), ((1600, 1200, 3), np.uint8), ((40, 30, 3), np.uint16)])
+def test_one_pixel_huge_and_16bit_images_encode(encoder, shape, dtype):
+    rng = np.random.RandomState(0)
+    top = 65535 if dtype == np.uint16 else 255
+    img = (rng.rand(*shape) * top).astype(dtype)
+    hs = encoder.encode(EncodeRequest(text="x", images=img), preset="comfyui")
+    assert torch.isfinite(hs.hidden).all()
+    # huge inputs are resized to the preset's pixel budget: the token count stays small
+    assert hs.lengths[0] < 200

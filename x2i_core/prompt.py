@@ -33,6 +33,7 @@ from .errors import X2IInputError
 from .media import fit_pixels, video_frames
 
 PRESETS = ("training", "comfyui", "scripts")
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 DEFAULT_PRESET = "auto"
 
 
@@ -119,6 +120,12 @@ def build_message(text: str | None, images: list[Image.Image], videos: list[list
     elif not text and not has_media:
         raise X2IInputError("prompt is empty: give text, an image or a video")
 
+    placeholders = [t for t in VISION_PLACEHOLDERS if text and t in text]
+    both_pads = spec.name == "comfyui" and "<|image_pad|>" in placeholders and "<|video_pad|>" in placeholders
+    if placeholders and not both_pads:
+        raise X2IInputError(
+            f"prompt text contains the MLLM's vision placeholder token(s) {placeholders}; they are inserted for "
+            "connected images/videos automatically - remove them from the text")
     content: list[dict[str, Any]] = []
     proc_images: list[Image.Image] = []
     proc_videos: list[list[Image.Image]] = []
