@@ -55,31 +55,16 @@ DEFAULTS = {
 
 class DistillTrainer:
     def __init__(self, cfg: dict):
-        self.cfg = cfg
-        self.dist = rt.Dist()
-        for key in ("mllm", "flux", "output_dir"):
-            if not cfg.get(key):
-                raise X2IInputError(f"config needs '{key}'")
         if not cfg["data"]["paths"]:
             raise X2IInputError("config needs data.paths (caption files: .txt, .jsonl, .parquet or .tar shards)")
-        self.out = rt.check_output_dir(cfg["output_dir"])
-        self.train_cfg = cfg["train"]
+        rt.setup_trainer(self, cfg, ("mllm", "flux", "output_dir"))
+        self.train_cfg = self.tcfg
         self.dcfg = cfg["distill"]
-        self.global_batch = int(self.train_cfg["batch_size"])
-        if self.global_batch % self.dist.world:
-            raise X2IInputError(
-                f"train.batch_size {self.global_batch} (global) must be divisible by the {self.dist.world} processes")
-        self.local_batch = self.global_batch // self.dist.world
         res = int(self.dcfg["resolution"])
         if res % 16:
             raise X2IInputError(f"distill.resolution {res} must be a multiple of 16")
         if self.dcfg["timestep"] not in ("first", "uniform"):
             raise X2IInputError(f"distill.timestep {self.dcfg['timestep']!r}: expected 'first' (sigma 1) or 'uniform'")
-        self.device = self.dist.device
-        mp = self.train_cfg["mixed_precision"]
-        if mp not in ("no", "bf16", "fp16"):
-            raise X2IInputError(f"train.mixed_precision {mp!r}: expected no, bf16 or fp16")
-        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
         self._load_models()
         self.stream = CaptionStream(cfg["data"]["paths"], cfg["data"]["caption_key"], cfg["seed"],
                                     cfg["data"]["shuffle"])
@@ -296,18 +281,11 @@ class DistillTrainer:
         if mode in ("never", False, None) or latest is None:
             return 0
         folder = ckpt.path(latest)
-        state = rt.load_state(os.path.join(folder, "trainer_state.pt"))
-        if int(state["global_batch"]) != self.global_batch:
-            raise X2IInputError(
-                f"checkpoint {folder} was trained with global batch {state['global_batch']}, this run uses "
-                f"{self.global_batch}; keep train.batch_size to resume exactly")
-        saved = load_alignnet(os.path.join(folder, "alignnet.safetensors"))
-        self.net.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        step = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
+        self.net.load_state_dict(load_alignnet(os.path.join(folder, "alignnet.safetensors")).state_dict())
         if self.dist.main:
             log.info("resumed from %s (step %d)", folder, latest)
-        return int(state["step"])
+        return step
 
     # -- loop ------------------------------------------------------------------------
     def fit(self) -> str:

@@ -117,32 +117,20 @@ class LightControlTrainer:
         from ..lightcontrol import LightControl, LightControlConfig, load_lightcontrol
         from ..mllm import load_mllm
 
-        self.cfg = cfg
-        self.dist = rt.Dist()
-        for key in ("mllm", "alignnet", "flux", "output_dir"):
-            if not cfg.get(key):
-                raise X2IInputError(f"config needs '{key}'")
-        self.out = rt.check_output_dir(cfg["output_dir"])
-        self.tcfg = cfg["train"]
-        self.global_batch = int(self.tcfg["batch_size"])
-        if self.global_batch % self.dist.world:
-            raise X2IInputError(f"train.batch_size {self.global_batch} must divide by {self.dist.world} processes")
-        self.local_batch = self.global_batch // self.dist.world
-        self.device = self.dist.device
-        self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.tcfg["mixed_precision"]]
+        rt.setup_trainer(self, cfg, ("mllm", "alignnet", "flux", "output_dir"))
         self.triples = scan_triples(cfg["data"]["path"])
-        self.encoder = load_mllm(cfg["mllm"], dtype=self.dtype, device=self.device)
-        self.alignnet = load_alignnet(cfg["alignnet"], dtype=self.dtype, device=self.device)
-        self.vae = AutoencoderKL.from_pretrained(cfg["flux"], subfolder="vae", torch_dtype=self.dtype).to(self.device)
+        self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
+        self.alignnet = load_alignnet(cfg["alignnet"], dtype=self.weight_dtype, device=self.device)
+        self.vae = AutoencoderKL.from_pretrained(cfg["flux"], subfolder="vae", torch_dtype=self.weight_dtype).to(self.device)
         self.vae.requires_grad_(False).eval()
         if cfg["flux_transformer"]:
             from ..flux.convert import diffusers_flux_from_bfl
             from ..io import load_weights_file
 
             sd = load_weights_file(cfg["flux_transformer"], what="FLUX").tensors
-            self.flux = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, self.dtype)
+            self.flux = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, self.weight_dtype)
         else:
-            self.flux = FluxTransformer2DModel.from_pretrained(cfg["flux"], subfolder="transformer", torch_dtype=self.dtype)
+            self.flux = FluxTransformer2DModel.from_pretrained(cfg["flux"], subfolder="transformer", torch_dtype=self.weight_dtype)
         self.flux.to(self.device).requires_grad_(False).eval()
         width = self.flux.config.num_attention_heads * self.flux.config.attention_head_dim
         lcfg = cfg["lightcontrol"]
@@ -180,7 +168,7 @@ class LightControlTrainer:
             to_px = lambda im: torch.from_numpy(np.asarray(fit_to(im, (res, res)), dtype=np.float32) / 127.5 - 1.0)
             hint = to_px(src).permute(2, 0, 1)
             with torch.no_grad():
-                lat = self.vae.encode(to_px(tgt).permute(2, 0, 1)[None].to(self.device, self.dtype)).latent_dist.mode()
+                lat = self.vae.encode(to_px(tgt).permute(2, 0, 1)[None].to(self.device, self.weight_dtype)).latent_dist.mode()
                 hs = self.encoder.encode(EncodeRequest(text=t["instruction"], images=[src]), preset=self.cfg["preset"])
                 pooled, seq = self.alignnet(hs.hidden)
             self.items.append({"latent": ((lat - shift) * scale)[0].float().cpu(), "hint": hint,
@@ -197,15 +185,15 @@ class LightControlTrainer:
         xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         hint = torch.stack([it["hint"] for it in items]).to(self.device)
         residuals = (self.model if train else self.lc)(hint, sigma * 1000.0, len(self.flux.transformer_blocks))
-        seq = torch.stack([it["seq"] for it in items]).to(self.device, self.dtype)
-        pooled = torch.stack([it["pooled"] for it in items]).to(self.device, self.dtype)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
-        guidance = (torch.full((b,), float(self.tcfg["guidance"]), device=self.device, dtype=self.dtype)
+        seq = torch.stack([it["seq"] for it in items]).to(self.device, self.weight_dtype)
+        pooled = torch.stack([it["pooled"] for it in items]).to(self.device, self.weight_dtype)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.weight_dtype)
+        guidance = (torch.full((b,), float(self.tcfg["guidance"]), device=self.device, dtype=self.weight_dtype)
                     if self.flux.config.guidance_embeds else None)
-        with inject(self.flux, [r.to(self.dtype) for r in residuals]):
-            pred = self.flux(hidden_states=pack_latents(xt).to(self.dtype), timestep=sigma.to(self.dtype),
+        with inject(self.flux, [r.to(self.weight_dtype) for r in residuals]):
+            pred = self.flux(hidden_states=pack_latents(xt).to(self.weight_dtype), timestep=sigma.to(self.weight_dtype),
                              guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
-                             txt_ids=torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.dtype),
+                             txt_ids=torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.weight_dtype),
                              img_ids=img_ids, return_dict=False)[0]
         return torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), (noise - x0).float())
 
@@ -258,11 +246,8 @@ class LightControlTrainer:
             from ..lightcontrol import load_lightcontrol
 
             folder = ckpt.path(latest)
-            state = rt.load_state(os.path.join(folder, "trainer_state.pt"))
+            start = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
             self.lc.load_state_dict(load_lightcontrol(os.path.join(folder, "lightcontrol.safetensors")).state_dict())
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            start = int(state["step"])
         metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
                                 enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
         eval_start = self.eval_loss() if start == 0 and self.dist.main else None
@@ -270,7 +255,8 @@ class LightControlTrainer:
         def writer(folder, step):
             self.lc.save(os.path.join(folder, "lightcontrol.safetensors"))
             rt.save_state(os.path.join(folder, "trainer_state.pt"), {
-                "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+                "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "global_batch": self.global_batch})
 
         every = int(self.cfg["checkpoint"]["every"])
         bar = tqdm(total=total, initial=start, desc="lightcontrol", disable=not self.dist.main)

@@ -156,22 +156,7 @@ def fit_to(img, size):
 # -- trainer ----------------------------------------------------------------------
 class LoraTrainer:
     def __init__(self, cfg: dict):
-        self.cfg = cfg
-        self.dist = rt.Dist()
-        for key in ("mllm", "alignnet", "flux", "output_dir"):
-            if not cfg.get(key):
-                raise X2IInputError(f"config needs '{key}'")
-        self.out = rt.check_output_dir(cfg["output_dir"])
-        self.tcfg = cfg["train"]
-        self.global_batch = int(self.tcfg["batch_size"])
-        if self.global_batch % self.dist.world:
-            raise X2IInputError(f"train.batch_size {self.global_batch} must divide by {self.dist.world} processes")
-        self.local_batch = self.global_batch // self.dist.world
-        self.device = self.dist.device
-        mp = self.tcfg["mixed_precision"]
-        if mp not in ("no", "bf16", "fp16"):
-            raise X2IInputError(f"train.mixed_precision {mp!r}: expected no, bf16 or fp16")
-        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+        rt.setup_trainer(self, cfg, ("mllm", "alignnet", "flux", "output_dir"))
         self.samples = scan_dataset(cfg["data"]["path"])
         self._load_models()
         self._prepare_data()
@@ -458,16 +443,11 @@ class LoraTrainer:
         from safetensors.torch import load_file
 
         folder = ckpt.path(latest)
-        state = rt.load_state(os.path.join(folder, "trainer_state.pt"))
-        if int(state["global_batch"]) != self.global_batch:
-            raise X2IInputError(f"checkpoint {folder} used global batch {state['global_batch']}, this run "
-                                f"{self.global_batch}; keep train.batch_size to resume exactly")
+        step = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
         sd = load_file(os.path.join(folder, "lora.safetensors"))
         sd = {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
         set_peft_model_state_dict(self.transformer, sd)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        return int(state["step"])
+        return step
 
     def fit(self) -> str:
         from tqdm import tqdm

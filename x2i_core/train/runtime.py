@@ -142,6 +142,43 @@ def step_generator(seed: int, step: int, index: int, device="cpu") -> torch.Gene
     return g
 
 
+# -- trainer set-up shared by the trainers -------------------------------------------
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def setup_trainer(trainer, cfg: dict, required: tuple[str, ...]) -> None:
+    """Checks and attributes every trainer needs: ``dist``, ``out``, ``tcfg``, ``global_batch``,
+    ``local_batch``, ``device``, ``weight_dtype`` (errors name the config key)."""
+    trainer.cfg = cfg
+    trainer.dist = Dist()
+    for key in required:
+        if not cfg.get(key):
+            raise X2IInputError(f"config needs '{key}'")
+    trainer.out = check_output_dir(cfg["output_dir"])
+    trainer.tcfg = cfg["train"]
+    trainer.global_batch = int(trainer.tcfg["batch_size"])
+    if trainer.global_batch < 1 or trainer.global_batch % trainer.dist.world:
+        raise X2IInputError(f"train.batch_size {trainer.global_batch} (global) must be a positive multiple of the "
+                            f"{trainer.dist.world} processes")
+    trainer.local_batch = trainer.global_batch // trainer.dist.world
+    trainer.device = trainer.dist.device
+    mp = trainer.tcfg["mixed_precision"]
+    if mp not in WEIGHT_DTYPES:
+        raise X2IInputError(f"train.mixed_precision {mp!r}: expected no, bf16 or fp16")
+    trainer.weight_dtype = WEIGHT_DTYPES[mp]
+
+
+def load_trainer_state(folder: str, optimizer, scheduler, global_batch: int) -> int:
+    """Restore optimizer and schedule from a checkpoint folder; returns its step."""
+    state = load_state(os.path.join(folder, "trainer_state.pt"))
+    if int(state.get("global_batch", global_batch)) != global_batch:
+        raise X2IInputError(f"checkpoint {folder} was trained with global batch {state['global_batch']}, this run "
+                            f"uses {global_batch}; keep train.batch_size to resume exactly")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
 # -- output folder ----------------------------------------------------------------
 def check_output_dir(path: str) -> str:
     path = os.path.abspath(path)
