@@ -22,15 +22,10 @@ from comfy_api.latest import io
 from ..x2i_core.errors import X2IError
 from ..x2i_core.lightcontrol import load_lightcontrol
 from . import paths
+from .models import _Holder
 from .x2i_nodes import CATEGORY, NodeError
 
 log = logging.getLogger("x2i")
-
-
-class _Holder(torch.nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.inner = module
 
 
 class LightControlNet(comfy.controlnet.ControlBase):

@@ -76,8 +76,14 @@ def test_sigkill_during_checkpoint_write_then_resume_continues_identically(tiny,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise equal weights
 
 
-def test_sigkill_mid_step_then_resume_continues_identically(tiny, captions, tmp_path):
-    common = ("train.steps=14", "checkpoint.every=3")
+def test_sigkill_mid_step_then_resume_continues_identically(tiny, tmp_path):
+    # over-long captions are skipped (data.skip_long): the resumed stream must skip exactly the same ones
+    caps = tmp_path / "caps.txt"
+    lines = list(CAPTIONS)
+    lines.insert(2, "word " * 600)
+    caps.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    captions = str(caps)
+    common = ("train.steps=14", "checkpoint.every=3", "data.skip_long=true")
     ref = tmp_path / "ref"
     distill(*base_args(tiny, captions, ref, *common))
     out = tmp_path / "killed"

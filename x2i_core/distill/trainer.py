@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 
 import torch
 
@@ -266,31 +265,27 @@ class DistillTrainer:
     def _save(self, ckpt: rt.CheckpointManager, step: int) -> None:
         def writer(folder):
             self.net.save(os.path.join(folder, "alignnet.safetensors"))
-            rt.save_state(os.path.join(folder, "trainer_state.pt"), {
-                "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "global_batch": self.global_batch})
+            rt.save_state(os.path.join(folder, "trainer_state.pt"),
+                          rt.trainer_state(self, step, data_position=self.position))
             rt.write_json(os.path.join(folder, "meta.json"), {"step": step, "config": self.cfg})
 
-        if self.dist.main:
-            ckpt.save(step, writer)
-        self.dist.barrier()
+        rt.save_checkpoint(self, ckpt, step, writer)
 
     def _resume(self, ckpt: rt.CheckpointManager) -> int:
-        mode = self.cfg["checkpoint"]["resume"]
         latest = ckpt.latest()
-        if mode in ("never", False, None) or latest is None:
+        self.position = 0
+        if self.cfg["checkpoint"]["resume"] in ("never", False, None) or latest is None:
             return 0
         folder = ckpt.path(latest)
-        step = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
+        state = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
         self.net.load_state_dict(load_alignnet(os.path.join(folder, "alignnet.safetensors")).state_dict())
+        self.position = int(state.get("data_position", state["step"] * self.global_batch))
         if self.dist.main:
             log.info("resumed from %s (step %d)", folder, latest)
-        return step
+        return int(state["step"])
 
     # -- loop ------------------------------------------------------------------------
     def fit(self) -> str:
-        from tqdm import tqdm
-
         total = int(self.train_cfg["steps"])
         ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
         start = self._resume(ckpt)
@@ -300,45 +295,38 @@ class DistillTrainer:
                                 resume_step=start if start else None, enabled=self.dist.main,
                                 tensorboard=bool(self.cfg["log"]["tensorboard"]))
         skip_long = bool(self.cfg["data"]["skip_long"])
-        stream = self.stream.iterate_from(start * self.global_batch)
-        every = int(self.cfg["checkpoint"]["every"])
-        bar = tqdm(total=total, initial=start, desc="distill", disable=not self.dist.main)
+        stream = self.stream.iterate_from(self.position)
         skipped_long = 0
+
+        def step_fn(step):
+            nonlocal skipped_long
+            batch = []
+            while len(batch) < self.global_batch:  # every rank reads the same global batch
+                cap = next(stream)
+                self.position += 1
+                if skip_long and self._too_long(cap):
+                    skipped_long += 1
+                    continue
+                batch.append(cap)
+            local = batch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
+            return self.step(step, local)
+
+        def after_step(done):
+            se = int(self.cfg["samples"]["every"])
+            if se and done % se == 0 and self.dist.main:
+                self.sample(done)
+
         try:
-            for step in range(start, total):
-                batch = []
-                while len(batch) < self.global_batch:
-                    cap = next(stream)
-                    if skip_long and self._too_long(cap):
-                        skipped_long += 1
-                        continue
-                    batch.append(cap)
-                local = batch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
-                t0 = time.time()
-                info = self.step(step, local)
-                info["loss"] = self.dist.mean(info["loss"])
-                info["seconds"] = round(time.time() - t0, 4)
-                if step % int(self.cfg["log"]["every"]) == 0 or step == total - 1:
-                    metrics.log(step + 1, **info)
-                bar.update(1)
-                bar.set_postfix(loss=f"{info['loss']:.4g}")
-                done = step + 1
-                if every and done % every == 0 and done < total:
-                    self._save(ckpt, done)
-                se = int(self.cfg["samples"]["every"])
-                if se and done % se == 0 and self.dist.main:
-                    self.sample(done)
-            self._save(ckpt, total)
-            final = os.path.join(self.out, "alignnet.safetensors")
-            if self.dist.main:
-                self.net.save(final)
-                if skipped_long:
-                    log.warning("skipped %d captions over the token limit", skipped_long)
-            self.dist.barrier()
-            return final
+            rt.run_steps(self, start, total, metrics, "distill", step_fn, lambda s: self._save(ckpt, s), after_step)
         finally:
-            bar.close()
             metrics.close()
+        final = os.path.join(self.out, "alignnet.safetensors")
+        if self.dist.main:
+            self.net.save(final)
+            if skipped_long:
+                log.warning("skipped %d captions over the token limit", skipped_long)
+        self.dist.barrier()
+        return final
 
     def sample(self, step: int) -> list[str]:
         from ..pipeline import X2IPipeline

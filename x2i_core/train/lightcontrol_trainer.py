@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import tarfile
-import time
 
 import numpy as np
 import torch
@@ -235,58 +234,38 @@ class LightControlTrainer:
         finally:
             self.lc.train()
 
+    def _save(self, ckpt, step):
+        def writer(folder):
+            self.lc.save(os.path.join(folder, "lightcontrol.safetensors"))
+            rt.save_state(os.path.join(folder, "trainer_state.pt"), rt.trainer_state(self, step))
+
+        rt.save_checkpoint(self, ckpt, step, writer)
+
     def fit(self) -> str:
-        from tqdm import tqdm
+        from ..lightcontrol import load_lightcontrol
 
         total = int(self.tcfg["steps"])
         ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
         start = 0
         latest = ckpt.latest()
         if latest is not None and self.cfg["checkpoint"]["resume"] not in ("never", False, None):
-            from ..lightcontrol import load_lightcontrol
-
             folder = ckpt.path(latest)
-            start = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
+            start = int(rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)["step"])
             self.lc.load_state_dict(load_lightcontrol(os.path.join(folder, "lightcontrol.safetensors")).state_dict())
         metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
                                 enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
         eval_start = self.eval_loss() if start == 0 and self.dist.main else None
-
-        def writer(folder, step):
-            self.lc.save(os.path.join(folder, "lightcontrol.safetensors"))
-            rt.save_state(os.path.join(folder, "trainer_state.pt"), {
-                "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "global_batch": self.global_batch})
-
-        every = int(self.cfg["checkpoint"]["every"])
-        bar = tqdm(total=total, initial=start, desc="lightcontrol", disable=not self.dist.main)
         try:
-            for step in range(start, total):
-                t0 = time.time()
-                info = self.step(step)
-                info["loss"] = self.dist.mean(info["loss"])
-                info["seconds"] = round(time.time() - t0, 4)
-                metrics.log(step + 1, **info)
-                bar.update(1)
-                if every and (step + 1) % every == 0 and step + 1 < total:
-                    if self.dist.main:
-                        ckpt.save(step + 1, lambda f, s=step + 1: writer(f, s))
-                    self.dist.barrier()
-            if self.dist.main:
-                ckpt.save(total, lambda f: writer(f, total))
-                final = os.path.join(self.out, "lightcontrol.safetensors")
-                self.lc.save(final)
-                report = os.path.join(self.out, "eval.json")
-                prev = json.load(open(report, encoding="utf-8")) if os.path.isfile(report) else {}
-                rt.write_json(report, {"fixed_noise_loss_start": eval_start if eval_start is not None
-                                       else prev.get("fixed_noise_loss_start"),
-                                       "fixed_noise_loss_end": self.eval_loss(),
-                                       "skipped_unreadable": [n for n, _ in self.skipped]})
-            self.dist.barrier()
-            return os.path.join(self.out, "lightcontrol.safetensors")
+            rt.run_steps(self, start, total, metrics, "lightcontrol", self.step, lambda s: self._save(ckpt, s))
         finally:
-            bar.close()
             metrics.close()
+        final = os.path.join(self.out, "lightcontrol.safetensors")
+        if self.dist.main:
+            self.lc.save(final)
+            rt.write_eval_report(self.out, eval_start, self.eval_loss(),
+                                 skipped_unreadable=[n for n, _ in self.skipped])
+        self.dist.barrier()
+        return final
 
     def close(self):
         self.dist.close()

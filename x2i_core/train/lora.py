@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -427,13 +426,9 @@ class LoraTrainer:
     def _save(self, ckpt, step):
         def writer(folder):
             self.save_lora(os.path.join(folder, "lora.safetensors"), step)
-            rt.save_state(os.path.join(folder, "trainer_state.pt"), {
-                "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "global_batch": self.global_batch})
+            rt.save_state(os.path.join(folder, "trainer_state.pt"), rt.trainer_state(self, step))
 
-        if self.dist.main:
-            ckpt.save(step, writer)
-        self.dist.barrier()
+        rt.save_checkpoint(self, ckpt, step, writer)
 
     def _resume(self, ckpt) -> int:
         latest = ckpt.latest()
@@ -443,15 +438,13 @@ class LoraTrainer:
         from safetensors.torch import load_file
 
         folder = ckpt.path(latest)
-        step = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
+        state = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
         sd = load_file(os.path.join(folder, "lora.safetensors"))
         sd = {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
         set_peft_model_state_dict(self.transformer, sd)
-        return step
+        return int(state["step"])
 
     def fit(self) -> str:
-        from tqdm import tqdm
-
         total = int(self.tcfg["steps"])
         ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
         start = self._resume(ckpt)
@@ -459,44 +452,26 @@ class LoraTrainer:
             rt.write_json(os.path.join(self.out, "config.json"), self.cfg)
         metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
                                 enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
-        every = int(self.cfg["checkpoint"]["every"])
         eval_start = self.eval_loss() if self.dist.main and start == 0 else None
-        bar = tqdm(total=total, initial=start, desc="lora", disable=not self.dist.main)
+
+        def after_step(done):
+            se = int(self.cfg["samples"]["every"])
+            if se and done % se == 0 and self.dist.main:
+                self.sample(done)
+
         try:
-            for step in range(start, total):
-                t0 = time.time()
-                info = self.step(step)
-                info["loss"] = self.dist.mean(info["loss"])
-                info["seconds"] = round(time.time() - t0, 4)
-                if step % int(self.cfg["log"]["every"]) == 0 or step == total - 1:
-                    metrics.log(step + 1, **info)
-                bar.update(1)
-                bar.set_postfix(loss=f"{info['loss']:.4g}")
-                if every and (step + 1) % every == 0 and step + 1 < total:
-                    self._save(ckpt, step + 1)
-                se = int(self.cfg["samples"]["every"])
-                if se and (step + 1) % se == 0 and self.dist.main:
-                    self.sample(step + 1)
-            self._save(ckpt, total)
-            final = os.path.join(self.out, "lora.safetensors")
-            if self.dist.main:
-                self.save_lora(final, total)
-                report = os.path.join(self.out, "eval.json")
-                prev = {}
-                if os.path.isfile(report):
-                    with open(report, encoding="utf-8") as fh:
-                        prev = json.load(fh)
-                rt.write_json(report, {"fixed_noise_loss_start": eval_start if eval_start is not None
-                                       else prev.get("fixed_noise_loss_start"),
-                                       "fixed_noise_loss_end": self.eval_loss()})
-                rt.write_json(os.path.join(self.out, "data_report.json"), {
-                    "samples": len(self.items), "skipped_unreadable": [p for p, _ in self.skipped],
-                    "buckets": sorted({f"{w}x{h}" for (w, h), _ in self.by_bucket})})
-            self.dist.barrier()
-            return final
+            rt.run_steps(self, start, total, metrics, "lora", self.step, lambda s: self._save(ckpt, s), after_step)
         finally:
-            bar.close()
             metrics.close()
+        final = os.path.join(self.out, "lora.safetensors")
+        if self.dist.main:
+            self.save_lora(final, total)
+            rt.write_eval_report(self.out, eval_start, self.eval_loss())
+            rt.write_json(os.path.join(self.out, "data_report.json"), {
+                "samples": len(self.items), "skipped_unreadable": [p for p, _ in self.skipped],
+                "buckets": sorted({f"{w}x{h}" for (w, h), _ in self.by_bucket})})
+        self.dist.barrier()
+        return final
 
     def close(self):
         self.dist.close()

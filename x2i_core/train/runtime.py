@@ -168,15 +168,59 @@ def setup_trainer(trainer, cfg: dict, required: tuple[str, ...]) -> None:
     trainer.weight_dtype = WEIGHT_DTYPES[mp]
 
 
-def load_trainer_state(folder: str, optimizer, scheduler, global_batch: int) -> int:
-    """Restore optimizer and schedule from a checkpoint folder; returns its step."""
+def trainer_state(trainer, step: int, **extra) -> dict:
+    """What a checkpoint stores besides the trained weights."""
+    return {"step": step, "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "global_batch": trainer.global_batch, **extra}
+
+
+def load_trainer_state(folder: str, optimizer, scheduler, global_batch: int) -> dict:
+    """Restore optimizer and schedule from a checkpoint folder; returns the stored state (with its step)."""
     state = load_state(os.path.join(folder, "trainer_state.pt"))
     if int(state.get("global_batch", global_batch)) != global_batch:
         raise X2IInputError(f"checkpoint {folder} was trained with global batch {state['global_batch']}, this run "
                             f"uses {global_batch}; keep train.batch_size to resume exactly")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return state
+
+
+def run_steps(trainer, start: int, total: int, metrics: "MetricsLog", desc: str, step_fn, save_fn,
+              after_step=None) -> None:
+    """The loop every trainer shares: step, mean loss over ranks, log, progress, periodic checkpoints,
+    then a final checkpoint at ``total``."""
+    import time
+
+    from tqdm import tqdm
+
+    every = int(trainer.cfg["checkpoint"]["every"])
+    log_every = max(1, int(trainer.cfg["log"]["every"]))
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not trainer.dist.main)
+    try:
+        for step in range(start, total):
+            t0 = time.time()
+            info = step_fn(step)
+            info["loss"] = trainer.dist.mean(info["loss"])
+            info["seconds"] = round(time.time() - t0, 4)
+            if step % log_every == 0 or step == total - 1:
+                metrics.log(step + 1, **info)
+            bar.update(1)
+            bar.set_postfix(loss=f"{info['loss']:.4g}")
+            done = step + 1
+            if every and done % every == 0 and done < total:
+                save_fn(done)
+            if after_step is not None:
+                after_step(done)
+        save_fn(total)
+    finally:
+        bar.close()
+
+
+def save_checkpoint(trainer, ckpt: "CheckpointManager", step: int, writer) -> None:
+    """Rank 0 writes ``writer(folder)`` atomically; every rank waits for it."""
+    if trainer.dist.main:
+        ckpt.save(step, writer)
+    trainer.dist.barrier()
 
 
 # -- output folder ----------------------------------------------------------------
@@ -337,6 +381,17 @@ def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float = 0.
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def write_eval_report(output_dir: str, start: float | None, end: float, **extra) -> None:
+    """``eval.json``: the fixed-noise loss before training (kept from the first run on resume) and now."""
+    path = os.path.join(output_dir, "eval.json")
+    prev = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            prev = json.load(fh)
+    write_json(path, {"fixed_noise_loss_start": start if start is not None else prev.get("fixed_noise_loss_start"),
+                      "fixed_noise_loss_end": end, **extra})
 
 
 def write_json(path: str, data: Any) -> None:
