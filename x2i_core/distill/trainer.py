@@ -252,14 +252,7 @@ class DistillTrainer:
         if not terms:
             raise X2IInputError(f"step {step}: every loss term was non-finite ({len(skipped)} pairs)")
         loss = torch.stack([t.float() for t in terms]).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(self.train_cfg["max_grad_norm"]))
-        self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        return {"loss": float(loss.detach()), "pairs": len(terms), "skipped": len(skipped),
-                "grad_norm": float(gnorm), "lr": float(lr)}
+        return {**rt.optimize(self, loss, self.net.parameters()), "pairs": len(terms), "skipped": len(skipped)}
 
     # -- checkpoints ------------------------------------------------------------------
     def _save(self, ckpt: rt.CheckpointManager, step: int) -> None:

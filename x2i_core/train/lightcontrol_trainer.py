@@ -211,14 +211,7 @@ class LightControlTrainer:
         draws = [self._draw(self.cfg["seed"], step, first + k, x0.shape[1:]) for k in range(len(items))]
         noise = torch.stack([d[0] for d in draws]).to(self.device)
         sigma = torch.stack([d[1] for d in draws]).to(self.device)
-        loss = self._forward(x0, noise, sigma, items)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.lc.parameters(), float(self.tcfg["max_grad_norm"]))
-        self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        return {"loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": float(lr)}
+        return rt.optimize(self, self._forward(x0, noise, sigma, items), self.lc.parameters())
 
     @torch.no_grad()
     def eval_loss(self, sigmas=(0.25, 0.5, 0.75)) -> float:

@@ -330,13 +330,7 @@ class LoraTrainer:
                               guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
                               txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), target.float())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, float(self.tcfg["max_grad_norm"]))
-        self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        return {"loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": float(lr)}
+        return rt.optimize(self, loss, self.params)
 
     @torch.no_grad()
     def eval_loss(self, sigmas=(0.25, 0.5, 0.75), seed: int = 12345) -> float:

@@ -185,6 +185,17 @@ def load_trainer_state(folder: str, optimizer, scheduler, global_batch: int) -> 
     return state
 
 
+def optimize(trainer, loss: torch.Tensor, params) -> dict:
+    """Backward, clip to ``train.max_grad_norm``, optimizer and schedule step; the metrics of the step."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, float(trainer.tcfg["max_grad_norm"]))
+    trainer.optimizer.step()
+    lr = trainer.scheduler.get_last_lr()[0]
+    trainer.scheduler.step()
+    return {"loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": float(lr)}
+
+
 def run_steps(trainer, start: int, total: int, metrics: "MetricsLog", desc: str, step_fn, save_fn,
               after_step=None) -> None:
     """The loop every trainer shares: step, mean loss over ranks, log, progress, periodic checkpoints,
