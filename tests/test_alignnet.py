@@ -1,7 +1,6 @@
 """AlignNet: the three file layouts, the three fusion variants, a hand-written forward, and bad files."""
 
 import json
-import os
 import pickle
 
 import pytest

@@ -34,7 +34,6 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import X2IFileError, X2IShapeError
 from .io import atomic_save_safetensors, load_weights_file

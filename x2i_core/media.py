@@ -8,7 +8,7 @@ multiples of 28 within ``[min_pixels, max_pixels]`` keeping the aspect ratio.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -155,7 +155,3 @@ def as_video_list(videos: Any) -> list[Sequence[Any]]:
             return list(videos)
         return [list(videos)]
     raise X2IInputError(f"video: expected a list of frames or a [T, H, W, C] array, found {type(videos).__name__}")
-
-
-def iter_nonempty(items: Iterable[Any]) -> list[Any]:
-    return [x for x in items if x is not None]
