@@ -15,15 +15,13 @@ import torch
 
 import comfy.controlnet
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.utils
 from comfy_api.latest import io
 
-from ..x2i_core.errors import X2IError
 from ..x2i_core.lightcontrol import load_lightcontrol
 from . import paths
-from .models import _Holder
-from .x2i_nodes import CATEGORY, NodeError
+from .models import managed
+from .x2i_nodes import CATEGORY, NodeError, _user_errors
 
 log = logging.getLogger("x2i")
 
@@ -75,16 +73,9 @@ class LightControlNet(comfy.controlnet.ControlBase):
 
 
 def load_lightcontrol_net(path: str, name: str) -> LightControlNet:
-    try:
+    with _user_errors("X2I LightControl Loader"):
         module = load_lightcontrol(path)
-    except X2IError as exc:
-        raise NodeError(f"X2I LightControl Loader: {exc}") from None
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    holder = _Holder(module)
-    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device,
-                                               size=mm.module_size(holder))
-    return LightControlNet(patcher, name)
+    return LightControlNet(managed(module, mm.get_torch_device(), mm.unet_offload_device()), name)
 
 
 class X2ILightControlLoader(io.ComfyNode):

@@ -30,6 +30,13 @@ class _Holder(torch.nn.Module):
         self.inner = module
 
 
+def managed(module: torch.nn.Module, load_device, offload_device):
+    """A ModelPatcher over ``module`` (held in a plain nn.Module) so ComfyUI loads and offloads it."""
+    holder = _Holder(module)
+    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device,
+                                            size=mm.module_size(holder))
+
+
 class ManagedMLLM:
     """What travels on an ``X2I_MLLM`` socket."""
 
@@ -78,9 +85,7 @@ def load_managed_mllm(path: str, name: str, dtype: str = "auto", device: str = "
     torch_dtype = resolve_dtype(dtype, load_device)
     with _LOCK:
         encoder = load_mllm(path, dtype=torch_dtype, device=offload_device)
-    holder = _Holder(encoder.model)
-    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device,
-                                               size=mm.module_size(holder))
+    patcher = managed(encoder.model, load_device, offload_device)
     log.info("X2I: loaded MLLM %s (%s, C=%d, H=%d)", path, torch_dtype, encoder.channels, encoder.hidden_size)
     return ManagedMLLM(encoder, path, name, patcher)
 
@@ -90,7 +95,5 @@ def load_managed_alignnet(path: str, name: str, device: str = "default") -> Mana
     net = load_alignnet(path)
     if load_device.type != "cpu":
         net.to(dtype=resolve_dtype("auto", load_device))
-    holder = _Holder(net)
-    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device,
-                                               size=mm.module_size(holder))
+    patcher = managed(net, load_device, offload_device)
     return ManagedAlignNet(net, path, os.path.basename(path) if not name else name, patcher)

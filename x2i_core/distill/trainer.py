@@ -347,12 +347,7 @@ class DistillTrainer:
 
 
 def run(config_path: str | None, overrides: list[str]) -> str:
-    cfg = rt.load_config(DEFAULTS, config_path, overrides)
-    trainer = DistillTrainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    return rt.run_trainer(DistillTrainer, DEFAULTS, config_path, overrides)
 
 
 __all__ = ["DEFAULTS", "DistillTrainer", "run"]

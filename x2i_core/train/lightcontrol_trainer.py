@@ -264,10 +264,5 @@ class LightControlTrainer:
         self.dist.close()
 
 
-def run(config_path, overrides) -> str:
-    cfg = rt.load_config(DEFAULTS, config_path, overrides)
-    trainer = LightControlTrainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+def run(config_path: str | None, overrides: list[str]) -> str:
+    return rt.run_trainer(LightControlTrainer, DEFAULTS, config_path, overrides)

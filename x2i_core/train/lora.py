@@ -486,12 +486,7 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def run(config_path: str | None, overrides: list[str]) -> str:
-    cfg = rt.load_config(DEFAULTS, config_path, overrides)
-    trainer = LoraTrainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    return rt.run_trainer(LoraTrainer, DEFAULTS, config_path, overrides)
 
 
 __all__ = ["DEFAULTS", "LoraTrainer", "run", "scan_dataset", "bucket_sizes", "pack_latents", "unpack_latents"]

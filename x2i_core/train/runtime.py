@@ -47,6 +47,15 @@ def deep_update(base: dict, other: Mapping) -> dict:
     return base
 
 
+def run_trainer(trainer_cls, defaults: Mapping, config_path: str | None, overrides: list[str] | None) -> str:
+    """Config file + overrides -> trainer -> fit; the path of the trained file."""
+    trainer = trainer_cls(load_config(defaults, config_path, overrides))
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
 def load_config(defaults: Mapping, path: str | None = None, overrides: list[str] | None = None) -> dict:
     import yaml
 
