@@ -286,6 +286,28 @@ def load_workflow(name: str) -> dict:
         return json.load(fh)
 
 
+def boot_in_process(spec_path: str, with_nodes: bool = True) -> dict:
+    """Read a probe's JSON spec and start ComfyUI inside this process (CPU; the spec's base
+    directory; custom nodes loaded when ``with_nodes``).  Returns the spec."""
+    import asyncio
+
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    sys.path.insert(0, spec["comfy_dir"])
+    os.chdir(spec["comfy_dir"])
+    from comfy.cli_args import args
+
+    args.cpu = True
+    if spec.get("base"):
+        args.base_directory = spec["base"]
+    if with_nodes:
+        import utils.extra_config  # noqa: F401  (must precede nodes: 'utils' is ComfyUI's package)
+        import nodes
+
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    return spec
+
+
 def run_in_process(spec_path: str) -> None:
     """Run one API prompt with ComfyUI's PromptExecutor inside this process (call in a subprocess).
 
@@ -296,21 +318,9 @@ def run_in_process(spec_path: str) -> None:
     """
     import asyncio
 
-    with open(spec_path, encoding="utf-8") as fh:
-        spec = json.load(fh)
-    comfy_dir = spec["comfy_dir"]
-    sys.path.insert(0, comfy_dir)
-    os.chdir(comfy_dir)
-    from comfy.cli_args import args
-
-    args.cpu = True
-    args.base_directory = spec["base"]
-    import utils.extra_config  # noqa: F401  (must precede nodes: 'utils' is ComfyUI's package)
+    spec = boot_in_process(spec_path)
     import comfy.model_management as mm
     import execution
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
 
     class _Server:
         client_id = None

@@ -8,22 +8,14 @@ sigma, seq, pooled, guidance and image [B, 8h, 8w, 3] (ComfyUI IMAGE).  Writes t
 ``v_half`` (strength 0.5).
 """
 
-import asyncio
 import json
-import os
 import sys
 
 
 def main(spec_path):
-    with open(spec_path, encoding="utf-8") as fh:
-        spec = json.load(fh)
-    sys.path.insert(0, spec["comfy_dir"])
-    os.chdir(spec["comfy_dir"])
-    from comfy.cli_args import args
+    from comfy_host import boot_in_process
 
-    args.cpu = True
-    args.base_directory = spec["base"]
-    import utils.extra_config  # noqa: F401
+    spec = boot_in_process(spec_path)
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -31,7 +23,6 @@ def main(spec_path):
     import comfy.sd
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     loader = nodes.NODE_CLASS_MAPPINGS["X2ILightControlLoader"]
     cnet = loader.execute(lightcontrol_name=spec["lightcontrol_name"]).args[0]
     inp = load_file(spec["inputs"])

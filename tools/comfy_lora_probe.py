@@ -8,18 +8,13 @@ predicts (``[B, 16, H, W]``) and the LoRA keys ComfyUI could not map.
 
 import json
 import logging
-import os
 import sys
 
 
 def main(spec_path):
-    with open(spec_path, encoding="utf-8") as fh:
-        spec = json.load(fh)
-    sys.path.insert(0, spec["comfy_dir"])
-    os.chdir(spec["comfy_dir"])
-    from comfy.cli_args import args
+    from comfy_host import boot_in_process
 
-    args.cpu = True
+    spec = boot_in_process(spec_path, with_nodes=False)
     import torch
     from safetensors.torch import load_file, save_file
 
