@@ -17,18 +17,23 @@ def _collect_nodes() -> list:
 
     paths.register_folders()
     found = []
-    try:
-        from .x2i_nodes import NODES as core_nodes
+    # (module, what it provides); a group whose import fails is skipped with the reason logged.
+    groups = [("x2i_nodes", "core nodes"), ("lightcontrol_nodes", "LightControl nodes"),
+              ("media_nodes", "media / chat / reasoning nodes"), ("clip_nodes", "native-CLIP encode node")]
+    import importlib
 
-        found.extend(core_nodes)
-    except ImportError as exc:  # e.g. transformers/diffusers missing in this ComfyUI
-        log.error("X2I: core nodes disabled: %s (pip install -r requirements.txt in the pack folder)", exc)
-    try:
-        from .lightcontrol_nodes import NODES as lightcontrol_nodes
-
-        found.extend(lightcontrol_nodes)
-    except ImportError as exc:
-        log.error("X2I: LightControl nodes disabled: %s", exc)
+    for module, what in groups:
+        try:
+            mod = importlib.import_module(f".{module}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{module}":
+                continue  # group not present in this version of the pack
+            log.error("X2I: %s disabled: %s (pip install -r requirements.txt in the pack folder)", what, exc)
+            continue
+        except ImportError as exc:  # e.g. transformers/diffusers missing in this ComfyUI
+            log.error("X2I: %s disabled: %s (pip install -r requirements.txt in the pack folder)", what, exc)
+            continue
+        found.extend(mod.NODES)
     return found
 
 

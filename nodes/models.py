@@ -19,7 +19,7 @@ import comfy.model_patcher
 
 from ..x2i_core.alignnet import load_alignnet
 from ..x2i_core.mllm import load_mllm
-from ..x2i_core.mllm.qwen25vl import resolve_dtype
+from ..x2i_core.mllm import resolve_dtype
 
 log = logging.getLogger("x2i")
 
@@ -85,7 +85,7 @@ def load_managed_mllm(path: str, name: str, dtype: str = "auto", device: str = "
     torch_dtype = resolve_dtype(dtype, load_device)
     with _LOCK:
         encoder = load_mllm(path, dtype=torch_dtype, device=offload_device)
-    patcher = managed(encoder.model, load_device, offload_device)
+    patcher = managed(encoder.module, load_device, offload_device)
     log.info("X2I: loaded MLLM %s (%s, C=%d, H=%d)", path, torch_dtype, encoder.channels, encoder.hidden_size)
     return ManagedMLLM(encoder, path, name, patcher)
 

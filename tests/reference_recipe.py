@@ -64,10 +64,11 @@ def reference_inputs(processor, preset: str, text: str | None, images=(), video=
         prompt = processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True, add_vision_id=True)
         imgs = [c["image"] for c in content if c["type"] == "image"] or None
         tok.padding_side = "right"
-        first = processor(text=[prompt], images=imgs, videos=vids, return_tensors="pt")
+        fps = {"fps": 1.0} if vids else {}  # frames sampled at 1 fps
+        first = processor(text=[prompt], images=imgs, videos=vids, return_tensors="pt", **fps)
         max_len = max(int(first.input_ids.shape[1] * 1.3), 512)
         return processor(text=[prompt], images=imgs, videos=vids, padding="max_length", max_length=max_len,
-                         return_tensors="pt")
+                         return_tensors="pt", **fps)
     if preset == "scripts":
         content, image_list = [], []
         for im in images:
@@ -83,8 +84,9 @@ def reference_inputs(processor, preset: str, text: str | None, images=(), video=
         prompt = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                add_generation_prompt=True)
         tok.padding_side = "right"
+        fps = {"fps": 1.0} if vids else {}
         return processor(text=[prompt], images=image_list or None, videos=vids, padding="max_length",
-                         max_length=512, truncation=True, return_tensors="pt")
+                         max_length=512, truncation=True, return_tensors="pt", **fps)
     raise ValueError(preset)
 
 

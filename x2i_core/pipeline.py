@@ -66,7 +66,7 @@ class X2IPipeline:
     def from_paths(cls, mllm: str, alignnet: str, flux: str, *, device: str = "cpu", dtype: str = "auto",
                    alignnet_config: Any = None) -> "X2IPipeline":
         dev = torch.device(device)
-        from .mllm.qwen25vl import resolve_dtype
+        from .mllm import resolve_dtype
 
         torch_dtype = resolve_dtype(dtype, dev)
         net = load_alignnet(alignnet, alignnet_config, dtype=torch_dtype, device=dev)

@@ -84,17 +84,33 @@ def with_image_size(spec: PresetSpec, size: int | None) -> PresetSpec:
     return dataclasses.replace(spec, image_max_pixels=size * size)
 
 
-def instruction_dict(text: str | None, spec: PresetSpec, has_media: bool) -> str:
-    """``str()`` of the reference's instruction dict (Python repr, single quotes)."""
+def instruction_dict(text: str | None, spec: PresetSpec, has_media: bool, instruction: str | None = None) -> str:
+    """``str()`` of the reference's instruction dict (Python repr, single quotes).
+
+    ``instruction`` fills the "Instruction editing description" field (image+text
+    editing); without it the field is ``'no'`` (training) or ``''`` (comfyui).
+    """
     if spec.name == "training":
-        d = {"Text input": text, "Instruction editing description": "no", "image input": "no"}
+        d = {"Text input": text, "Instruction editing description": instruction or "no", "image input": "no"}
     else:
         d = {
             "Text input": "" if text is None else text,
-            "Instruction editing description": "",
+            "Instruction editing description": instruction or "",
             "image input": "yes" if has_media else "no",
         }
     return str(d)
+
+
+@dataclasses.dataclass
+class Turn:
+    """One chat turn with its media already decoded (RGB images, frame lists, mono audio arrays)."""
+
+    role: str                                  # "user" or "assistant"
+    text: str | None = None
+    images: list[Image.Image] = dataclasses.field(default_factory=list)
+    videos: list[list[Any]] = dataclasses.field(default_factory=list)
+    audios: list[Any] = dataclasses.field(default_factory=list)
+    instruction: str | None = None             # the "Instruction editing description" field
 
 
 @dataclasses.dataclass
@@ -104,60 +120,98 @@ class BuiltPrompt:
     videos: list[list[Image.Image]]  # processed frame lists
     spec: PresetSpec
     templated: bool = True
+    audios: list[Any] = dataclasses.field(default_factory=list)  # mono arrays at the model's rate
 
 
-def build_message(text: str | None, images: list[Image.Image], videos: list[list[Any]], spec: PresetSpec,
-                  processor) -> BuiltPrompt:
-    """Build one prompt exactly as the reference does for ``spec``.
-
-    ``images`` are RGB PIL images; ``videos`` lists of frames (anything
-    :func:`x2i_core.media.to_pil` accepts).
-    """
-    has_media = bool(images or videos)
-    if spec.name == "training":
-        if not text:
-            raise X2IInputError("prompt text is empty; the 'training' preset needs a caption")
-    elif not text and not has_media:
-        raise X2IInputError("prompt is empty: give text, an image or a video")
-
+def _check_placeholders(text: str | None, spec: PresetSpec, single_turn: bool) -> None:
     placeholders = [t for t in VISION_PLACEHOLDERS if text and t in text]
-    both_pads = spec.name == "comfyui" and "<|image_pad|>" in placeholders and "<|video_pad|>" in placeholders
+    both_pads = (single_turn and spec.name == "comfyui" and "<|image_pad|>" in placeholders
+                 and "<|video_pad|>" in placeholders)
     if placeholders and not both_pads:
         raise X2IInputError(
             f"prompt text contains the MLLM's vision placeholder token(s) {placeholders}; they are inserted for "
             "connected images/videos automatically - remove them from the text")
-    content: list[dict[str, Any]] = []
+
+
+def build_message(text: str | None, images: list[Image.Image], videos: list[list[Any]], spec: PresetSpec,
+                  processor, chat_kwargs: dict[str, Any] | None = None) -> BuiltPrompt:
+    """One single-turn prompt (see :func:`build_conversation`)."""
+    return build_conversation([Turn("user", text, images, videos)], spec, processor, chat_kwargs)
+
+
+def build_conversation(turns: list[Turn], spec: PresetSpec, processor,
+                       chat_kwargs: dict[str, Any] | None = None) -> BuiltPrompt:
+    """Build the prompt exactly as the reference does for ``spec``.
+
+    The last turn is the prompt proper and must be a user turn: its text goes
+    through the preset (the instruction dict for ``training``/``comfyui``,
+    plain for ``scripts``).  Earlier turns (multi-turn chats) are rendered as
+    plain chat messages with their media, so the MLLM reads the whole
+    conversation.  In every user turn media come before the text (images,
+    then videos, then audio), as the reference nodes place them.
+    """
+    if not turns:
+        raise X2IInputError("the conversation has no turns; add at least one user turn")
+    last = turns[-1]
+    if last.role != "user":
+        raise X2IInputError("the conversation ends with an assistant turn; add a user turn after it "
+                            "(the prompt that X2I encodes is the last user turn in context)")
+    final_media = bool(last.images or last.videos or last.audios)
+    any_media = any(t.images or t.videos or t.audios for t in turns)
+    if spec.name == "training":
+        if any_media:
+            raise X2IInputError("prompt preset 'training' is text-only; use 'comfyui' or 'scripts' (or 'auto') "
+                                "for prompts with images, video or audio")
+        if not last.text:
+            raise X2IInputError("prompt text is empty; the 'training' preset needs a caption")
+    elif not last.text and not final_media and not last.instruction:
+        raise X2IInputError("prompt is empty: give text, an image, a video or audio")
+
+    single = len(turns) == 1
+    for t in turns:
+        _check_placeholders(t.text, spec, single)
+        _check_placeholders(t.instruction, spec, False)
     proc_images: list[Image.Image] = []
     proc_videos: list[list[Image.Image]] = []
-    for img in images:
-        if spec.image_exact_size is not None:
-            im = img.resize(spec.image_exact_size, resample=Image.BICUBIC)
+    proc_audios: list[Any] = []
+    messages = []
+    for ti, turn in enumerate(turns):
+        content: list[dict[str, Any]] = []
+        if turn.role == "user":
+            for img in turn.images:
+                if spec.image_exact_size is not None:
+                    im = img.resize(spec.image_exact_size, resample=Image.BICUBIC)
+                else:
+                    im = fit_pixels(img, spec.image_max_pixels)
+                proc_images.append(im)
+                content.append({"type": "image", "image": im})
+            for frames in turn.videos:
+                vf = video_frames(frames, spec.video_max_pixels, name=f"video {len(proc_videos) + 1}")
+                proc_videos.append(vf)
+                content.append({"type": "video", "video": vf})
+            for audio in turn.audios:
+                proc_audios.append(audio)
+                content.append({"type": "audio", "audio": audio})
+        elif turn.images or turn.videos or turn.audios:
+            raise X2IInputError(f"chat turn {ti + 1} is an assistant turn with media; media belong in user turns")
+        is_last = ti == len(turns) - 1
+        if is_last and spec.name != "scripts":
+            text_item = instruction_dict(last.text, spec, final_media, last.instruction)
+        elif spec.name == "scripts" and is_last and last.instruction:
+            text_item = last.instruction if last.text is None else f"{last.text}\n{last.instruction}"
         else:
-            im = fit_pixels(img, spec.image_max_pixels)
-        proc_images.append(im)
-        content.append({"type": "image", "image": im})
-    for i, frames in enumerate(videos):
-        vf = video_frames(frames, spec.video_max_pixels, name=f"video {i + 1}")
-        proc_videos.append(vf)
-        content.append({"type": "video", "video": vf})
-
-    if spec.name == "scripts":
-        if text is not None:
-            content.append({"type": "text", "text": text})
-        item_text = None
-    else:
-        item_text = instruction_dict(text, spec, has_media)
-
-    if spec.name == "comfyui" and text is not None and "<|image_pad|>" in text and "<|video_pad|>" in text:
-        # The reference nodes skip the chat template when the user text already
-        # carries both vision placeholders.
-        return BuiltPrompt(item_text, proc_images, proc_videos, spec, templated=False)
-    if item_text is not None:
-        content.append({"type": "text", "text": item_text})
-    message = [{"role": "user", "content": content}]
-    kwargs = {"add_vision_id": True} if spec.vision_ids else {}
-    prompt = processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True, **kwargs)
-    return BuiltPrompt(prompt, proc_images, proc_videos, spec)
+            text_item = turn.text
+        if is_last and single and spec.name == "comfyui" and last.text and "<|image_pad|>" in last.text \
+                and "<|video_pad|>" in last.text:
+            # The reference nodes skip the chat template when the user text already
+            # carries both vision placeholders.
+            return BuiltPrompt(text_item, proc_images, proc_videos, spec, templated=False, audios=proc_audios)
+        if text_item is not None:
+            content.append({"type": "text", "text": text_item})
+        messages.append({"role": turn.role, "content": content})
+    kwargs = dict(chat_kwargs or {})
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return BuiltPrompt(prompt, proc_images, proc_videos, spec, audios=proc_audios)
 
 
 def target_length(spec: PresetSpec, real_length: int) -> int:

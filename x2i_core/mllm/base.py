@@ -9,12 +9,34 @@ import torch
 
 
 @dataclasses.dataclass
+class ChatTurn:
+    """One earlier turn of a multi-turn conversation (``role`` is "user" or "assistant")."""
+
+    role: str
+    text: str | None = None
+    images: Any = None
+    videos: Any = None
+    audios: Any = None
+    instruction: str | None = None
+
+
+@dataclasses.dataclass
 class EncodeRequest:
-    """One prompt: text and/or media.  Media are in prompt order (images first, then videos)."""
+    """One prompt: text and/or media, optionally after earlier chat turns.
+
+    Media are placed before the text in the user message (images, then videos,
+    then audio).  ``instruction`` fills the reference's "Instruction editing
+    description" field (image + text editing).  ``history`` holds earlier turns;
+    when the request itself has no text or media, the last history turn (a user
+    turn) is the prompt.
+    """
 
     text: str | None = None
     images: Any = None   # None, one image, a list, or a [N, H, W, C] batch
     videos: Any = None   # None, one video (list of frames / [T, H, W, C]) or a list of videos
+    audios: Any = None   # None, one clip (ComfyUI AUDIO dict, AudioClip, (array, rate), path) or a list
+    instruction: str | None = None
+    history: Sequence[ChatTurn] = ()
 
 
 @dataclasses.dataclass
@@ -43,4 +65,9 @@ class MLLMEncoder(Protocol):
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
                image_size: int | None = None) -> HiddenStates:
+        ...
+
+    def generate_answer(self, request: EncodeRequest, *, max_new_tokens: int = 128, temperature: float = 0.0,
+                        seed: int = 0, image_size: int | None = None, answer: str = "states",
+                        preset: str | None = None) -> tuple[str, HiddenStates]:
         ...

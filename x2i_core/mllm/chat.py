@@ -1,0 +1,369 @@
+"""The encoder shared by chat-template MLLM families (Qwen2.5-VL, Qwen2.5-Omni, InternVL ...).
+
+Encoding = build the X2I prompt (one or more chat turns with their media, per
+preset), run the processor, pad per preset, then one forward pass of the
+multimodal backbone with every hidden state returned and no LM head: the
+embedding output plus each decoder layer (the last one after the final norm,
+as transformers returns it), stacked as ``[B, layers + 1, S, H]``.  The
+reference obtains the same tensors from the prefill step of
+``generate(max_new_tokens=1, output_hidden_states=True)``.
+
+A family subclass says how to load its model folder, which decoder layers to
+report progress on, which modalities it accepts and how its processor is
+called; everything else is here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+
+from ..audio import prepare_audio
+from ..errors import X2IFileError, X2IInputError
+from ..media import as_video_list, to_pil_list
+from ..prompt import Turn, build_conversation, resolve_preset, target_length, with_image_size
+from .base import ChatTurn, EncodeRequest, HiddenStates
+
+log = logging.getLogger("x2i")
+
+MODALITY_NAMES = {"image": "images", "video": "video", "audio": "audio"}
+
+
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise X2IFileError(
+            f"MLLM folder '{path}' does not exist; expected a Hugging Face model folder "
+            "(config.json, *.safetensors, tokenizer and preprocessor files)"
+        )
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise X2IFileError(f"MLLM folder '{path}' has no config.json; expected a Hugging Face model folder")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise X2IFileError(f"MLLM config '{cfg_path}' is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise X2IFileError(f"MLLM config '{cfg_path}' is not a JSON object")
+    return cfg
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = (dtype or "auto").lower()
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in table:
+        raise X2IInputError(f"dtype {dtype!r} is unknown; expected auto, fp32, bf16 or fp16")
+    return table[name]
+
+
+def _turns_of(req: EncodeRequest) -> list[ChatTurn]:
+    turns = list(req.history or [])
+    has_own = req.text is not None or req.images is not None or req.videos is not None or req.audios is not None
+    if has_own or not turns:
+        turns.append(ChatTurn("user", req.text, req.images, req.videos, req.audios, req.instruction))
+    elif req.instruction is not None and turns[-1].role == "user":
+        last = turns[-1]
+        turns[-1] = ChatTurn("user", last.text, last.images, last.videos, last.audios, req.instruction)
+    return turns
+
+
+class ChatEncoder:
+    """Base of the chat-template MLLM encoders (see the module docstring)."""
+
+    family = "mllm"
+    display = "MLLM"
+    model_types: tuple[str, ...] = ()
+    modalities = frozenset({"text", "image", "video"})
+    trust_remote_code = False
+
+    def __init__(self, module, model, processor, name: str, path: str | None = None):
+        self.module = module        # the full model (LM head included, used only by generate)
+        self.model = model          # the backbone (no LM head)
+        self.processor = processor
+        self.name = name
+        self.path = path
+        cfg = self.text_config()
+        self.channels = int(cfg.num_hidden_layers) + 1
+        self.hidden_size = int(cfg.hidden_size)
+
+    # -- family hooks -------------------------------------------------------
+    @classmethod
+    def load_parts(cls, path: str, torch_dtype: torch.dtype, **kwargs):
+        """-> (full model, backbone, processor)."""
+        raise NotImplementedError
+
+    def text_config(self):
+        cfg = self.model.config
+        return getattr(cfg, "text_config", cfg)
+
+    @property
+    def decoder_layers(self):
+        lm = getattr(self.model, "language_model", None)
+        return getattr(lm, "layers", None)
+
+    def chat_kwargs(self, spec) -> dict[str, Any]:
+        return {}
+
+    def media_token_ids(self) -> set[int]:
+        cfg = self.model.config
+        ids = {getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "audio_token_id",
+                                                "image_token_index", "video_token_index", "audio_token_index")}
+        ids.discard(None)
+        return {int(i) for i in ids}
+
+    def audio_rate(self) -> int:
+        fe = getattr(self.processor, "feature_extractor", None)
+        return int(getattr(fe, "sampling_rate", 16000))
+
+    def processor_inputs(self, built) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"text": [built.text], "padding": False, "return_tensors": "pt"}
+        if built.images:
+            kwargs["images"] = built.images
+        if built.videos:
+            kwargs["videos"] = built.videos
+            kwargs["fps"] = [built.spec.video_fps] * len(built.videos)
+        if built.audios:
+            kwargs["audio"] = built.audios
+        return dict(self.processor(**kwargs))
+
+    def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Extra forward arguments (e.g. position ids) that make a padded batch equal the reference's generate."""
+        return {}
+
+    # -- loading ------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto",
+                        device: str | torch.device = "cpu", **kwargs) -> "ChatEncoder":
+        path = os.fspath(path)
+        cfg = read_model_config(path)
+        if cfg.get("model_type") not in cls.model_types:
+            raise X2IFileError(
+                f"MLLM folder '{path}' holds a {cfg.get('model_type')!r} model; this encoder reads "
+                f"{cls.display} folders (model_type {' / '.join(repr(t) for t in cls.model_types)})"
+            )
+        device = torch.device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        try:
+            full, backbone, processor = cls.load_parts(path, torch_dtype, **kwargs)
+        except OSError as exc:
+            raise X2IFileError(f"MLLM folder '{path}' is incomplete or corrupt ({exc})") from exc
+        full.to(device).eval().requires_grad_(False)
+        name = f"{cls.display} ({os.path.basename(os.path.normpath(path))})"
+        return cls(full, backbone, processor, name, path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # -- prompt -------------------------------------------------------------
+    def _check_modalities(self, i: int, turn: ChatTurn, images, videos, audios) -> None:
+        given = [m for m, items in (("image", images), ("video", videos), ("audio", audios)) if items]
+        for m in given:
+            if m not in self.modalities:
+                supported = sorted(self.modalities - {"text"})
+                raise X2IInputError(
+                    f"prompt {i + 1}: {MODALITY_NAMES[m]} given, but {self.name} does not take {MODALITY_NAMES[m]} "
+                    f"(it takes text{''.join(', ' + MODALITY_NAMES[s] for s in supported)}); "
+                    + ("load an audio-capable MLLM such as Qwen2.5-Omni" if m == "audio" else
+                       "load an MLLM that supports it (Qwen2.5-VL, Qwen2.5-Omni, InternVL)")
+                )
+
+    def build_prompt(self, req: EncodeRequest, preset: str | None, image_size: int | None, index: int = 0):
+        """The templated prompt and processed media for one request (no tokenisation)."""
+        turns_in = _turns_of(req)
+        turns: list[Turn] = []
+        has_media = False
+        for t in turns_in:
+            if t.role not in ("user", "assistant"):
+                raise X2IInputError(f"prompt {index + 1}: chat turn role {t.role!r}; expected 'user' or 'assistant'")
+            images = to_pil_list(t.images, "image")
+            videos = [list(v) for v in as_video_list(t.videos)]
+            audios = [prepare_audio(a, self.audio_rate(), f"audio {j + 1}") for j, a in enumerate(_as_list(t.audios))]
+            self._check_modalities(index, t, images, videos, audios)
+            if t.text is not None and not isinstance(t.text, str):
+                raise X2IInputError(f"prompt {index + 1}: text must be a string, found {type(t.text).__name__}")
+            has_media = has_media or bool(images or videos or audios)
+            turns.append(Turn(t.role, t.text, images, videos, audios, t.instruction))
+        spec = with_image_size(resolve_preset(preset, has_media), image_size)
+        return build_conversation(turns, spec, self.processor, self.chat_kwargs(spec))
+
+    def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None,
+                image_size: int | None = None) -> tuple[dict[str, torch.Tensor], str, list[int]]:
+        """Processor inputs for a batch, padded per the preset (no forward pass)."""
+        if not requests:
+            raise X2IInputError("no prompt given; expected at least one text/image/video/audio prompt")
+        tok = self.processor.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        per_prompt = []
+        spec = None
+        for i, req in enumerate(requests):
+            built = self.build_prompt(req, preset, image_size, i)
+            if spec is not None and built.spec != spec:
+                raise X2IInputError(
+                    "a batch mixes text-only prompts and prompts with media under preset 'auto'; "
+                    "choose one preset explicitly ('comfyui' or 'scripts') for the whole batch"
+                )
+            spec = built.spec
+            per_prompt.append(self.processor_inputs(built))
+        lengths = [int(e["input_ids"].shape[1]) for e in per_prompt]
+        target = max(target_length(spec, n) for n in lengths)
+        media_ids = self.media_token_ids()
+        ids_rows, mask_rows = [], []
+        for i, (enc, n) in enumerate(zip(per_prompt, lengths)):
+            ids = enc["input_ids"][0]
+            if n > target:
+                kept = ids[:target]
+                if any(int((ids == m).sum()) != int((kept == m).sum()) for m in media_ids):
+                    raise X2IInputError(
+                        f"prompt {i + 1} is {n} tokens with its media, more than the '{spec.name}' preset's "
+                        f"fixed {target}; use the 'comfyui' preset (its length grows with the prompt), "
+                        "fewer or smaller images, fewer video frames, shorter audio, or shorter text"
+                    )
+                log.warning("prompt %d is %d tokens; truncated to %d as the '%s' preset does", i + 1, n, target, spec.name)
+                ids = kept
+            pad = torch.full((target - ids.shape[0],), pad_id, dtype=ids.dtype)
+            mask = torch.ones(ids.shape[0], dtype=torch.long)
+            zeros = torch.zeros(pad.shape[0], dtype=torch.long)
+            if spec.padding_side == "left":
+                ids_rows.append(torch.cat([pad, ids]))
+                mask_rows.append(torch.cat([zeros, mask]))
+            else:
+                ids_rows.append(torch.cat([ids, pad]))
+                mask_rows.append(torch.cat([mask, zeros]))
+        batch: dict[str, torch.Tensor] = {"input_ids": torch.stack(ids_rows), "attention_mask": torch.stack(mask_rows)}
+        batch.update(_collate_media(per_prompt))
+        return batch, spec.name, lengths
+
+    # -- forward ------------------------------------------------------------
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        dev, dtype = self.device, self.dtype
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(dev)
+                if v.is_floating_point() and (k.startswith("pixel_values") or k == "input_features"):
+                    v = v.to(dtype)
+            out[k] = v
+        return out
+
+    def forward_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One forward pass over prepared inputs -> ``[B, layers + 1, S, H]``."""
+        inputs = self._to_device(batch)
+        inputs.update(self.forward_inputs(inputs))
+        with torch.inference_mode():
+            out = self.model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
+        return torch.stack(out.hidden_states, dim=1)
+
+    def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
+               image_size: int | None = None) -> HiddenStates:
+        """Encode prompts.  ``image_size`` overrides the preset's image resolution (pixels per side)."""
+        if isinstance(requests, EncodeRequest):
+            requests = [requests]
+        batch, preset_name, lengths = self.prepare(list(requests), preset, image_size)
+        hidden = self.forward_hidden(batch)
+        return HiddenStates(hidden, batch["attention_mask"], self.name, preset_name, lengths)
+
+    def encode_text(self, text: str | Sequence[str], preset: str | None = None) -> HiddenStates:
+        texts = [text] if isinstance(text, str) else list(text)
+        return self.encode([EncodeRequest(text=t) for t in texts], preset)
+
+    # -- reasoning ----------------------------------------------------------
+    def generate_answer(self, request: EncodeRequest, *, max_new_tokens: int = 128, temperature: float = 0.0,
+                        seed: int = 0, image_size: int | None = None, answer: str = "states",
+                        preset: str | None = None) -> tuple[str, HiddenStates]:
+        """Reasoning -> image: the MLLM answers the prompt first, then the answer is what gets encoded.
+
+        The question is asked as the reference scripts ask it (plain user text with its media, chat
+        template, generation prompt, no padding).  ``answer="states"`` (the reference's "use answer"):
+        the hidden states of the answer tokens, every layer, in the context of the question.
+        ``answer="text"``: the answer text re-encoded alone as a new prompt with ``preset``.
+        """
+        if max_new_tokens < 1:
+            raise X2IInputError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
+        if temperature < 0:
+            raise X2IInputError(f"temperature is {temperature}; expected 0 (greedy) or more")
+        if answer not in ("states", "text"):
+            raise X2IInputError(f"answer mode {answer!r}; expected 'states' or 'text'")
+        batch, _, lengths = self.prepare([request], "scripts" if preset is None or answer == "states" else preset,
+                                         image_size)
+        # No padding for generation: keep the real tokens only.
+        n = lengths[0]
+        batch = dict(batch)
+        batch["input_ids"] = batch["input_ids"][:, :n]
+        batch["attention_mask"] = batch["attention_mask"][:, :n]
+        inputs = self._to_device(batch)
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "use_cache": True}
+        if temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        tok = self.processor.tokenizer
+        stop = {t for t in (tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if t is not None}
+        stop.discard(getattr(tok, "unk_token_id", None))
+        devices = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            with torch.inference_mode():
+                out = self.generator().generate(**inputs, **gen_kwargs, eos_token_id=sorted(stop),
+                                                pad_token_id=tok.pad_token_id)
+        new = out[0, n:].to("cpu")
+        keep = len(new)
+        while keep and int(new[keep - 1]) in stop:
+            keep -= 1
+        new = new[:keep]
+        text = tok.decode(new, skip_special_tokens=True).strip()
+        if keep == 0 or not text:
+            raise X2IInputError(
+                f"{self.name} produced no answer tokens (it ended its turn at once); raise max_new_tokens, set a "
+                "temperature above 0 or rephrase the question")
+        if answer == "text":
+            return text, self.encode(EncodeRequest(text=text), preset=preset)
+        full = dict(batch)
+        full["input_ids"] = torch.cat([batch["input_ids"], new[None]], dim=1)
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        hidden = self.forward_hidden(full)[:, :, n:]
+        mask = torch.ones(1, keep, dtype=torch.long)
+        return text, HiddenStates(hidden, mask, self.name, "answer", [keep])
+
+    def generator(self):
+        """The module whose ``generate`` answers questions (the full model with its LM head)."""
+        return self.module
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)) and not (len(x) == 2 and isinstance(x[1], (int, float))):
+        return list(x)
+    return [x]
+
+
+def _collate_media(per_prompt: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Concatenate the processors' media tensors of several prompts along their first dimension."""
+    out: dict[str, torch.Tensor] = {}
+    keys = []
+    for e in per_prompt:
+        keys.extend(k for k in e if k not in ("input_ids", "attention_mask") and k not in keys)
+    for key in keys:
+        parts = [e[key] for e in per_prompt if e.get(key) is not None]
+        if not parts:
+            continue
+        parts = [p if isinstance(p, torch.Tensor) else torch.as_tensor(p) for p in parts]
+        if key == "second_per_grid_ts":
+            parts = [p.to(torch.float32).reshape(-1) for p in parts]
+        out[key] = torch.cat(parts, dim=0)
+    return out
