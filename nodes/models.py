@@ -80,11 +80,12 @@ def _devices(device_choice: str):
     return mm.text_encoder_device(), mm.text_encoder_offload_device()
 
 
-def load_managed_mllm(path: str, name: str, dtype: str = "auto", device: str = "default") -> ManagedMLLM:
+def load_managed_mllm(path: str, name: str, dtype: str = "auto", device: str = "default",
+                      trust_remote_code: bool = False) -> ManagedMLLM:
     load_device, offload_device = _devices(device)
     torch_dtype = resolve_dtype(dtype, load_device)
     with _LOCK:
-        encoder = load_mllm(path, dtype=torch_dtype, device=offload_device)
+        encoder = load_mllm(path, dtype=torch_dtype, device=offload_device, trust_remote_code=trust_remote_code)
     patcher = managed(encoder.module, load_device, offload_device)
     log.info("X2I: loaded MLLM %s (%s, C=%d, H=%d)", path, torch_dtype, encoder.channels, encoder.hidden_size)
     return ManagedMLLM(encoder, path, name, patcher)

@@ -5,3 +5,4 @@ from comfy_api.latest import io
 MLLM = io.Custom("X2I_MLLM")
 HIDDEN = io.Custom("X2I_HIDDEN")
 ALIGNNET = io.Custom("X2I_ALIGNNET")
+CHAT = io.Custom("X2I_CHAT")

@@ -2,69 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
 import torch
 
 import comfy.model_management as mm
-import comfy.utils
 import node_helpers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
 from ..x2i_core.alignnet import describe_mllm_dims
-from ..x2i_core.errors import X2IError
 from ..x2i_core.mllm.base import EncodeRequest
-from ..x2i_core.prompt import DEFAULT_PRESET, PRESETS
 from . import paths
+from .common import (CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, collect_media, has_any, media_inputs,
+                     run_mllm, user_errors)
 from .models import load_managed_alignnet, load_managed_mllm
-from .types import ALIGNNET, HIDDEN, MLLM
+from .types import ALIGNNET, CHAT, HIDDEN, MLLM
 
 log = logging.getLogger("x2i")
 
-CATEGORY = "X2I"
-PRESET_OPTIONS = [DEFAULT_PRESET, *PRESETS]
-PRESET_TOOLTIP = (
-    "How the MLLM prompt is built (the reference code's three conventions). auto = 'training' for text-only "
-    "prompts (what the AlignNet was trained on: instruction dict, left padding to 512) and 'comfyui' with images "
-    "(reference ComfyUI nodes: images first with 224x224 budget, right padding to max(1.3x length, 512)); "
-    "'scripts' = plain text, images resized to 128x128, right padding to 512."
-)
-
-
-class NodeError(RuntimeError):
-    """An error shown on the node in ComfyUI; the message is the whole story."""
-
-
-@contextlib.contextmanager
-def _user_errors(node: str):
-    try:
-        yield
-    except X2IError as exc:
-        raise NodeError(f"{node}: {exc}") from None
-
-
-@contextlib.contextmanager
-def _layer_progress(encoder):
-    """Progress bar and Cancel over the MLLM's decoder layers."""
-    layers = getattr(getattr(encoder.model, "language_model", None), "layers", None)
-    if layers is None:
-        yield
-        return
-    pbar = comfy.utils.ProgressBar(len(layers))
-
-    def hook(module, args):
-        mm.throw_exception_if_processing_interrupted()
-        pbar.update(1)
-
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+_user_errors = user_errors  # older name, used by the LightControl nodes
+DEFAULT_PRESET = PRESET_OPTIONS[0]
 
 
 class X2IMLLMLoader(io.ComfyNode):
@@ -74,7 +33,8 @@ class X2IMLLMLoader(io.ComfyNode):
             node_id="X2IMLLMLoader",
             display_name="X2I MLLM Loader",
             category=f"{CATEGORY}/loaders",
-            description="Loads a multimodal LLM (a Hugging Face model folder in models/mllm) as X2I's prompt encoder.",
+            description="Loads a multimodal LLM (a Hugging Face model folder in models/mllm: Qwen2.5-VL, Qwen2.5-Omni, "
+                        "InternVL -hf, MiniCPM-o) as X2I's prompt encoder; the family is read from its config.json.",
             inputs=[
                 io.Combo.Input("model_name", options=paths.list_mllm_dirs(),
                                tooltip="A Hugging Face model folder under models/mllm (e.g. Qwen2.5-VL-7B-Instruct); "
@@ -84,18 +44,23 @@ class X2IMLLMLoader(io.ComfyNode):
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="default = ComfyUI's text-encoder device (offloaded when memory is needed); "
                                        "cpu = always run on the CPU."),
+                io.Boolean.Input("trust_remote_code", default=False,
+                                 tooltip="Needed only for MiniCPM-o. ON runs Python files shipped inside the model "
+                                         "folder with your rights: enable only for folders from a source you trust "
+                                         "whose .py files you have read. Qwen2.5-VL, Qwen2.5-Omni and InternVL (-hf) "
+                                         "never need it."),
             ],
             outputs=[MLLM.Output(display_name="mllm", tooltip="The loaded MLLM, managed by ComfyUI.")],
         )
 
     @classmethod
-    def execute(cls, model_name, dtype="auto", device="default") -> io.NodeOutput:
+    def execute(cls, model_name, dtype="auto", device="default", trust_remote_code=False) -> io.NodeOutput:
         try:
             path = paths.resolve_mllm_dir(model_name)
         except ValueError as exc:
             raise NodeError(f"X2I MLLM Loader: {exc}") from None
         with _user_errors("X2I MLLM Loader"):
-            return io.NodeOutput(load_managed_mllm(path, model_name, dtype, device))
+            return io.NodeOutput(load_managed_mllm(path, model_name, dtype, device, trust_remote_code))
 
 
 class X2IMLLMEncode(io.ComfyNode):
@@ -105,41 +70,45 @@ class X2IMLLMEncode(io.ComfyNode):
             node_id="X2IMLLMEncode",
             display_name="X2I MLLM Encode",
             category=CATEGORY,
-            description="Runs the MLLM once over the prompt (text in any language and/or images) and returns "
-                        "all its hidden states for an AlignNet.",
+            description="Runs the MLLM once over the prompt - text in any language, images, video, audio, any mix, "
+                        "optionally after a chat - and returns all its hidden states for an AlignNet.",
             inputs=[
                 MLLM.Input("mllm", tooltip="From X2I MLLM Loader."),
                 io.String.Input("text", multiline=True, default="", tooltip="The prompt, any language. May be empty "
-                                "when images are given."),
+                                "when media are given (or when a chat's last turn is the prompt)."),
                 io.Combo.Input("preset", options=PRESET_OPTIONS, default=DEFAULT_PRESET, tooltip=PRESET_TOOLTIP),
-                io.Int.Input("image_resolution", default=0, min=0, max=4096, step=28,
-                             tooltip="0 = the preset's default (comfyui: 224x224 pixel budget; scripts: 128x128). "
-                                     "Otherwise pixels per side."),
-                io.Image.Input("image", optional=True,
-                               tooltip="Optional images; a batch is several images, in order, in one prompt."),
+                io.String.Input("instruction", multiline=True, default="",
+                                tooltip="Optional editing instruction for image+text editing: fills the reference's "
+                                        "'Instruction editing description' field (empty = the preset's default)."),
+                *media_inputs(),
+                CHAT.Input("chat", optional=True,
+                           tooltip="Optional conversation from X2I Chat Turn nodes; this node's text/media become "
+                                   "the final user turn (or, when empty, the chat's last user turn is the prompt)."),
             ],
             outputs=[HIDDEN.Output(display_name="hidden", tooltip="MLLM hidden states [1, layers+1, tokens, width].")],
         )
 
     @classmethod
-    def execute(cls, mllm, text="", preset=DEFAULT_PRESET, image_resolution=0, image=None) -> io.NodeOutput:
-        images = None
-        if image is not None:
-            if not isinstance(image, torch.Tensor) or image.dim() != 4:
-                raise NodeError("X2I MLLM Encode: 'image' must be a ComfyUI IMAGE batch [N, H, W, C]")
-            images = image
-        if not (text or "").strip() and images is None:
-            raise NodeError("X2I MLLM Encode: the prompt is empty - type some text or connect an image")
-        mllm.load()
-        try:
-            with _user_errors("X2I MLLM Encode"), _layer_progress(mllm.encoder):
-                hs = mllm.encoder.encode(EncodeRequest(text=text if text else None, images=images), preset=preset,
-                                         image_size=image_resolution or None)
-        except torch.OutOfMemoryError:
-            mm.soft_empty_cache(True)
-            raise NodeError(
-                f"X2I MLLM Encode: out of memory while encoding with '{mllm.name}'. Try dtype fp16/bf16 in the loader, "
-                "device cpu, a smaller image_resolution, fewer images, or a smaller MLLM") from None
+    def execute(cls, mllm, text="", preset=DEFAULT_PRESET, instruction="", image_resolution=0, video_resolution=0,
+                video_fps=1.0, max_frames=768, frames_fps=24.0, image=None, video=None, frames=None, audio=None,
+                chat=None) -> io.NodeOutput:
+        node = "X2I MLLM Encode"
+        with user_errors(node):
+            media = collect_media(image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
+                                  frames_fps=frames_fps)
+        history = tuple(chat or ())
+        if chat is not None and not history:
+            raise NodeError(f"{node}: the connected chat has no turns; add an X2I Chat Turn with text or media")
+        if not has_any(text, media) and not history:
+            raise NodeError(f"{node}: the prompt is empty - type some text or connect an image, video or audio")
+        if not has_any(text, media) and history[-1].role != "user":
+            raise NodeError(f"{node}: the chat ends with an assistant turn and this node adds no text or media; "
+                            "type the next user message here or end the chat with a user turn")
+        req = EncodeRequest(text=text if (text or "").strip() else None, instruction=instruction or None,
+                            history=history, **media)
+        with run_mllm(mllm, node):
+            hs = mllm.encoder.encode(req, preset=preset, image_size=image_resolution or None,
+                                     video_size=video_resolution or None)
         hs.hidden = hs.hidden.to(mm.intermediate_device())
         hs.source_path = mllm.path
         return io.NodeOutput(hs)

@@ -50,9 +50,6 @@ def host(tmp_path_factory):
     """A real ComfyUI server (v0.3.75 from the registry wheel) with the pack and the tiny models."""
     import json
 
-    import numpy as np
-    from PIL import Image
-
     from tools.comfy_host import ComfyServer, ensure_comfyui, prepare_base
     from x2i_core.tiny import build_alignnet, default_cache_dir, make_tiny_models
 
@@ -68,8 +65,6 @@ def host(tmp_path_factory):
     build_alignnet(channels=29, hidden=64, seed=5).save(os.path.join(base, "models", "x2i", "alignnet-7b-like.safetensors"))
     names["lora"] = "tiny-flux-lora.safetensors"
     _random_flux_lora(os.path.join(base, "models", "loras", names["lora"]))
-    rng = np.random.RandomState(0)
-    Image.fromarray((rng.rand(96, 128, 3) * 255).astype(np.uint8)).save(os.path.join(base, "input", "photo.png"))
     server = ComfyServer(comfy_dir, base).start()
     yield {"server": server, "names": names, "base": base, "tiny": tiny, "comfy_dir": comfy_dir}
     server.stop()

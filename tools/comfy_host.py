@@ -102,7 +102,81 @@ def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
     _link(tiny["comfy_lightcontrol"], os.path.join(base, "models", "x2i", names["lightcontrol"]))
     _link(tiny["comfy_flux"], os.path.join(base, "models", "diffusion_models", names["unet"]))
     _link(tiny["comfy_vae"], os.path.join(base, "models", "vae", names["vae"]))
+    for key in ("mllm_omni", "mllm_internvl"):  # the other MLLM families, when built
+        if key in tiny:
+            names[key] = os.path.basename(tiny[key])
+            _link(tiny[key], os.path.join(base, "models", "mllm", names[key]))
+    write_sample_media(os.path.join(base, "input"))
     return names
+
+
+SAMPLE_IMAGES = ("photo.png", "source.png", "subject.png", "scene.png", "document.png")
+
+
+def write_sample_media(input_dir: str) -> dict[str, str]:
+    """Small deterministic inputs for the workflows' Load Image / Load Video / Load Audio nodes:
+    PNG images, ``clip.mp4`` (12 frames at 4 fps, 96x64) and ``sound.wav`` (1.5 s stereo 44.1 kHz PCM)."""
+    import wave
+
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(input_dir, exist_ok=True)
+    rng = np.random.RandomState(0)
+    out = {}
+    for i, name in enumerate(SAMPLE_IMAGES):
+        path = os.path.join(input_dir, name)
+        if not os.path.exists(path):
+            h, w = (96, 128) if i % 2 == 0 else (80, 112)
+            Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)).save(path)
+        out[name] = path
+    clip = os.path.join(input_dir, "clip.mp4")
+    if not os.path.exists(clip):
+        import av
+
+        tmp = clip + ".part.mp4"
+        with av.open(tmp, mode="w") as container:
+            stream = container.add_stream("mpeg4", rate=4)
+            stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+            for t in range(12):
+                yy, xx = np.mgrid[0:64, 0:96]
+                frame = np.stack([(xx * 2 + t * 20) % 256, (yy * 3 + t * 10) % 256,
+                                  np.full_like(xx, 40 + 15 * t)], -1).astype(np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, clip)
+    out["clip.mp4"] = clip
+    sound = os.path.join(input_dir, "sound.wav")
+    if not os.path.exists(sound):
+        rate, n = 44100, 66150
+        t = np.arange(n) / rate
+        left, right = 0.4 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 660 * t + 0.5)
+        pcm = (np.stack([left, right], -1) * 32767).round().astype("<i2")
+        with wave.open(sound + ".part", "wb") as wf:
+            wf.setnchannels(2)
+            wf.setsampwidth(2)
+            wf.setframerate(rate)
+            wf.writeframes(pcm.tobytes())
+        os.replace(sound + ".part", sound)
+    out["sound.wav"] = sound
+    return out
+
+
+def dump_object_info(out_path: str) -> str:
+    """``/object_info`` of a real ComfyUI with the pack and the tiny models (input for make_workflows.py)."""
+    sys.path.insert(0, ROOT)
+    from x2i_core.tiny import default_cache_dir, make_tiny_models
+
+    tiny = make_tiny_models(default_cache_dir(), comfy=True)
+    base = os.path.join(cache_root(), "object-info-base")
+    prepare_base(base, tiny)
+    with ComfyServer(ensure_comfyui(), base) as server:
+        info = server.object_info()
+    with open(out_path, "w", encoding="utf-8") as fh:
+        json.dump(info, fh)
+    return out_path
 
 
 def free_port() -> int:
@@ -403,6 +477,8 @@ if __name__ == "__main__":
         print(demo(*sys.argv[2:3]))
     elif len(sys.argv) == 3 and sys.argv[1] == "inprocess":
         run_in_process(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "object-info":
+        print(dump_object_info(sys.argv[2]))
     elif len(sys.argv) >= 2 and sys.argv[1] == "fetch":
         print(ensure_comfyui())
     else:

@@ -16,6 +16,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
+# X2IMLLMEncode widgets after the text: preset, instruction, image/video resolution, video fps, max frames, frames fps
+ENC_WIDGETS = ["auto", "", 0, 0, 1.0, 768, 24.0]
 PROMPT = "一只在雪地里奔跑的红狐狸，清晨的阳光 (a red fox running through snow at dawn)"
 
 # name -> (description, nodes); node = (id, type, pos, widgets, {input: (src_id, src_slot)}, title)
@@ -26,9 +28,9 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default"], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default", False], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
-            (5, "X2IMLLMEncode", (420, 320), [PROMPT, "auto", 0], {"mllm": (3, 0)}, None),
+            (5, "X2IMLLMEncode", (420, 320), [PROMPT, *ENC_WIDGETS], {"mllm": (3, 0)}, None),
             (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
             (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
             (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),
@@ -43,10 +45,10 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default"], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default", False], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
             (5, "X2IMLLMEncode", (420, 320), ["A lighthouse on a rocky coast under a stormy sky, oil painting",
-                                              "auto", 0], {"mllm": (3, 0)}, None),
+                                              *ENC_WIDGETS], {"mllm": (3, 0)}, None),
             (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
             (7, "X2ISampler", (1200, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple", 1.0],
              {"model": (1, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
@@ -60,9 +62,9 @@ WORKFLOWS = {
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (9, "LoraLoaderModelOnly", (420, -120), ["x2i_lora.safetensors", 1.0], {"model": (1, 0)}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default"], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default", False], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
-            (5, "X2IMLLMEncode", (420, 320), ["A portrait of a woman in the trained style", "auto", 0],
+            (5, "X2IMLLMEncode", (420, 320), ["A portrait of a woman in the trained style", *ENC_WIDGETS],
              {"mllm": (3, 0)}, None),
             (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
             (7, "X2ISampler", (1200, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple", 1.0],
@@ -76,11 +78,11 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default"], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default", False], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
             (10, "LoadImage", (40, 640), ["source.png", "image"], {}, None),
             (5, "X2IMLLMEncode", (420, 320), ["Make it a snowy winter evening, keep everything else the same.",
-                                              "auto", 0], {"mllm": (3, 0), "image": (10, 0)}, None),
+                                              *ENC_WIDGETS], {"mllm": (3, 0), "image": (10, 0)}, None),
             (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
             (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
             (11, "X2ILightControlLoader", (420, 680), ["lightcontrol-flux-dev.safetensors"], {}, None),
@@ -95,9 +97,154 @@ WORKFLOWS = {
     ),
 }
 
+# -- the task workflows (one per X2I task) -----------------------------------------------------------------
+VL7B, OMNI7B = "Qwen2.5-VL-7B-Instruct", "Qwen2.5-Omni-7B"
+ALIGN_VL7B, ALIGN_OMNI7B = "alignnet-qwen2.5-vl-7b.safetensors", "alignnet-qwen2.5-omni-7b.safetensors"
+MODELS_VL = ("Models: a Qwen2.5-VL-7B-Instruct folder in models/mllm with its X2I AlignNet in models/x2i (the 3B "
+             "pair works the same), FLUX in models/diffusion_models, its VAE (ae.safetensors) in models/vae.")
+MODELS_OMNI = ("Models: a Qwen2.5-Omni folder in models/mllm (only its thinker is loaded) with an AlignNet distilled "
+               "for it in models/x2i (python -m x2i_core distill --mllm models/mllm/Qwen2.5-Omni-7B ...; no official "
+               "one is published), FLUX in models/diffusion_models, its VAE in models/vae. The published MiniCPM-o "
+               "AlignNet works with a MiniCPM-o folder instead (loader switch 'trust_remote_code', read its risk).")
+
+
+def _task(text, mllm=VL7B, alignnet=ALIGN_VL7B, inputs=(), encode_conns=None, instruction="", preset="auto",
+          encode_type="X2IMLLMEncode", extra_nodes=(), encode_widgets=None, prefix="X2I"):
+    """Loaders -> (inputs) -> encode -> AlignNet project -> X2I Sampler -> Save; ids 1-8 fixed, inputs from 20."""
+    nodes = [
+        (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
+        (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
+        (3, "X2IMLLMLoader", (40, 320), [mllm, "auto", "default", False], {}, None),
+        (4, "X2IAlignNetLoader", (40, 500), [alignnet], {}, None),
+    ]
+    nodes.extend(inputs)
+    conns = {"mllm": (3, 0), **(encode_conns or {})}
+    widgets = encode_widgets or [text, preset, instruction, *ENC_WIDGETS[2:]]
+    nodes.append((5, encode_type, (460, 320), widgets, conns, None))
+    nodes.extend(extra_nodes)
+    nodes += [
+        (6, "X2IAlignNetProject", (860, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+        (7, "X2ISampler", (1240, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple", 1.0],
+         {"model": (1, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
+        (8, "SaveImage", (1640, 200), [prefix], {"images": (7, 0)}, None),
+    ]
+    return nodes
+
+
+def _load_image(nid, name, y):
+    return (nid, "LoadImage", (40, y), [name, "image"], {}, None)
+
+
+TASK_WORKFLOWS = {
+    "x2i_multilingual.json": (
+        "Text in any language: the MLLM reads Chinese, Japanese, Arabic, German ... directly; no translation step. "
+        + MODELS_VL,
+        _task("東京の夜景、雨に濡れた路地とネオンの看板、映画のワンシーン (Tokyo at night, rain, neon signs)",
+              prefix="X2I_multilingual"),
+    ),
+    "x2i_document.json": (
+        "Screenshots and documents: the MLLM reads the text in the image; the prompt asks to render what it says. "
+        "Load a screenshot or a photo of a page. " + MODELS_VL,
+        _task("Render what this document says as a picture.", inputs=[_load_image(20, "document.png", 660)],
+              encode_conns={"image": (20, 0)}, prefix="X2I_document"),
+    ),
+    "x2i_image2image.json": (
+        "Image to image: the MLLM describes the image to FLUX through the AlignNet (no VAE encode of the source); "
+        "text may be empty or steer it. " + MODELS_VL,
+        _task("", inputs=[_load_image(20, "source.png", 660)], encode_conns={"image": (20, 0)},
+              prefix="X2I_image2image"),
+    ),
+    "x2i_multi_image.json": (
+        "Multi-image composition: several images in one prompt, in order (the stock Image Batch node joins them; "
+        "it resizes the second to the first's size). The text says how to combine them. " + MODELS_VL,
+        _task("Put the animal from picture 1 into the scene of picture 2.",
+              inputs=[_load_image(20, "subject.png", 660), _load_image(21, "scene.png", 1000),
+                      (22, "ImageBatch", (260, 860), [], {"image1": (20, 0), "image2": (21, 0)}, None)],
+              encode_conns={"image": (22, 0)}, prefix="X2I_multi_image"),
+    ),
+    "x2i_edit.json": (
+        "Instruction editing: the source image plus an instruction in the reference's 'Instruction editing "
+        "description' field. Add X2I LightControl (see x2i_edit_lightcontrol) for closer fidelity to the source. "
+        + MODELS_VL,
+        _task("A cat sitting on a wooden table.", inputs=[_load_image(20, "source.png", 660)],
+              encode_conns={"image": (20, 0)}, instruction="Make it a snowy winter evening.", prefix="X2I_edit"),
+    ),
+    "x2i_video2image.json": (
+        "Video to image: the stock Load Video feeds the MLLM frames sampled at video_fps (reference: 1 fps, "
+        "128x128 per frame); longer clips are subsampled to max_frames. " + MODELS_VL,
+        _task("The most memorable moment of this video.", inputs=[(20, "LoadVideo", (40, 660), ["clip.mp4", "image"],
+                                                                    {}, None)],
+              encode_conns={"video": (20, 0)}, prefix="X2I_video2image"),
+    ),
+    "x2i_audio2image.json": (
+        "Audio to image: the stock Load Audio feeds an audio-capable MLLM (Qwen2.5-Omni); any rate or channel count "
+        "is resampled to 16 kHz mono without torchaudio. " + MODELS_OMNI,
+        _task("", mllm=OMNI7B, alignnet=ALIGN_OMNI7B, inputs=[(20, "LoadAudio", (40, 660), ["sound.wav", None, None],
+                                                                {}, None)],
+              encode_conns={"audio": (20, 0)}, prefix="X2I_audio2image"),
+    ),
+    "x2i_x2image.json": (
+        "Anything to image: text, an image, a video and audio in one prompt (media first, then the text). "
+        + MODELS_OMNI,
+        _task("Combine the picture, the clip and the sound into one scene.", mllm=OMNI7B, alignnet=ALIGN_OMNI7B,
+              inputs=[_load_image(20, "photo.png", 660), (21, "LoadVideo", (40, 1000), ["clip.mp4", "image"], {}, None),
+                      (22, "LoadAudio", (40, 1200), ["sound.wav", None, None], {}, None)],
+              encode_conns={"image": (20, 0), "video": (21, 0), "audio": (22, 0)}, prefix="X2I_x2image"),
+    ),
+    "x2i_reasoning2image.json": (
+        "Reasoning to image: the MLLM answers first (max_new_tokens, temperature, seed), then the answer's hidden "
+        "states (reference 'use answer') drive FLUX. The answer is shown by the stock Preview as Text node. "
+        + MODELS_VL,
+        _task(None, encode_type="X2IMLLMReason",
+              encode_widgets=["What animal is the national symbol of Australia? Show it in its habitat.", 128, 0.0, 0,
+                              "fixed", "answer states", "auto", 0, 0, 1.0, 768, 24.0],
+              extra_nodes=[(9, "PreviewAny", (860, 560), [], {"source": (5, 1)}, None)],
+              prefix="X2I_reasoning2image"),
+    ),
+    "x2i_multi_turn.json": (
+        "Multi-turn: X2I Chat Turn nodes build a conversation (text and media in any turn); the encode node adds "
+        "the final user message and the MLLM reads the whole chat. " + MODELS_VL,
+        _task("Now the same scene, but at night in the rain.",
+              inputs=[_load_image(20, "photo.png", 660),
+                      (21, "X2IChatTurn", (260, 660), ["user", "Describe a cosy cabin like this one.", 1.0, 768, 24.0],
+                       {"image": (20, 0)}, None),
+                      (22, "X2IChatTurn", (260, 960), ["assistant", "A small wooden cabin by a lake, smoke rising "
+                                                       "from the chimney, pine trees around it.", 1.0, 768, 24.0],
+                       {"chat": (21, 0)}, None)],
+              encode_conns={"chat": (22, 0)}, prefix="X2I_multi_turn"),
+    ),
+}
+TASK_THUMBS = {
+    "x2i_multilingual.json": ("X2I: prompts in any language", ["日本語 / 中文 / Deutsch ...", "MLLM encode",
+                                                              "AlignNet project", "X2I Sampler", "image"]),
+    "x2i_document.json": ("X2I: documents and screenshots", ["screenshot / page", "MLLM reads the text",
+                                                             "AlignNet project", "X2I Sampler", "image"]),
+    "x2i_image2image.json": ("X2I: image to image", ["image", "MLLM encode", "AlignNet project", "X2I Sampler",
+                                                     "new image"]),
+    "x2i_multi_image.json": ("X2I: multi-image composition", ["image 1 + image 2 (Image Batch)", "+ how to combine",
+                                                               "MLLM encode", "AlignNet -> X2I Sampler", "image"]),
+    "x2i_edit.json": ("X2I: instruction editing", ["source image", "+ editing instruction", "MLLM encode",
+                                                   "AlignNet -> X2I Sampler", "edited image"]),
+    "x2i_video2image.json": ("X2I: video to image", ["Load Video", "frames at 1 fps", "MLLM encode",
+                                                     "AlignNet -> X2I Sampler", "image"]),
+    "x2i_audio2image.json": ("X2I: audio to image", ["Load Audio", "16 kHz mono", "Qwen2.5-Omni encode",
+                                                     "AlignNet -> X2I Sampler", "image"]),
+    "x2i_x2image.json": ("X2I: anything to image", ["image + video + audio + text", "Qwen2.5-Omni encode",
+                                                    "AlignNet project", "X2I Sampler", "image"]),
+    "x2i_reasoning2image.json": ("X2I: reasoning to image", ["question", "MLLM answers (text out)",
+                                                             "answer states", "AlignNet -> X2I Sampler", "image"]),
+    "x2i_multi_turn.json": ("X2I: multi-turn chat", ["Chat Turn (user + image)", "Chat Turn (assistant)",
+                                                     "encode: final message", "AlignNet -> X2I Sampler", "image"]),
+}
+WORKFLOWS.update(TASK_WORKFLOWS)
+
 
 def _is_widget(spec) -> bool:
     return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+SIZES = {"X2IMLLMEncode": 420, "X2IMLLMReason": 440, "X2IChatTurn": 300, "LoadImage": 320, "LoadVideo": 320,
+         "LoadAudio": 160, "PreviewAny": 160, "X2ISampler": 360}
 
 
 def build(nodes, object_info, description):
@@ -148,7 +295,7 @@ def build(nodes, object_info, description):
         for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
             outs.append({"name": oname, "type": otype, "links": out_links.get((nid, slot), []), "slot_index": slot})
         node = {
-            "id": nid, "type": ntype, "pos": list(pos), "size": [340, 130 if ntype != "X2IMLLMEncode" else 220],
+            "id": nid, "type": ntype, "pos": list(pos), "size": [340, SIZES.get(ntype, 130)],
             "flags": {}, "order": order.index(nid), "mode": 0, "inputs": node_inputs[nid], "outputs": outs,
             "properties": {"Node name for S&R": ntype}, "widgets_values": widgets,
         }
@@ -159,9 +306,10 @@ def build(nodes, object_info, description):
     ui_nodes.append({
         "id": note_id, "type": "Note", "pos": [420, 40], "size": [380, 220], "flags": {}, "order": len(nodes),
         "mode": 0, "inputs": [], "outputs": [], "properties": {},
-        "widgets_values": [description + "\n\nModels: put a Qwen2.5-VL-Instruct folder in models/mllm, the matching "
-                           "X2I AlignNet in models/x2i, FLUX in models/diffusion_models and its VAE in models/vae. "
-                           "Schnell / shuttle-3: 4 steps."],
+        "widgets_values": [description + ("" if "Models:" in description else
+                           "\n\nModels: put a Qwen2.5-VL-Instruct folder in models/mllm, the matching X2I AlignNet "
+                           "in models/x2i, FLUX in models/diffusion_models and its VAE in models/vae.")
+                           + " Schnell / shuttle-3: 4 steps."],
     })
     return {
         "last_node_id": note_id, "last_link_id": link_id, "nodes": ui_nodes, "links": links, "groups": [],
@@ -207,7 +355,7 @@ def main(object_info_path: str) -> None:
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as fh:
             json.dump(wf, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
-        title, steps = THUMBS[name]
+        title, steps = {**THUMBS, **TASK_THUMBS}[name]
         thumbnail(os.path.join(out_dir, name.replace(".json", ".png")), title, steps)
         print("wrote", name)
 

@@ -155,3 +155,42 @@ def as_video_list(videos: Any) -> list[Sequence[Any]]:
             return list(videos)
         return [list(videos)]
     raise X2IInputError(f"video: expected a list of frames or a [T, H, W, C] array, found {type(videos).__name__}")
+
+
+VIDEO_FPS = 1.0          # the reference samples video at 1 frame per second
+VIDEO_MIN_FRAMES = 4     # qwen-vl-utils' limits around that rate
+VIDEO_MAX_FRAMES = 768
+
+
+def sample_frames(frames: Any, source_fps: float, fps: float = VIDEO_FPS, max_frames: int = VIDEO_MAX_FRAMES,
+                  min_frames: int = VIDEO_MIN_FRAMES, name: str = "video") -> Any:
+    """Pick frames uniformly at ``fps`` from a clip recorded at ``source_fps`` (qwen-vl-utils' rule).
+
+    The count is ``duration x fps`` clamped to ``[min_frames, min(max_frames, total)]`` and rounded to an
+    even number; a clip longer than ``max_frames / fps`` seconds is therefore subsampled uniformly to
+    ``max_frames`` frames over its whole length (not cut).  ``frames`` is a ``[T, H, W, C]`` tensor/array
+    or a list; the same kind is returned.
+    """
+    total = len(frames)
+    if total == 0:
+        raise X2IInputError(f"{name} has no frames; expected at least one frame")
+    if not (source_fps and source_fps > 0 and math.isfinite(source_fps)):
+        raise X2IInputError(f"{name}: frame rate {source_fps!r} is invalid; expected frames per second above 0")
+    if not (fps and fps > 0):
+        raise X2IInputError(f"{name}: sampling rate {fps!r} fps is invalid; expected above 0 (reference: 1 fps)")
+    if max_frames < 1:
+        raise X2IInputError(f"{name}: max_frames is {max_frames}; expected at least 1")
+    if total == 1:
+        return frames
+    lo = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
+    hi = max(FRAME_FACTOR, math.floor(min(max_frames, total) / FRAME_FACTOR) * FRAME_FACTOR)
+    n = total / float(source_fps) * float(fps)
+    n = min(max(n, lo), hi)
+    n = max(FRAME_FACTOR, round(n / FRAME_FACTOR) * FRAME_FACTOR)
+    n = min(n, total)
+    idx = torch.linspace(0, total - 1, n).round().long().tolist()
+    if isinstance(frames, torch.Tensor):
+        return frames[torch.tensor(idx)]
+    if isinstance(frames, np.ndarray):
+        return frames[idx]
+    return [frames[i] for i in idx]

@@ -72,13 +72,17 @@ def resolve_preset(preset: str | None, has_media: bool) -> PresetSpec:
     return SPECS[name]
 
 
-def with_image_size(spec: PresetSpec, size: int | None) -> PresetSpec:
+def with_image_size(spec: PresetSpec, size: int | None, video_size: int | None = None) -> PresetSpec:
     """Override the preset's image resolution: a ``size x size`` pixel budget for
-    budget presets (``comfyui``), an exact ``size x size`` resize for ``scripts``."""
+    budget presets (``comfyui``), an exact ``size x size`` resize for ``scripts``;
+    ``video_size`` sets the per-frame pixel budget (``video_size x video_size``)."""
+    for value, what in ((size, "image"), (video_size, "video")):
+        if value and value < 28:
+            raise X2IInputError(f"{what} resolution {value} is too small; expected 0 (preset default) or at least 28 pixels")
+    if video_size:
+        spec = dataclasses.replace(spec, video_max_pixels=video_size * video_size)
     if not size:
         return spec
-    if size < 28:
-        raise X2IInputError(f"image resolution {size} is too small; expected at least 28 pixels")
     if spec.image_exact_size is not None:
         return dataclasses.replace(spec, image_exact_size=(size, size))
     return dataclasses.replace(spec, image_max_pixels=size * size)

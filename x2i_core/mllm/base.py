@@ -64,10 +64,10 @@ class MLLMEncoder(Protocol):
     hidden_size: int
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
-               image_size: int | None = None) -> HiddenStates:
+               image_size: int | None = None, video_size: int | None = None) -> HiddenStates:
         ...
 
     def generate_answer(self, request: EncodeRequest, *, max_new_tokens: int = 128, temperature: float = 0.0,
                         seed: int = 0, image_size: int | None = None, answer: str = "states",
-                        preset: str | None = None) -> tuple[str, HiddenStates]:
+                        preset: str | None = None, video_size: int | None = None) -> tuple[str, HiddenStates]:
         ...

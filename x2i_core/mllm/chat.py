@@ -182,7 +182,8 @@ class ChatEncoder:
                        "load an MLLM that supports it (Qwen2.5-VL, Qwen2.5-Omni, InternVL)")
                 )
 
-    def build_prompt(self, req: EncodeRequest, preset: str | None, image_size: int | None, index: int = 0):
+    def build_prompt(self, req: EncodeRequest, preset: str | None, image_size: int | None, index: int = 0,
+                     video_size: int | None = None):
         """The templated prompt and processed media for one request (no tokenisation)."""
         turns_in = _turns_of(req)
         turns: list[Turn] = []
@@ -198,11 +199,11 @@ class ChatEncoder:
                 raise X2IInputError(f"prompt {index + 1}: text must be a string, found {type(t.text).__name__}")
             has_media = has_media or bool(images or videos or audios)
             turns.append(Turn(t.role, t.text, images, videos, audios, t.instruction))
-        spec = with_image_size(resolve_preset(preset, has_media), image_size)
+        spec = with_image_size(resolve_preset(preset, has_media), image_size, video_size)
         return build_conversation(turns, spec, self.processor, self.chat_kwargs(spec))
 
-    def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None,
-                image_size: int | None = None) -> tuple[dict[str, torch.Tensor], str, list[int]]:
+    def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None, image_size: int | None = None,
+                video_size: int | None = None) -> tuple[dict[str, torch.Tensor], str, list[int]]:
         """Processor inputs for a batch, padded per the preset (no forward pass)."""
         if not requests:
             raise X2IInputError("no prompt given; expected at least one text/image/video/audio prompt")
@@ -211,7 +212,7 @@ class ChatEncoder:
         per_prompt = []
         spec = None
         for i, req in enumerate(requests):
-            built = self.build_prompt(req, preset, image_size, i)
+            built = self.build_prompt(req, preset, image_size, i, video_size)
             if spec is not None and built.spec != spec:
                 raise X2IInputError(
                     "a batch mixes text-only prompts and prompts with media under preset 'auto'; "
@@ -269,11 +270,12 @@ class ChatEncoder:
         return torch.stack(out.hidden_states, dim=1)
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
-               image_size: int | None = None) -> HiddenStates:
-        """Encode prompts.  ``image_size`` overrides the preset's image resolution (pixels per side)."""
+               image_size: int | None = None, video_size: int | None = None) -> HiddenStates:
+        """Encode prompts.  ``image_size`` / ``video_size`` override the preset's image / video-frame
+        resolution (pixels per side)."""
         if isinstance(requests, EncodeRequest):
             requests = [requests]
-        batch, preset_name, lengths = self.prepare(list(requests), preset, image_size)
+        batch, preset_name, lengths = self.prepare(list(requests), preset, image_size, video_size)
         hidden = self.forward_hidden(batch)
         return HiddenStates(hidden, batch["attention_mask"], self.name, preset_name, lengths)
 
@@ -284,7 +286,7 @@ class ChatEncoder:
     # -- reasoning ----------------------------------------------------------
     def generate_answer(self, request: EncodeRequest, *, max_new_tokens: int = 128, temperature: float = 0.0,
                         seed: int = 0, image_size: int | None = None, answer: str = "states",
-                        preset: str | None = None) -> tuple[str, HiddenStates]:
+                        preset: str | None = None, video_size: int | None = None) -> tuple[str, HiddenStates]:
         """Reasoning -> image: the MLLM answers the prompt first, then the answer is what gets encoded.
 
         The question is asked as the reference scripts ask it (plain user text with its media, chat
@@ -298,15 +300,14 @@ class ChatEncoder:
             raise X2IInputError(f"temperature is {temperature}; expected 0 (greedy) or more")
         if answer not in ("states", "text"):
             raise X2IInputError(f"answer mode {answer!r}; expected 'states' or 'text'")
-        batch, _, lengths = self.prepare([request], "scripts" if preset is None or answer == "states" else preset,
-                                         image_size)
+        batch, _, lengths = self.prepare([request], "scripts", image_size, video_size)
         # No padding for generation: keep the real tokens only.
         n = lengths[0]
         batch = dict(batch)
         batch["input_ids"] = batch["input_ids"][:, :n]
         batch["attention_mask"] = batch["attention_mask"][:, :n]
         inputs = self._to_device(batch)
-        gen_kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "use_cache": True}
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "min_new_tokens": 1, "use_cache": True}
         if temperature > 0:
             gen_kwargs.update(do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0)
         else:
@@ -326,12 +327,12 @@ class ChatEncoder:
             keep -= 1
         new = new[:keep]
         text = tok.decode(new, skip_special_tokens=True).strip()
-        if keep == 0 or not text:
+        if keep == 0 or (answer == "text" and not text):
             raise X2IInputError(
-                f"{self.name} produced no answer tokens (it ended its turn at once); raise max_new_tokens, set a "
-                "temperature above 0 or rephrase the question")
+                f"{self.name} produced no answer{' text' if keep else ' tokens'} (it ended its turn at once); raise "
+                "max_new_tokens, set a temperature above 0 or rephrase the question")
         if answer == "text":
-            return text, self.encode(EncodeRequest(text=text), preset=preset)
+            return text, self.encode(EncodeRequest(text=text), preset=preset)  # text only: auto = training
         full = dict(batch)
         full["input_ids"] = torch.cat([batch["input_ids"], new[None]], dim=1)
         full["attention_mask"] = torch.ones_like(full["input_ids"])
