@@ -62,6 +62,16 @@ def host(tmp_path_factory):
     os.makedirs(other)
     with open(os.path.join(other, "config.json"), "w") as fh:
         json.dump({"model_type": "llama", "hidden_size": 64}, fh)
+    # A MiniCPM-o-style remote-code folder whose Python would leave a marker file if anything imported it.
+    remote = os.path.join(base, "models", "mllm", "minicpmo-remote")
+    os.makedirs(remote)
+    with open(os.path.join(remote, "config.json"), "w") as fh:
+        json.dump({"model_type": "minicpmo", "architectures": ["MiniCPMO"],
+                   "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMOConfig",
+                                "AutoModel": "modeling_minicpmo.MiniCPMO"}}, fh)
+    for mod in ("configuration_minicpm.py", "modeling_minicpmo.py"):
+        with open(os.path.join(remote, mod), "w") as fh:
+            fh.write(f"open({os.path.join(base, 'remote-code-ran')!r}, 'w').write('ran')\n")
     build_alignnet(channels=29, hidden=64, seed=5).save(os.path.join(base, "models", "x2i", "alignnet-7b-like.safetensors"))
     names["lora"] = "tiny-flux-lora.safetensors"
     _random_flux_lora(os.path.join(base, "models", "loras", names["lora"]))

@@ -14,7 +14,7 @@ from PIL import Image
 from tools.comfy_host import ROOT, PromptRejected, execution_error, load_workflow, ui_to_api
 
 NODE_IDS = ["X2IMLLMLoader", "X2IMLLMEncode", "X2IAlignNetLoader", "X2IAlignNetProject", "X2ISampler",
-            "X2ILightControlLoader"]
+            "X2ILightControlLoader", "X2IChatTurn", "X2IMLLMReason"]
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
 
 
@@ -84,8 +84,8 @@ def test_all_node_ids_registered_with_tooltips_on_every_input(host):
         for group in ("required", "optional"):
             for name, spec in info[nid]["input"].get(group, {}).items():
                 assert spec[1].get("tooltip"), f"{nid}.{name} has no tooltip"
-    assert info["X2IMLLMLoader"]["input"]["required"]["model_name"][1]["options"] == ["Qwen2.5-VL-tiny", "not-a-qwen"] \
-        or sorted(info["X2IMLLMLoader"]["input"]["required"]["model_name"][1]["options"]) == ["Qwen2.5-VL-tiny", "not-a-qwen"]
+    assert {"Qwen2.5-VL-tiny", "not-a-qwen", "minicpmo-remote"} <= set(
+        info["X2IMLLMLoader"]["input"]["required"]["model_name"][1]["options"])
     assert info["X2IMLLMEncode"]["output"] == ["X2I_HIDDEN"]
     assert info["X2IAlignNetProject"]["output"] == ["CONDITIONING"]
 
@@ -98,6 +98,8 @@ REPEAT_CHECKED = {"x2i_text2image.json", "x2i_sampler.json", "x2i_lora.json", "x
 
 @pytest.mark.parametrize("workflow", WORKFLOWS)
 def test_shipped_workflow_runs_end_to_end_and_repeats_exactly(host, workflow):
+    if workflow == "x2i_text2image_native_qwen.json":  # stock Load CLIP only detects a real 7B Qwen2.5-VL file
+        pytest.skip("runs in the real executor on a tiny ComfyUI Qwen2.5-VL in tests/test_native_clip.py")
     s = host["server"]
     api = tiny_api(host, workflow)
     if any(v["class_type"] == "X2IMLLMLoader" and v["inputs"]["model_name"] is None for v in api.values()):

@@ -1,5 +1,7 @@
 """Input conversion and prompt building: clear errors for unusable input."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from PIL import Image
 from x2i_core.errors import X2IInputError
 from x2i_core.media import smart_resize, to_pil, to_pil_list
 from x2i_core.mllm import EncodeRequest
-from x2i_core.prompt import instruction_dict, resolve_preset, SPECS
+from x2i_core.prompt import SPECS, instruction_dict, resolve_preset
 
 
 def test_instruction_dict_is_python_repr_as_in_training():
@@ -93,3 +95,104 @@ def test_one_pixel_huge_and_16bit_images_encode(encoder, shape, dtype):
     assert torch.isfinite(hs.hidden).all()
     # huge inputs are resized to the preset's pixel budget: the token count stays small
     assert hs.lengths[0] < 200
+
+
+# -- audio ----------------------------------------------------------------------------------------------------
+
+def _tone(rate, seconds=0.5, channels=2):
+    t = np.arange(int(rate * seconds)) / rate
+    return np.stack([0.5 * np.sin(2 * np.pi * (300 + 200 * c) * t) for c in range(channels)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("orig,new", [(44100, 16000), (48000, 16000), (8000, 16000), (22050, 24000), (16000, 16000)])
+def test_resampler_matches_torchaudio(orig, new):
+    from x2i_core.audio import resample
+
+    torchaudio = pytest.importorskip("torchaudio")
+    x = torch.from_numpy(_tone(orig))
+    ours = resample(x, orig, new)
+    ref = torchaudio.functional.resample(x, orig, new)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_audio_without_torchaudio_equals_with_it(tmp_path):
+    """The pack never needs torchaudio for audio: a process where importing it fails gives the same features."""
+    import subprocess
+    import sys
+    import wave
+
+    path = tmp_path / "stereo.wav"
+    pcm = (_tone(44100).T * 32767).round().astype("<i2")
+    with wave.open(str(path), "wb") as wf:
+        wf.setnchannels(2)
+        wf.setsampwidth(2)
+        wf.setframerate(44100)
+        wf.writeframes(pcm.tobytes())
+    code = (
+        "import sys, numpy as np; sys.modules['torchaudio'] = None\n"
+        "from x2i_core.audio import prepare_audio\n"
+        f"np.save({str(tmp_path / 'no_ta.npy')!r}, prepare_audio({str(path)!r}, 16000))\n"
+        "import importlib.util; assert 'torchaudio' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from x2i_core.audio import prepare_audio
+
+    without = np.load(tmp_path / "no_ta.npy")
+    with_ = prepare_audio({"waveform": torch.from_numpy(pcm.T.astype(np.float32) / 32768.0)[None], "sample_rate": 44100},
+                          16000)
+    assert without.shape == with_.shape == (8000,)
+    assert np.abs(without - with_).max() <= 1e-6
+
+
+def test_audio_inputs_and_bad_audio():
+    from x2i_core.audio import as_clip, prepare_audio
+    from x2i_core.errors import X2IInputError
+
+    stereo = _tone(48000, 0.25)
+    a = prepare_audio({"waveform": torch.from_numpy(stereo)[None], "sample_rate": 48000}, 16000)
+    b = prepare_audio((stereo, 48000), 16000)
+    c = prepare_audio((stereo.T.copy(), 48000), 16000)  # [samples, channels] is recognised
+    assert a.shape == (4000,) and np.array_equal(a, b) and np.array_equal(a, c)
+    assert np.allclose(prepare_audio((stereo[:1], 16000), 16000), stereo[0])
+    with pytest.raises(X2IInputError, match="empty"):
+        as_clip((np.zeros((2, 0), np.float32), 16000))
+    with pytest.raises(X2IInputError, match="sample rate"):
+        as_clip((stereo, 0))
+    with pytest.raises(X2IInputError, match="NaN"):
+        as_clip((np.full((1, 10), np.nan, np.float32), 16000))
+    with pytest.raises(X2IInputError, match="batch of 2"):
+        as_clip({"waveform": torch.zeros(2, 1, 100), "sample_rate": 16000})
+    with pytest.raises(X2IInputError, match="at most 300 s"):
+        prepare_audio((np.zeros((1, 16000 * 301), np.float32), 16000), 16000)
+    with pytest.raises(X2IInputError, match="does not exist"):
+        as_clip("/no/such/file.wav")
+
+
+def test_audio_to_a_model_without_audio_is_refused(encoder):
+    from x2i_core.errors import X2IInputError
+
+    with pytest.raises(X2IInputError, match="does not take audio"):
+        encoder.encode(EncodeRequest(text="x", audios=[(_tone(16000), 16000)]))
+
+
+def test_multi_turn_and_instruction_prompts(encoder):
+    from x2i_core.mllm import ChatTurn
+    from x2i_core.prompt import SPECS
+
+    img = Image.fromarray((np.random.RandomState(1).rand(60, 90, 3) * 255).astype(np.uint8))
+    built = encoder.build_prompt(EncodeRequest(
+        text="Now at night.", instruction="keep the cabin",
+        history=[ChatTurn("user", "Describe this.", images=img), ChatTurn("assistant", "A cabin by a lake.")]),
+        None, None)
+    assert built.spec == SPECS["comfyui"]
+    t = built.text
+    assert t.index("Describe this.") < t.index("A cabin by a lake.") < t.index("Now at night.")
+    assert "<|im_start|>assistant\nA cabin by a lake.<|im_end|>" in t
+    assert "'Instruction editing description': 'keep the cabin'" in t and "'image input': 'no'" in t
+    assert t.count("<|image_pad|>") == 1 and len(built.images) == 1
+    # the last history turn is the prompt when the request adds nothing
+    only = encoder.build_prompt(EncodeRequest(history=[ChatTurn("user", "a cat")]), None, None)
+    assert only.spec.name == "training" and "'Text input': 'a cat'" in only.text

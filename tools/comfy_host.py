@@ -127,7 +127,7 @@ def write_sample_media(input_dir: str) -> dict[str, str]:
     for i, name in enumerate(SAMPLE_IMAGES):
         path = os.path.join(input_dir, name)
         if not os.path.exists(path):
-            h, w = (96, 128) if i % 2 == 0 else (80, 112)
+            h, w = (80, 112) if name == "source.png" else (96, 128)  # subject/scene equal: Image Batch keeps them
             Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)).save(path)
         out[name] = path
     clip = os.path.join(input_dir, "clip.mp4")
@@ -404,21 +404,40 @@ def run_in_process(spec_path: str) -> None:
         def send_sync(self, *a, **k):
             pass
 
-    prompt = spec["prompt"]
-    valid = asyncio.run(execution.validate_prompt("inproc", prompt, None))
-    if not valid[0]:
-        raise SystemExit(f"invalid prompt: {valid[1]} {valid[3]}")
+    # One prompt ("prompt", "capture": [ids]) or several ("prompts": {label: prompt}, "capture": {label: [ids]}),
+    # run one after another by one executor (its caches carry over, as in a server).
+    prompts = spec.get("prompts") or {"": spec["prompt"]}
+    captures = spec.get("capture", [])
+    if not isinstance(captures, dict):
+        captures = {"": captures}
     executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
-    executor.execute(prompt, "inproc", {}, valid[2])
-    facts = {"success": executor.success, "messages": [m[0] for m in executor.status_messages]}
+    facts = {"success": True, "messages": [], "errors": {}}
     tensors = {}
-    for nid in spec.get("capture", []):
-        entry = executor.caches.outputs.get(nid)
-        cond = entry.outputs[0][0]
-        for i, (seq, extra) in enumerate(cond):
-            tensors[f"{nid}.{i}.seq"] = seq.contiguous()
-            tensors[f"{nid}.{i}.pooled"] = extra["pooled_output"].contiguous()
-            facts[f"{nid}.{i}.guidance"] = extra.get("guidance")
+    for label, prompt in prompts.items():
+        valid = asyncio.run(execution.validate_prompt("inproc", prompt, None))
+        if not valid[0]:
+            raise SystemExit(f"invalid prompt {label}: {valid[1]} {valid[3]}")
+        executor.execute(prompt, f"inproc-{label}", {}, valid[2])
+        facts["success"] = facts["success"] and executor.success
+        facts["messages"].extend(m[0] for m in executor.status_messages)
+        if not executor.success:
+            facts["errors"][label] = [m[1].get("exception_message") for m in executor.status_messages
+                                      if m[0] == "execution_error"]
+            continue
+        pre = f"{label}:" if label else ""
+        for nid in captures.get(label, []):
+            entry = executor.caches.outputs.get(nid)
+            value = entry.outputs[0][0]
+            if hasattr(value, "hidden"):  # X2I_HIDDEN
+                tensors[f"{pre}{nid}.hidden"] = value.hidden.contiguous()
+                tensors[f"{pre}{nid}.mask"] = value.attention_mask.contiguous()
+                if len(entry.outputs) > 1 and isinstance(entry.outputs[1][0], str):
+                    facts[f"{pre}{nid}.answer"] = entry.outputs[1][0]
+                continue
+            for i, (seq, extra) in enumerate(value):
+                tensors[f"{pre}{nid}.{i}.seq"] = seq.contiguous()
+                tensors[f"{pre}{nid}.{i}.pooled"] = extra["pooled_output"].contiguous()
+                facts[f"{pre}{nid}.{i}.guidance"] = extra.get("guidance")
 
     def ours():
         return [type(lm.model.model).__name__ for lm in mm.current_loaded_models

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate an image from a text/image/video prompt")
-    g.add_argument("--mllm", required=True, type=_existing_dir("MLLM"), help="Hugging Face MLLM folder (Qwen2.5-VL)")
+    g.add_argument("--mllm", required=True, type=_existing_dir("MLLM"), help="Hugging Face MLLM folder (Qwen2.5-VL, Qwen2.5-Omni, InternVL -hf, MiniCPM-o)")
     g.add_argument("--alignnet", required=True, type=_existing_file("AlignNet"), help="AlignNet file (.safetensors or published .pt)")
     g.add_argument("--alignnet-config", default=None, help="config for a bare AlignNet state dict: JSON file or preset name")
     g.add_argument("--flux", required=True, type=_existing_dir("FLUX"), help="diffusers FLUX folder (e.g. FLUX.1-dev)")
@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], type=_existing_file("image"), help="input image (repeatable)")
     g.add_argument("--video-frames", nargs="+", default=None, type=_existing_file("video frame"),
                    help="one video given as its frame images, in order")
+    g.add_argument("--audio", action="append", default=[], type=_existing_file("audio"),
+                   help="input audio file (repeatable; WAV read without torchaudio; needs Qwen2.5-Omni / MiniCPM-o)")
+    g.add_argument("--instruction", default=None, help="editing instruction (the 'Instruction editing description')")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow MLLM folders that ship Python code (MiniCPM-o); runs that code - only for trusted folders")
     g.add_argument("--preset", default="auto", choices=["auto", "training", "comfyui", "scripts"],
                    help="X2I prompt convention (auto: training for text, comfyui with media)")
     g.add_argument("--steps", type=_positive_int("steps"), default=28, help="sampling steps (FLUX-dev 28, schnell 4)")
@@ -149,16 +154,16 @@ def _save_image(img, path: str) -> str:
 def cmd_generate(args) -> str:
     from .pipeline import X2IPipeline
 
-    if not args.prompt and not args.image and not args.video_frames:
-        raise SystemExit("error: give --prompt, --image or --video-frames (the prompt is empty)")
+    if not args.prompt and not args.image and not args.video_frames and not args.audio:
+        raise SystemExit("error: give --prompt, --image, --video-frames or --audio (the prompt is empty)")
     t0 = time.time()
     pipe = X2IPipeline.from_paths(args.mllm, args.alignnet, args.flux, device=args.device, dtype=args.dtype,
-                                  alignnet_config=args.alignnet_config)
+                                  alignnet_config=args.alignnet_config, trust_remote_code=args.trust_remote_code)
     log.info("models loaded in %.1fs", time.time() - t0)
     width, height = args.size
     img = pipe.generate(args.prompt, images=args.image or None, videos=[args.video_frames] if args.video_frames else None,
                         preset=args.preset, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                        width=width, height=height)
+                        width=width, height=height, audios=args.audio or None, instruction=args.instruction)
     return _save_image(img, args.out)
 
 

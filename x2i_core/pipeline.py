@@ -64,13 +64,13 @@ class X2IPipeline:
 
     @classmethod
     def from_paths(cls, mllm: str, alignnet: str, flux: str, *, device: str = "cpu", dtype: str = "auto",
-                   alignnet_config: Any = None) -> "X2IPipeline":
+                   alignnet_config: Any = None, trust_remote_code: bool = False) -> "X2IPipeline":
         dev = torch.device(device)
         from .mllm import resolve_dtype
 
         torch_dtype = resolve_dtype(dtype, dev)
         net = load_alignnet(alignnet, alignnet_config, dtype=torch_dtype, device=dev)
-        enc = load_mllm(mllm, dtype=torch_dtype, device=dev)
+        enc = load_mllm(mllm, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code)
         flux_pipe = load_flux_pipeline(flux, dtype=torch_dtype, device=dev)
         return cls(enc, net, flux_pipe, alignnet_name=f"AlignNet '{alignnet}'")
 
@@ -102,11 +102,12 @@ class X2IPipeline:
 
     def generate(self, text: str | None = None, images: Any = None, videos: Any = None, *, preset: str | None = None,
                  steps: int = 28, guidance: float = 3.5, seed: int = 0, width: int = 1024, height: int = 1024,
-                 progress: bool = True, output_type: str = "pil"):
+                 progress: bool = True, output_type: str = "pil", audios: Any = None, instruction: str | None = None):
         if steps < 1:
             raise X2IInputError(f"steps must be at least 1, found {steps}")
         width, height = parse_size((width, height))
-        hs = self.encode(EncodeRequest(text=text, images=images, videos=videos), preset)
+        hs = self.encode(EncodeRequest(text=text, images=images, videos=videos, audios=audios,
+                                       instruction=instruction), preset)
         pooled, seq = self.project(hs)
         dtype = self.flux.transformer.dtype
         device = self.flux.transformer.device
