@@ -95,6 +95,28 @@ WORKFLOWS = {
             (14, "SaveImage", (1580, 360), ["X2I_edit"], {"images": (13, 0)}, None),
         ],
     ),
+    "x2i_text2image_native_qwen.json": (
+        "X2I with the Qwen2.5-VL text encoder you already have for Qwen-Image: the stock Load CLIP (type "
+        "qwen_image) loads it, X2I CLIP Encode builds the X2I prompt and returns every hidden state (same as X2I "
+        "MLLM Encode), the AlignNet turns them into a FLUX conditioning, stock KSampler/VAE do the rest. Models: "
+        "qwen_2.5_vl_7b_fp8_scaled.safetensors or qwen_2.5_vl_7b.safetensors in models/text_encoders with the X2I "
+        "AlignNet for Qwen2.5-VL-7B in models/x2i (OmniGen2's Qwen2.5-VL-3B, type omnigen2, text only, works with "
+        "the 3B AlignNet), FLUX in models/diffusion_models, its VAE (ae.safetensors) in models/vae.",
+        [
+            (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
+            (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
+            (3, "CLIPLoader", (40, 320), ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"], {}, None),
+            (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
+            (5, "X2ICLIPEncode", (420, 320), [PROMPT, "auto", 0], {"clip": (3, 0)}, None),
+            (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+            (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
+            (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),
+            (9, "KSampler", (1200, 200), [0, "fixed", 28, 1.0, "euler", "simple", 1.0],
+             {"model": (1, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}, None),
+            (10, "VAEDecode", (1580, 200), [], {"samples": (9, 0), "vae": (2, 0)}, None),
+            (11, "SaveImage", (1580, 360), ["X2I_native_qwen"], {"images": (10, 0)}, None),
+        ],
+    ),
 }
 
 # -- the task workflows (one per X2I task) -----------------------------------------------------------------
@@ -342,6 +364,9 @@ THUMBS = {
                                     "Apply ControlNet (LightControl)", "KSampler -> image"]),
     "x2i_lora.json": ("X2I + a LoRA trained under X2I conditioning",
                       ["FLUX + LoraLoaderModelOnly", "MLLM encode", "AlignNet project", "X2I Sampler", "image"]),
+    "x2i_text2image_native_qwen.json": ("X2I with ComfyUI's own Qwen2.5-VL text encoder",
+                                        ["Load CLIP (type qwen_image)", "X2I CLIP Encode (all layers)",
+                                         "AlignNet project", "KSampler + FLUX", "VAE decode -> image"]),
 }
 
 
