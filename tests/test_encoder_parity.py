@@ -89,3 +89,25 @@ def test_comfyui_preset_pads_to_1_3_times_length_when_long(encoder):
     assert n > 512
     assert hs.hidden.shape[2] == int(n * 1.3)
     assert hs.attention_mask[0, :n].all() and not hs.attention_mask[0, n:].any()  # right padding
+
+
+def test_exact_fill_skips_the_pads_and_equals_the_padded_forward(encoder):
+    """Left padding: only the real tokens run; pad rows come from the cached constant (issue: exact savings)."""
+    seen = []
+    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[:2].numel()),
+        with_kwargs=True)
+    try:
+        texts = ["a cat", "A red fox jumps over a lazy dog in the snowy forest."]
+        fast = encoder.encode_text(texts, preset="training")
+        tokens_fast = sum(seen)
+        seen.clear()
+        slow = encoder.encode([EncodeRequest(text=t) for t in texts], preset="training", exact_fill=False)
+        tokens_slow = sum(seen)
+    finally:
+        hook.remove()
+    assert (fast.hidden - slow.hidden).abs().max().item() <= TOL
+    assert torch.equal(fast.attention_mask, slow.attention_mask)
+    assert tokens_slow == 2 * 512
+    assert sum(fast.lengths) <= tokens_fast <= sum(fast.lengths) + 3  # (+3: the one-off pad-row probe)
+    assert tokens_fast < tokens_slow / 5

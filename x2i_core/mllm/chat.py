@@ -270,14 +270,52 @@ class ChatEncoder:
         return torch.stack(out.hidden_states, dim=1)
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
-               image_size: int | None = None, video_size: int | None = None) -> HiddenStates:
+               image_size: int | None = None, video_size: int | None = None, exact_fill: bool = True) -> HiddenStates:
         """Encode prompts.  ``image_size`` / ``video_size`` override the preset's image / video-frame
-        resolution (pixels per side)."""
+        resolution (pixels per side).  ``exact_fill`` (default on) skips the work whose result is known:
+        left-padded rows are filled from the family's pad-row constant instead of being run (see
+        :meth:`forward_left_padded`); off = the plain padded forward, for comparison."""
         if isinstance(requests, EncodeRequest):
             requests = [requests]
         batch, preset_name, lengths = self.prepare(list(requests), preset, image_size, video_size)
-        hidden = self.forward_hidden(batch)
-        return HiddenStates(hidden, batch["attention_mask"], self.name, preset_name, lengths)
+        mask = batch["attention_mask"]
+        left = bool(mask[:, -1].all()) and not bool(mask.all())
+        if exact_fill and left and self.left_pad_constant and set(batch) == {"input_ids", "attention_mask"}:
+            hidden = self.forward_left_padded(batch)
+        else:
+            hidden = self.forward_hidden(batch)
+        return HiddenStates(hidden, mask, self.name, preset_name, lengths)
+
+    # -- exact prefill savings ------------------------------------------------
+    left_pad_constant = False   # a family sets this once tests show its left-pad rows are prompt-independent
+
+    def pad_rows(self) -> torch.Tensor:
+        """``[C, H]``: what every left-pad position holds in every layer (a query whose keys are all masked
+        attends to nothing, so the row depends on the pad token alone).  Computed once per device/dtype."""
+        key = (str(self.device), self.dtype)
+        cache = self.__dict__.setdefault("_pad_rows", {})
+        if key not in cache:
+            tok = self.processor.tokenizer
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            ids = torch.tensor([[pad_id, pad_id, pad_id]])
+            probe = {"input_ids": ids, "attention_mask": torch.tensor([[0, 0, 1]])}
+            cache[key] = self.forward_hidden(probe)[0, :, 0].clone()
+        return cache[key]
+
+    def forward_left_padded(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The left-padded forward without running the pads: each prompt's real tokens alone (their states
+        equal the padded run's, positions counting from the first real token) and the pad rows copied
+        from :meth:`pad_rows`.  Equals :meth:`forward_hidden` on the padded batch to fp32 round-off."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows = []
+        fill = self.pad_rows()
+        for i in range(ids.shape[0]):
+            n = int(mask[i].sum())
+            real = ids[i, ids.shape[1] - n:][None]
+            h = self.forward_hidden({"input_ids": real, "attention_mask": torch.ones_like(real)})[0]
+            pad = fill[:, None, :].to(h.dtype).expand(h.shape[0], ids.shape[1] - n, h.shape[2])
+            rows.append(torch.cat([pad, h], dim=1))
+        return torch.stack(rows)
 
     def encode_text(self, text: str | Sequence[str], preset: str | None = None) -> HiddenStates:
         texts = [text] if isinstance(text, str) else list(text)

@@ -18,6 +18,7 @@ class Qwen25VLEncoder(ChatEncoder):
     display = "Qwen2.5-VL"
     model_types = (MODEL_TYPE,)
     modalities = frozenset({"text", "image", "video"})
+    left_pad_constant = True  # tests/test_encoder_parity.py: pad rows equal across prompts, real rows = unpadded
 
     @classmethod
     def load_parts(cls, path: str, torch_dtype: torch.dtype, **kwargs):

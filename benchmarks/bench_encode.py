@@ -1,0 +1,146 @@
+"""Encoding speed: the reference recipe vs ours, side by side in one run, as ratios.
+
+* reference: ``generate(max_new_tokens=1, output_hidden_states=True)`` over the
+  padded prompt (what the published scripts call), prefill states kept;
+* padded forward: one backbone forward over the padded prompt, no LM head, no
+  KV cache (``exact_fill=False``);
+* ours: the same with exact savings - for the left-padded 'training' preset
+  only the real tokens run and the pad rows come from the cached constant.
+
+The model is a random-weight Qwen2.5-VL with the text-decoder shapes of a real
+family member (default: Qwen2-0.5B's, the LM of InternVL2.5-1B: width 896, 24
+layers, 14 heads / 2 KV heads, MLP 4864 - small enough for a CPU; ``--shape
+3b`` uses Qwen2.5-VL-3B's for a GPU) and a tiny vision tower (text prompts).
+Outputs are compared too (max abs difference to the reference).
+
+    python benchmarks/bench_encode.py [--shape 0.5b|3b] [--device cpu] [--repeat 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2),
+}
+PROMPTS = {
+    "short (~16 real tokens)": "a red fox in the snow",
+    "medium (~64 real tokens)": ("An oil painting of a lighthouse on a rocky coast under a stormy sky, waves crashing, "
+                                 "seagulls, dramatic light breaking through the clouds, in the style of Turner"),
+}
+
+
+def build(folder: str, shape: str) -> str:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, \
+        Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from x2i_core.prompt import QWEN25VL_CHAT_TEMPLATE
+    from x2i_core.tiny import QWEN_SPECIAL_TOKENS, build_tokenizer
+
+    tok = build_tokenizer(folder)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    s = SHAPES[shape]
+    head_dim = s["hidden_size"] // s["num_attention_heads"]
+    half = head_dim // 2
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                         rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+                         tie_word_embeddings=True, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         **s),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=s["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                        video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN25VL_CHAT_TEMPLATE
+                        ).save_pretrained(folder)
+    return folder
+
+
+def timed(fn, repeat, sync):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from x2i_core.mllm import EncodeRequest, load_mllm
+    from x2i_core.mllm.chat import resolve_dtype
+
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    dtype = resolve_dtype(args.dtype, torch.device(args.device))
+    results = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype, "rows": []}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build(os.path.join(tmp, "model"), args.shape)
+        enc = load_mllm(folder, dtype=dtype, device=args.device)
+        full = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+        for preset in ("training", "comfyui", "scripts"):
+            for label, text in PROMPTS.items():
+                req = EncodeRequest(text=text)
+                batch, _, lengths = enc.prepare([req], preset)
+                inputs = {k: v.to(args.device) for k, v in batch.items()}
+
+                def reference():
+                    with torch.inference_mode():
+                        out = full.generate(**inputs, max_new_tokens=1, output_hidden_states=True,
+                                            return_dict_in_generate=True, do_sample=False)
+                    return torch.stack(out.hidden_states[0], dim=1)
+
+                ref, t_ref = timed(reference, args.repeat, sync)
+                padded, t_pad = timed(lambda: enc.encode(req, preset, exact_fill=False).hidden, args.repeat, sync)
+                ours, t_ours = timed(lambda: enc.encode(req, preset).hidden, args.repeat, sync)
+                row = {"preset": preset, "prompt": label, "real_tokens": lengths[0], "padded_tokens": ref.shape[2],
+                       "reference_s": t_ref, "padded_forward_s": t_pad, "ours_s": t_ours,
+                       "speedup_vs_reference": t_ref / t_ours, "padded_forward_vs_reference": t_ref / t_pad,
+                       "max_abs_diff_vs_reference": (ours.float() - ref.float()).abs().max().item()}
+                results["rows"].append(row)
+                print(f"{preset:9s} {label:26s} tokens {lengths[0]:4d}/{ref.shape[2]:4d}  ref {t_ref:7.3f}s  "
+                      f"padded fwd x{row['padded_forward_vs_reference']:.2f}  ours x{row['speedup_vs_reference']:.2f}  "
+                      f"max|diff| {row['max_abs_diff_vs_reference']:.1e}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
