@@ -69,6 +69,8 @@ def run_mllm(mllm, node: str):
     finally:
         for h in handles:
             h.remove()
+        if getattr(mllm, "offload_after_encode", False):
+            mllm.offload()
 
 
 # -- media inputs -------------------------------------------------------------

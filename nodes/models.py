@@ -20,6 +20,7 @@ import comfy.model_patcher
 from ..x2i_core.alignnet import load_alignnet
 from ..x2i_core.mllm import load_mllm
 from ..x2i_core.mllm import resolve_dtype
+from ..x2i_core.mllm.cache import EncodeCache
 
 log = logging.getLogger("x2i")
 
@@ -40,11 +41,12 @@ def managed(module: torch.nn.Module, load_device, offload_device):
 class ManagedMLLM:
     """What travels on an ``X2I_MLLM`` socket."""
 
-    def __init__(self, encoder, path: str, name: str, patcher):
+    def __init__(self, encoder, path: str, name: str, patcher, offload_after_encode: bool = False):
         self.encoder = encoder
         self.path = path
         self.name = name
         self.patcher = patcher
+        self.offload_after_encode = offload_after_encode
 
     @property
     def channels(self) -> int:
@@ -56,6 +58,15 @@ class ManagedMLLM:
 
     def load(self) -> None:
         mm.load_models_gpu([self.patcher])
+
+    def offload(self) -> None:
+        """Unload from the load device now (ComfyUI's own unload path), freeing its VRAM."""
+        for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+            lm = mm.current_loaded_models[i]
+            if lm.model is self.patcher:
+                lm.model_unload()
+                mm.current_loaded_models.pop(i)
+        mm.soft_empty_cache()
 
 
 class ManagedAlignNet:
@@ -81,14 +92,20 @@ def _devices(device_choice: str):
 
 
 def load_managed_mllm(path: str, name: str, dtype: str = "auto", device: str = "default",
-                      trust_remote_code: bool = False) -> ManagedMLLM:
+                      trust_remote_code: bool = False, quant: str = "none",
+                      offload_after_encode: bool = False) -> ManagedMLLM:
     load_device, offload_device = _devices(device)
     torch_dtype = resolve_dtype(dtype, load_device)
+    if quant in ("bnb8", "bnb4"):
+        offload_device = load_device  # bitsandbytes weights cannot move between devices
     with _LOCK:
-        encoder = load_mllm(path, dtype=torch_dtype, device=offload_device, trust_remote_code=trust_remote_code)
+        encoder = load_mllm(path, dtype=torch_dtype, device=offload_device if quant not in ("bnb8", "bnb4")
+                            else load_device, trust_remote_code=trust_remote_code, quant=quant)
+    encoder.cache = EncodeCache()
     patcher = managed(encoder.module, load_device, offload_device)
-    log.info("X2I: loaded MLLM %s (%s, C=%d, H=%d)", path, torch_dtype, encoder.channels, encoder.hidden_size)
-    return ManagedMLLM(encoder, path, name, patcher)
+    log.info("X2I: loaded MLLM %s (%s, %s, C=%d, H=%d)", path, torch_dtype, quant, encoder.channels,
+             encoder.hidden_size)
+    return ManagedMLLM(encoder, path, name, patcher, offload_after_encode)
 
 
 def load_managed_alignnet(path: str, name: str, device: str = "default") -> ManagedAlignNet:

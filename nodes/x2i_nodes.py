@@ -44,6 +44,14 @@ class X2IMLLMLoader(io.ComfyNode):
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="default = ComfyUI's text-encoder device (offloaded when memory is needed); "
                                        "cpu = always run on the CPU."),
+                io.Combo.Input("quantization", options=["none", "int8", "bnb8", "bnb4"], default="none",
+                               tooltip="none = the dtype above. int8 = weight-only int8 decoder (CPU or GPU, nothing "
+                                       "to install; ~half of bf16's weight memory). bnb8 / bnb4 = bitsandbytes 8-bit / "
+                                       "4-bit NF4 (CUDA only, pip install bitsandbytes; the model then stays on the GPU)."),
+                io.Boolean.Input("offload_after_encode", default=False,
+                                 tooltip="Move the MLLM off the GPU right after each encode, leaving all VRAM to FLUX "
+                                         "(re-loaded on the next encode). Off = ComfyUI offloads it when memory is "
+                                         "needed."),
                 io.Boolean.Input("trust_remote_code", default=False,
                                  tooltip="Needed only for MiniCPM-o. ON runs Python files shipped inside the model "
                                          "folder with your rights: enable only for folders from a source you trust "
@@ -54,13 +62,15 @@ class X2IMLLMLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name, dtype="auto", device="default", trust_remote_code=False) -> io.NodeOutput:
+    def execute(cls, model_name, dtype="auto", device="default", quantization="none", offload_after_encode=False,
+                trust_remote_code=False) -> io.NodeOutput:
         try:
             path = paths.resolve_mllm_dir(model_name)
         except ValueError as exc:
             raise NodeError(f"X2I MLLM Loader: {exc}") from None
         with _user_errors("X2I MLLM Loader"):
-            return io.NodeOutput(load_managed_mllm(path, model_name, dtype, device, trust_remote_code))
+            return io.NodeOutput(load_managed_mllm(path, model_name, dtype, device, trust_remote_code, quantization,
+                                                   offload_after_encode))
 
 
 class X2IMLLMEncode(io.ComfyNode):

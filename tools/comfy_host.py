@@ -420,6 +420,12 @@ def run_in_process(spec_path: str) -> None:
         executor.execute(prompt, f"inproc-{label}", {}, valid[2])
         facts["success"] = facts["success"] and executor.success
         facts["messages"].extend(m[0] for m in executor.status_messages)
+        # what ran and what stays loaded after this prompt (the pack's modules live under its folder name)
+        counters = [m.FORWARD_CALLS for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.cache")]
+        facts.setdefault("forward_calls", {})[label] = sum(sum(c.values()) for c in counters)
+        facts.setdefault("loaded_after", {})[label] = [
+            type(lm.model.model.inner).__name__ for lm in mm.current_loaded_models
+            if type(lm.model.model).__name__ == "_Holder"]
         if not executor.success:
             facts["errors"][label] = [m[1].get("exception_message") for m in executor.status_messages
                                       if m[0] == "execution_error"]

@@ -18,6 +18,8 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # X2IMLLMEncode widgets after the text: preset, instruction, image/video resolution, video fps, max frames, frames fps
 ENC_WIDGETS = ["auto", "", 0, 0, 1.0, 768, 24.0]
+# X2IMLLMLoader widgets after the folder: dtype, device, quantization, offload after encode, trust remote code
+LOADER_WIDGETS = ["auto", "default", "none", False, False]
 PROMPT = "一只在雪地里奔跑的红狐狸，清晨的阳光 (a red fox running through snow at dawn)"
 
 # name -> (description, nodes); node = (id, type, pos, widgets, {input: (src_id, src_slot)}, title)
@@ -28,7 +30,7 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default", False], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", *LOADER_WIDGETS], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
             (5, "X2IMLLMEncode", (420, 320), [PROMPT, *ENC_WIDGETS], {"mllm": (3, 0)}, None),
             (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
@@ -45,7 +47,7 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default", False], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", *LOADER_WIDGETS], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
             (5, "X2IMLLMEncode", (420, 320), ["A lighthouse on a rocky coast under a stormy sky, oil painting",
                                               *ENC_WIDGETS], {"mllm": (3, 0)}, None),
@@ -62,7 +64,7 @@ WORKFLOWS = {
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (9, "LoraLoaderModelOnly", (420, -120), ["x2i_lora.safetensors", 1.0], {"model": (1, 0)}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default", False], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", *LOADER_WIDGETS], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
             (5, "X2IMLLMEncode", (420, 320), ["A portrait of a woman in the trained style", *ENC_WIDGETS],
              {"mllm": (3, 0)}, None),
@@ -78,7 +80,7 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", "auto", "default", False], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", *LOADER_WIDGETS], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
             (10, "LoadImage", (40, 640), ["source.png", "image"], {}, None),
             (5, "X2IMLLMEncode", (420, 320), ["Make it a snowy winter evening, keep everything else the same.",
@@ -136,7 +138,7 @@ def _task(text, mllm=VL7B, alignnet=ALIGN_VL7B, inputs=(), encode_conns=None, in
     nodes = [
         (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
         (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-        (3, "X2IMLLMLoader", (40, 320), [mllm, "auto", "default", False], {}, None),
+        (3, "X2IMLLMLoader", (40, 320), [mllm, *LOADER_WIDGETS], {}, None),
         (4, "X2IAlignNetLoader", (40, 500), [alignnet], {}, None),
     ]
     nodes.extend(inputs)

@@ -36,7 +36,9 @@ def encoder_class(model_type: str):
     return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
-def load_mllm(path: str | os.PathLike, *, dtype="auto", device="cpu", trust_remote_code: bool = False) -> MLLMEncoder:
+def load_mllm(path: str | os.PathLike, *, dtype="auto", device="cpu", trust_remote_code: bool = False,
+              quant: str = "none") -> MLLMEncoder:
+    """Load an MLLM folder as an X2I encoder; ``quant``: none / int8 / bnb8 / bnb4 (see x2i_core.mllm.quant)."""
     cfg = read_model_config(path)
     model_type = cfg.get("model_type")
     if model_type not in FAMILIES:
@@ -54,7 +56,7 @@ def load_mllm(path: str | os.PathLike, *, dtype="auto", device="cpu", trust_remo
         )
     cls = encoder_class(model_type)
     kwargs = {"trust_remote_code": True} if remote else {}
-    return cls.from_pretrained(path, dtype=dtype, device=device, **kwargs)
+    return cls.from_pretrained(path, dtype=dtype, device=device, quant=quant, **kwargs)
 
 
 __all__ = ["ChatEncoder", "ChatTurn", "EncodeRequest", "HiddenStates", "MLLMEncoder", "Qwen25VLEncoder", "load_mllm",

@@ -27,6 +27,7 @@ from ..errors import X2IFileError, X2IInputError
 from ..media import as_video_list, to_pil_list
 from ..prompt import Turn, build_conversation, resolve_preset, target_length, with_image_size
 from .base import ChatTurn, EncodeRequest, HiddenStates
+from .cache import FORWARD_CALLS, EncodeCache, digest
 
 log = logging.getLogger("x2i")
 
@@ -143,7 +144,11 @@ class ChatEncoder:
     # -- loading ------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto",
-                        device: str | torch.device = "cpu", **kwargs) -> "ChatEncoder":
+                        device: str | torch.device = "cpu", quant: str | None = "none", **kwargs) -> "ChatEncoder":
+        """Load a model folder.  ``quant``: 'none', 'int8' (weight-only, CPU/GPU), 'bnb8' / 'bnb4'
+        (bitsandbytes, CUDA; the model then lives on ``device`` for good) - see :mod:`.quant`."""
+        from .quant import bnb_config, check_quant, quantize_int8
+
         path = os.fspath(path)
         cfg = read_model_config(path)
         if cfg.get("model_type") not in cls.model_types:
@@ -153,13 +158,28 @@ class ChatEncoder:
             )
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
+        q = check_quant(quant, device)
+        if q in ("bnb8", "bnb4"):
+            kwargs["quantization_config"] = bnb_config(q, list(cls.unquantised_modules))
+            kwargs["device_map"] = {"": device}
         try:
             full, backbone, processor = cls.load_parts(path, torch_dtype, **kwargs)
         except OSError as exc:
             raise X2IFileError(f"MLLM folder '{path}' is incomplete or corrupt ({exc})") from exc
-        full.to(device).eval().requires_grad_(False)
+        if q not in ("bnb8", "bnb4"):
+            full.to(device)
+        full.eval().requires_grad_(False)
         name = f"{cls.display} ({os.path.basename(os.path.normpath(path))})"
-        return cls(full, backbone, processor, name, path)
+        enc = cls(full, backbone, processor, name, path)
+        if q == "int8":
+            quantize_int8(enc.decoder_layers)
+        enc.quant = q
+        enc.cache_tag = q
+        return enc
+
+    quant = "none"
+    # module names bitsandbytes leaves alone (towers, projector, LM head)
+    unquantised_modules = ("lm_head", "visual", "vision_tower", "audio_tower", "multi_modal_projector", "mlp1")
 
     @property
     def device(self) -> torch.device:
@@ -265,6 +285,7 @@ class ChatEncoder:
         """One forward pass over prepared inputs -> ``[B, layers + 1, S, H]``."""
         inputs = self._to_device(batch)
         inputs.update(self.forward_inputs(inputs))
+        FORWARD_CALLS[self.name] += 1
         with torch.inference_mode():
             out = self.model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
         return torch.stack(out.hidden_states, dim=1)
@@ -279,12 +300,24 @@ class ChatEncoder:
             requests = [requests]
         batch, preset_name, lengths = self.prepare(list(requests), preset, image_size, video_size)
         mask = batch["attention_mask"]
+        key = None
+        if self.cache is not None:
+            key = digest(batch, self.path, self.name, str(self.dtype), self.cache_tag)
+            hit = self.cache.get(key)
+            if hit is not None:
+                return HiddenStates(hit.to(self.device), mask, self.name, preset_name, lengths)
         left = bool(mask[:, -1].all()) and not bool(mask.all())
         if exact_fill and left and self.left_pad_constant and set(batch) == {"input_ids", "attention_mask"}:
             hidden = self.forward_left_padded(batch)
         else:
             hidden = self.forward_hidden(batch)
+        if key is not None:
+            self.cache.put(key, hidden)
         return HiddenStates(hidden, mask, self.name, preset_name, lengths)
+
+    # -- encoding cache -------------------------------------------------------
+    cache: EncodeCache | None = None   # set ``encoder.cache = EncodeCache(max_bytes)`` to enable
+    cache_tag: Any = None              # anything else that changes the forward (e.g. quantisation, sparse prefill)
 
     # -- exact prefill savings ------------------------------------------------
     left_pad_constant = False   # a family sets this once tests show its left-pad rows are prompt-independent

@@ -24,7 +24,7 @@ class Qwen25VLEncoder(ChatEncoder):
     def load_parts(cls, path: str, torch_dtype: torch.dtype, **kwargs):
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-        full = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+        full = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **kwargs)
         processor = AutoProcessor.from_pretrained(path)
         return full, full.model, processor
 
