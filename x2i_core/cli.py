@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--audio", action="append", default=[], type=_existing_file("audio"),
                    help="input audio file (repeatable; WAV read without torchaudio; needs Qwen2.5-Omni / MiniCPM-o)")
     g.add_argument("--instruction", default=None, help="editing instruction (the 'Instruction editing description')")
+    g.add_argument("--quant", default="none", choices=["none", "int8", "bnb8", "bnb4"],
+                   help="MLLM quantisation: int8 weight-only (CPU/GPU) or bitsandbytes 8/4-bit (CUDA)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow MLLM folders that ship Python code (MiniCPM-o); runs that code - only for trusted folders")
     g.add_argument("--preset", default="auto", choices=["auto", "training", "comfyui", "scripts"],
@@ -158,7 +160,8 @@ def cmd_generate(args) -> str:
         raise SystemExit("error: give --prompt, --image, --video-frames or --audio (the prompt is empty)")
     t0 = time.time()
     pipe = X2IPipeline.from_paths(args.mllm, args.alignnet, args.flux, device=args.device, dtype=args.dtype,
-                                  alignnet_config=args.alignnet_config, trust_remote_code=args.trust_remote_code)
+                                  alignnet_config=args.alignnet_config, trust_remote_code=args.trust_remote_code,
+                                  quant=args.quant)
     log.info("models loaded in %.1fs", time.time() - t0)
     width, height = args.size
     img = pipe.generate(args.prompt, images=args.image or None, videos=[args.video_frames] if args.video_frames else None,
