@@ -336,19 +336,19 @@ class ChatEncoder:
         return cache[key]
 
     def forward_left_padded(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The left-padded forward without running the pads: each prompt's real tokens alone (their states
-        equal the padded run's, positions counting from the first real token) and the pad rows copied
-        from :meth:`pad_rows`.  Equals :meth:`forward_hidden` on the padded batch to fp32 round-off."""
+        """The left-padded forward without running pads whose result is known: the batch is cut to its
+        longest prompt (one forward over ``B x longest`` tokens; the remaining pads in shorter rows give
+        the same constant) and the leading columns that are padding in every row are copied from
+        :meth:`pad_rows`.  Equals :meth:`forward_hidden` on the full padded batch to fp32 round-off."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        rows = []
-        fill = self.pad_rows()
-        for i in range(ids.shape[0]):
-            n = int(mask[i].sum())
-            real = ids[i, ids.shape[1] - n:][None]
-            h = self.forward_hidden({"input_ids": real, "attention_mask": torch.ones_like(real)})[0]
-            pad = fill[:, None, :].to(h.dtype).expand(h.shape[0], ids.shape[1] - n, h.shape[2])
-            rows.append(torch.cat([pad, h], dim=1))
-        return torch.stack(rows)
+        longest = int(mask.sum(dim=1).max())
+        cut = {"input_ids": ids[:, -longest:], "attention_mask": mask[:, -longest:]}
+        h = self.forward_hidden(cut)
+        lead = ids.shape[1] - longest
+        if lead == 0:
+            return h
+        fill = self.pad_rows().to(h.dtype)[None, :, None, :].expand(h.shape[0], h.shape[1], lead, h.shape[3])
+        return torch.cat([fill, h], dim=2)
 
     def encode_text(self, text: str | Sequence[str], preset: str | None = None) -> HiddenStates:
         texts = [text] if isinstance(text, str) else list(text)
