@@ -148,8 +148,8 @@ class BuiltPrompt:
     audios: list[Any] = dataclasses.field(default_factory=list)  # mono arrays at the model's rate
 
 
-def _check_placeholders(text: str | None, spec: PresetSpec, single_turn: bool) -> None:
-    placeholders = [t for t in VISION_PLACEHOLDERS if text and t in text]
+def _check_placeholders(text: str | None, spec: PresetSpec, single_turn: bool, extra: tuple[str, ...] = ()) -> None:
+    placeholders = [t for t in (*VISION_PLACEHOLDERS, *extra) if text and t in text]
     both_pads = (single_turn and spec.name == "comfyui" and "<|image_pad|>" in placeholders
                  and "<|video_pad|>" in placeholders)
     if placeholders and not both_pads:
@@ -164,8 +164,8 @@ def build_message(text: str | None, images: list[Image.Image], videos: list[list
     return build_conversation([Turn("user", text, images, videos)], spec, processor, chat_kwargs)
 
 
-def build_conversation(turns: list[Turn], spec: PresetSpec, processor,
-                       chat_kwargs: dict[str, Any] | None = None) -> BuiltPrompt:
+def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwargs: dict[str, Any] | None = None,
+                       system: str | None = None, placeholders: tuple[str, ...] = ()) -> BuiltPrompt:
     """Build the prompt exactly as the reference does for ``spec``.
 
     The last turn is the prompt proper and must be a user turn: its text goes
@@ -173,7 +173,9 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor,
     plain for ``scripts``).  Earlier turns (multi-turn chats) are rendered as
     plain chat messages with their media, so the MLLM reads the whole
     conversation.  In every user turn media come before the text (images,
-    then videos, then audio), as the reference nodes place them.
+    then videos, then audio), as the reference nodes place them.  ``system``:
+    a system message some families require (Qwen2.5-Omni's default);
+    ``placeholders``: the family's own media tokens, refused in user text.
     """
     if not turns:
         raise X2IInputError("the conversation has no turns; add at least one user turn")
@@ -194,12 +196,12 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor,
 
     single = len(turns) == 1
     for t in turns:
-        _check_placeholders(t.text, spec, single)
-        _check_placeholders(t.instruction, spec, False)
+        _check_placeholders(t.text, spec, single, placeholders)
+        _check_placeholders(t.instruction, spec, False, placeholders)
     proc_images: list[Image.Image] = []
     proc_videos: list[list[Image.Image]] = []
     proc_audios: list[Any] = []
-    messages = []
+    messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
     for ti, turn in enumerate(turns):
         content: list[dict[str, Any]] = []
         if turn.role == "user":

@@ -39,7 +39,7 @@ from .prompt import QWEN25VL_CHAT_TEMPLATE  # the published template, reproduced
 
 log = logging.getLogger("x2i")
 
-TINY_VERSION = 5
+TINY_VERSION = 6
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -68,8 +68,11 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: str, vocab_size: int = 1024):
+def build_tokenizer(out_dir: str, vocab_size: int = 1024, special_tokens: list[str] | None = None,
+                    chat_template: str | None = None, extra_special_tokens: dict[str, str] | None = None,
+                    eos_token: str = "<|im_end|>", pad_token: str = "<|endoftext|>"):
     """Train a byte-level BPE on the built-in corpus and wrap it as a Qwen2 fast tokenizer."""
+    special_tokens = special_tokens or QWEN_SPECIAL_TOKENS
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -85,14 +88,15 @@ def build_tokenizer(out_dir: str, vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    kwargs = {"extra_special_tokens": extra_special_tokens} if extra_special_tokens else {}
     fast = Qwen2TokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok, bos_token=None, eos_token=eos_token, pad_token=pad_token,
         unk_token=None, errors="replace", clean_up_tokenization_spaces=False,
-        additional_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)], **kwargs,
     )
-    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS}, replace_additional_special_tokens=True)
+    fast.add_special_tokens({"additional_special_tokens": special_tokens}, replace_additional_special_tokens=True)
     fast.model_max_length = 32768
-    fast.chat_template = QWEN25VL_CHAT_TEMPLATE
+    fast.chat_template = chat_template or QWEN25VL_CHAT_TEMPLATE
     return fast
 
 
@@ -168,12 +172,7 @@ def build_qwen25vl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    # Random init with a larger spread so layers differ visibly in tests.
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    _spread(model, seed)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.do_sample = False
@@ -187,6 +186,15 @@ def build_qwen25vl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return out_dir
+
+
+def _spread(model, seed: int, std: float = 0.05) -> None:
+    """Random init with a larger spread so layers differ visibly in tests."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def build_alignnet(channels: int, hidden: int, seed: int = 0, fusion: str = "conv", use_t5: bool = False,
@@ -382,6 +390,10 @@ def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool =
     }
     log.info("building tiny models in %s", root)
     build_qwen25vl(os.path.join(root, paths["mllm"]), seed=seed)
+    from .tiny_families import build_qwen25omni
+
+    paths["mllm_omni"] = "mllm/Qwen2.5-Omni-tiny"
+    build_qwen25omni(os.path.join(root, paths["mllm_omni"]), seed=seed + 10)
     os.makedirs(os.path.join(root, "x2i"), exist_ok=True)
     net = build_alignnet(channels=3, hidden=64, seed=seed + 1)
     save_published_alignnet(net, os.path.join(root, paths["alignnet"]))

@@ -86,6 +86,9 @@ class ChatEncoder:
     model_types: tuple[str, ...] = ()
     modalities = frozenset({"text", "image", "video"})
     trust_remote_code = False
+    system_prompt: str | None = None      # a system message the family requires in every prompt
+    placeholders: tuple[str, ...] = ()    # the family's media tokens, refused in user text
+    max_audio_seconds = 300.0
 
     def __init__(self, module, model, processor, name: str, path: str | None = None):
         self.module = module        # the full model (LM head included, used only by generate)
@@ -213,14 +216,16 @@ class ChatEncoder:
                 raise X2IInputError(f"prompt {index + 1}: chat turn role {t.role!r}; expected 'user' or 'assistant'")
             images = to_pil_list(t.images, "image")
             videos = [list(v) for v in as_video_list(t.videos)]
-            audios = [prepare_audio(a, self.audio_rate(), f"audio {j + 1}") for j, a in enumerate(_as_list(t.audios))]
+            audios = [prepare_audio(a, self.audio_rate(), f"audio {j + 1}", self.max_audio_seconds)
+                      for j, a in enumerate(_as_list(t.audios))]
             self._check_modalities(index, t, images, videos, audios)
             if t.text is not None and not isinstance(t.text, str):
                 raise X2IInputError(f"prompt {index + 1}: text must be a string, found {type(t.text).__name__}")
             has_media = has_media or bool(images or videos or audios)
             turns.append(Turn(t.role, t.text, images, videos, audios, t.instruction))
         spec = with_image_size(resolve_preset(preset, has_media), image_size, video_size)
-        return build_conversation(turns, spec, self.processor, self.chat_kwargs(spec))
+        return build_conversation(turns, spec, self.processor, self.chat_kwargs(spec), self.system_prompt,
+                                  self.placeholders)
 
     def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None, image_size: int | None = None,
                 video_size: int | None = None) -> tuple[dict[str, torch.Tensor], str, list[int]]:

@@ -1,0 +1,121 @@
+"""Tiny random models of the other MLLM families, in the folder formats users download.
+
+* ``build_qwen25omni`` - a Qwen2.5-Omni folder (``model_type`` ``qwen2_5_omni``:
+  thinker + talker + token2wav configs, as released; the weights hold the
+  thinker only, which is all X2I loads), 2 decoder layers of width 64, small
+  vision and audio towers, a locally trained tokenizer with Omni's special
+  tokens and a chat template in Omni's format, Whisper feature-extractor and
+  Qwen2-VL image/video processor configs.
+* ``build_internvl`` - an InternVL folder in the transformers (``-hf``) format
+  (``model_type`` ``internvl``; Qwen2 text decoder, 2 layers of width 64; a
+  1-layer InternViT at 28x28 pixels per tile), tokenizer with ``<img>``,
+  ``</img>``, ``<IMG_CONTEXT>`` and InternVL's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .tiny import _spread, _staging, build_tokenizer
+
+from .mllm.qwen25omni import OMNI_SYSTEM_PROMPT  # noqa: E402
+
+OMNI_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>", "<|IMAGE|>",
+    "<|VIDEO|>",
+]
+
+# Qwen2.5-Omni's chat template format (system, media placeholders with bos/eos, generation prompt).
+OMNI_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + OMNI_SYSTEM_PROMPT +
+    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: "
+    "{% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen25omni(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64) -> str:
+    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor,
+                              Qwen2VLImageProcessor, WhisperFeatureExtractor)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = build_tokenizer(out_dir, special_tokens=OMNI_SPECIAL_TOKENS, chat_template=OMNI_CHAT_TEMPLATE,
+                          extra_special_tokens={
+                              "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+                              "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+                              "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in OMNI_SPECIAL_TOKENS}
+    heads, head_dim = 4, hidden // 4
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    thinker = dict(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         rope_scaling={"mrope_section": mrope, "rope_type": "default", "type": "default"},
+                         tie_word_embeddings=False),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                           out_hidden_size=hidden, tokens_per_second=2),
+        audio_config=dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          d_model=32, output_dim=hidden, n_window=100, max_source_positions=1500),
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        position_id_per_seconds=25, seconds_per_chunk=2, pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+    )
+    talker = dict(vocab_size=64, embedding_size=hidden, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                  rope_scaling={"mrope_section": [4, 2, 2], "rope_type": "default", "type": "default"})
+    token2wav = dict(dit_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=16,
+                                     ff_mult=2, emb_dim=16, enc_dim=16, enc_emb_dim=16, enc_channels=[32, 32, 32, 32, 64],
+                                     enc_kernel_sizes=[5, 3, 3, 3, 1], enc_dilations=[1, 2, 3, 4, 1],
+                                     enc_attention_channels=16, enc_res2net_scale=2, enc_se_channels=16, mel_dim=8,
+                                     num_embeds=64, repeats=2, block_size=8, look_ahead_layers=[0],
+                                     look_backward_layers=[0]),
+                     bigvgan_config=dict(mel_dim=8, upsample_initial_channel=16, resblock_kernel_sizes=[3],
+                                         resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[2],
+                                         upsample_kernel_sizes=[4]))
+    config = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=token2wav,
+                               enable_audio_output=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniForConditionalGeneration(config).eval()
+    _spread(model, seed)
+    config.enable_audio_output = True  # as released; X2I loads it with audio output off (thinker only)
+    processor = Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14,
+                                              temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 768, patch_size=14,
+                                              temporal_patch_size=2, merge_size=2),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
+                                                  chunk_length=30, n_fft=400, padding_side="right"),
+        tokenizer=tok, chat_template=OMNI_CHAT_TEMPLATE)
+    with _staging(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        # The released folder keeps the image processor and the Whisper feature extractor in one
+        # preprocessor_config.json (saving them one after the other would keep only the last).
+        merged = {**processor.feature_extractor.to_dict(), **processor.image_processor.to_dict()}
+        merged.pop("mel_filters", None)
+        merged["processor_class"] = "Qwen2_5OmniProcessor"
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(merged, fh, indent=2)
+    return out_dir
