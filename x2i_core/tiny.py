@@ -6,6 +6,9 @@
   layers, width 64, a 2-block vision tower), with a byte-level BPE tokenizer
   trained here on a built-in corpus that carries the real Qwen2.5-VL special
   tokens and chat template, and the image/video processor configs;
+* ``mllm/Qwen2.5-Omni-tiny/`` and ``mllm/InternVL-tiny/`` - the other MLLM
+  families in their released folder formats, same depth and width (so one
+  AlignNet fits all three), see :mod:`x2i_core.tiny_families`;
 * ``x2i/alignnet-tiny.pt`` - a matching AlignNet in the *published* layout
   (``torch.save({"config", "state_dict"})``), plus ``x2i/alignnet-tiny.safetensors``
   in ours;
@@ -39,7 +42,7 @@ from .prompt import QWEN25VL_CHAT_TEMPLATE  # the published template, reproduced
 
 log = logging.getLogger("x2i")
 
-TINY_VERSION = 6
+TINY_VERSION = 7
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -390,10 +393,12 @@ def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool =
     }
     log.info("building tiny models in %s", root)
     build_qwen25vl(os.path.join(root, paths["mllm"]), seed=seed)
-    from .tiny_families import build_qwen25omni
+    from .tiny_families import build_internvl, build_qwen25omni
 
     paths["mllm_omni"] = "mllm/Qwen2.5-Omni-tiny"
     build_qwen25omni(os.path.join(root, paths["mllm_omni"]), seed=seed + 10)
+    paths["mllm_internvl"] = "mllm/InternVL-tiny"
+    build_internvl(os.path.join(root, paths["mllm_internvl"]), seed=seed + 11)
     os.makedirs(os.path.join(root, "x2i"), exist_ok=True)
     net = build_alignnet(channels=3, hidden=64, seed=seed + 1)
     save_published_alignnet(net, os.path.join(root, paths["alignnet"]))

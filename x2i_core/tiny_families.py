@@ -119,3 +119,54 @@ def build_qwen25omni(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: i
         with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as fh:
             json.dump(merged, fh, indent=2)
     return out_dir
+
+
+INTERNVL_SYSTEM = "You are InternVL, a multimodal large language model."
+INTERNVL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                           "<video>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+
+# InternVL (-hf) chat template format: system message, <IMG_CONTEXT> / <video> per media item, ChatML turns.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + INTERNVL_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_internvl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64, tile: int = 56) -> str:
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    tok = build_tokenizer(out_dir, special_tokens=INTERNVL_SPECIAL_TOKENS, chat_template=INTERNVL_CHAT_TEMPLATE,
+                          extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                                "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
+    per_tile = (tile // 14) ** 2 // 4  # pixel shuffle with downsample ratio 0.5
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=[tile, tile], patch_size=[14, 14], use_mean_pooling=True),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=per_tile, downsample_ratio=0.5,
+        pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _spread(model, seed)
+    size = {"height": tile, "width": tile}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4,
+                                              do_normalize=True),
+        video_processor=InternVLVideoProcessor(size=size),
+        tokenizer=tok, image_seq_length=per_tile, chat_template=INTERNVL_CHAT_TEMPLATE)
+    with _staging(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    return out_dir
