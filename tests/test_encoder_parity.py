@@ -112,3 +112,23 @@ def test_exact_fill_skips_the_pads_and_equals_the_padded_forward(encoder):
     longest = max(fast.lengths)
     assert 2 * longest <= tokens_fast <= 2 * longest + 3  # one forward over the longest prompt (+3: pad-row probe)
     assert tokens_fast < tokens_slow / 5
+
+
+@pytest.mark.parametrize("preset", ["comfyui", "scripts"])
+def test_right_padding_runs_one_pad_and_equals_the_padded_forward(encoder, preset):
+    """Right padding: every pad row of a prompt is the same vector, so one pad runs and is repeated."""
+    imgs = [_image(5, 120, 90)]
+    reqs = [EncodeRequest(text="a cat", images=imgs), EncodeRequest(text="a red fox in the snowy forest", images=imgs)]
+    seen = []
+    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[1]),
+        with_kwargs=True)
+    try:
+        fast = encoder.encode(reqs, preset=preset)
+        cols_fast = seen[-1]
+        slow = encoder.encode(reqs, preset=preset, exact_fill=False)
+        cols_slow = seen[-1]
+    finally:
+        hook.remove()
+    assert (fast.hidden - slow.hidden).abs().max().item() <= TOL
+    assert cols_slow == fast.hidden.shape[2] >= 512 and cols_fast == max(fast.lengths) + 1

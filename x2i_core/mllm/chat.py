@@ -312,8 +312,11 @@ class ChatEncoder:
             if hit is not None:
                 return HiddenStates(hit.to(self.device), mask, self.name, preset_name, lengths)
         left = bool(mask[:, -1].all()) and not bool(mask.all())
+        right = bool(mask[:, 0].all()) and not bool(mask.all())
         if exact_fill and left and self.left_pad_constant and set(batch) == {"input_ids", "attention_mask"}:
             hidden = self.forward_left_padded(batch)
+        elif exact_fill and right and self.right_pad_rows_shared:
+            hidden = self.forward_right_padded(batch)
         else:
             hidden = self.forward_hidden(batch)
         if key is not None:
@@ -326,6 +329,7 @@ class ChatEncoder:
 
     # -- exact prefill savings ------------------------------------------------
     left_pad_constant = False   # a family sets this once tests show its left-pad rows are prompt-independent
+    right_pad_rows_shared = False  # ... and this once tests show a prompt's right-pad rows are all equal
 
     def pad_rows(self) -> torch.Tensor:
         """``[C, H]``: what every left-pad position holds in every layer (a query whose keys are all masked
@@ -354,6 +358,22 @@ class ChatEncoder:
             return h
         fill = self.pad_rows().to(h.dtype)[None, :, None, :].expand(h.shape[0], h.shape[1], lead, h.shape[3])
         return torch.cat([fill, h], dim=2)
+
+    def forward_right_padded(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The right-padded forward without running pads whose result is known.  A right-pad query sees only
+        the prompt's real keys (pad keys are masked) at the one position every pad gets, so all pad rows of
+        a prompt are the same vector in every layer - it depends on the prompt, so it is computed, once: the
+        batch runs cut to its longest prompt plus one pad, and each row's last column is repeated over the
+        remaining pads.  Equals :meth:`forward_hidden` on the full padded batch to fp32 round-off."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        keep = int(mask.sum(dim=1).max()) + 1
+        if keep >= ids.shape[1]:
+            return self.forward_hidden(batch)
+        cut = dict(batch)
+        cut["input_ids"], cut["attention_mask"] = ids[:, :keep], mask[:, :keep]
+        h = self.forward_hidden(cut)
+        tail = h[:, :, -1:, :].expand(h.shape[0], h.shape[1], ids.shape[1] - keep, h.shape[3])
+        return torch.cat([h, tail], dim=2)
 
     def encode_text(self, text: str | Sequence[str], preset: str | None = None) -> HiddenStates:
         texts = [text] if isinstance(text, str) else list(text)

@@ -41,6 +41,7 @@ class Qwen25OmniEncoder(ChatEncoder):
                     "<|audio_eos|>")
     max_audio_seconds = 30.0  # the Whisper feature extractor's window
     left_pad_constant = True  # tests/test_family_omni.py checks the fill against the padded forward
+    right_pad_rows_shared = True  # the same tests compare the right-padded presets with the padded forward
 
     @classmethod
     def load_parts(cls, path: str, torch_dtype: torch.dtype, **kwargs):

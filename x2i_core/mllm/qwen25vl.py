@@ -19,6 +19,7 @@ class Qwen25VLEncoder(ChatEncoder):
     model_types = (MODEL_TYPE,)
     modalities = frozenset({"text", "image", "video"})
     left_pad_constant = True  # tests/test_encoder_parity.py: pad rows equal across prompts, real rows = unpadded
+    right_pad_rows_shared = True  # the same tests compare the right-padded presets with the padded forward
 
     @classmethod
     def load_parts(cls, path: str, torch_dtype: torch.dtype, **kwargs):
