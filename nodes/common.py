@@ -75,20 +75,28 @@ def run_mllm(mllm, node: str):
 
 # -- media inputs -------------------------------------------------------------
 
-def media_inputs() -> list:
-    """The optional media sockets and their widgets, in the order every X2I encode node shows them."""
+def image_resolution_input():
+    return io.Int.Input("image_resolution", default=0, min=0, max=4096, step=28,
+                        tooltip="0 = the preset's default (comfyui: 224x224 pixel budget; scripts: 128x128). "
+                                "Otherwise pixels per side.")
+
+
+def media_inputs(resolution: bool = True, optional_widgets: bool = False) -> list:
+    """The media widgets and optional media sockets, in the order every X2I encode node shows them.
+
+    ``optional_widgets``: declare the widgets optional, so API prompts written before they existed still
+    validate (ComfyUI shows optional widgets after the required ones)."""
+    opt = {"optional": True} if optional_widgets else {}
+    res = [io.Int.Input("video_resolution", default=0, min=0, max=4096, step=28, **opt,
+                        tooltip="Per-frame pixel budget for video, pixels per side; 0 = the reference's 128x128.")]
     return [
-        io.Int.Input("image_resolution", default=0, min=0, max=4096, step=28,
-                     tooltip="0 = the preset's default (comfyui: 224x224 pixel budget; scripts: 128x128). "
-                             "Otherwise pixels per side."),
-        io.Int.Input("video_resolution", default=0, min=0, max=4096, step=28,
-                     tooltip="Per-frame pixel budget for video, pixels per side; 0 = the reference's 128x128."),
-        io.Float.Input("video_fps", default=VIDEO_FPS, min=0.05, max=30.0, step=0.05,
+        *([image_resolution_input(), *res] if resolution else []),
+        io.Float.Input("video_fps", default=VIDEO_FPS, min=0.05, max=30.0, step=0.05, **opt,
                        tooltip="Frames per second sampled from a video or frame batch (reference: 1)."),
-        io.Int.Input("max_frames", default=VIDEO_MAX_FRAMES, min=2, max=4096,
+        io.Int.Input("max_frames", default=VIDEO_MAX_FRAMES, min=2, max=4096, **opt,
                      tooltip="Most frames per video. A longer clip is subsampled uniformly over its whole length "
                              "to this many frames (not cut)."),
-        io.Float.Input("frames_fps", default=24.0, min=0.01, max=240.0, step=0.01,
+        io.Float.Input("frames_fps", default=24.0, min=0.01, max=240.0, step=0.01, **opt,
                        tooltip="Frame rate of the 'frames' IMAGE batch (ignored for the VIDEO input, which "
                                "carries its own)."),
         io.Image.Input("image", optional=True,

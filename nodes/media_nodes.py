@@ -30,7 +30,7 @@ class X2IChatTurn(io.ComfyNode):
                 io.Combo.Input("role", options=["user", "assistant"], default="user",
                                tooltip="Who speaks in this turn. Media belong in user turns."),
                 io.String.Input("text", multiline=True, default="", tooltip="What is said in this turn."),
-                *[i for i in media_inputs() if i.id not in ("image_resolution", "video_resolution")],
+                *media_inputs(resolution=False),
                 CHAT.Input("chat", optional=True, tooltip="The conversation so far (empty = start a new one)."),
             ],
             outputs=[CHAT.Output(display_name="chat", tooltip="The conversation with this turn appended.")],

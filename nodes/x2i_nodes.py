@@ -15,8 +15,8 @@ from comfy_api.latest import io
 from ..x2i_core.alignnet import describe_mllm_dims
 from ..x2i_core.mllm.base import EncodeRequest
 from . import paths
-from .common import (CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, collect_media, has_any, media_inputs,
-                     run_mllm, user_errors)
+from .common import (CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, collect_media, has_any,
+                     image_resolution_input, media_inputs, run_mllm, user_errors)
 from .models import load_managed_alignnet, load_managed_mllm
 from .types import ALIGNNET, CHAT, HIDDEN, MLLM
 
@@ -44,15 +44,15 @@ class X2IMLLMLoader(io.ComfyNode):
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="default = ComfyUI's text-encoder device (offloaded when memory is needed); "
                                        "cpu = always run on the CPU."),
-                io.Combo.Input("quantization", options=["none", "int8", "bnb8", "bnb4"], default="none",
+                io.Combo.Input("quantization", options=["none", "int8", "bnb8", "bnb4"], default="none", optional=True,
                                tooltip="none = the dtype above. int8 = weight-only int8 decoder (CPU or GPU, nothing "
                                        "to install; ~half of bf16's weight memory). bnb8 / bnb4 = bitsandbytes 8-bit / "
                                        "4-bit NF4 (CUDA only, pip install bitsandbytes; the model then stays on the GPU)."),
-                io.Boolean.Input("offload_after_encode", default=False,
+                io.Boolean.Input("offload_after_encode", default=False, optional=True,
                                  tooltip="Move the MLLM off the GPU right after each encode, leaving all VRAM to FLUX "
                                          "(re-loaded on the next encode). Off = ComfyUI offloads it when memory is "
                                          "needed."),
-                io.Boolean.Input("trust_remote_code", default=False,
+                io.Boolean.Input("trust_remote_code", default=False, optional=True,
                                  tooltip="Needed only for MiniCPM-o. ON runs Python files shipped inside the model "
                                          "folder with your rights: enable only for folders from a source you trust "
                                          "whose .py files you have read. Qwen2.5-VL, Qwen2.5-Omni and InternVL (-hf) "
@@ -87,10 +87,15 @@ class X2IMLLMEncode(io.ComfyNode):
                 io.String.Input("text", multiline=True, default="", tooltip="The prompt, any language. May be empty "
                                 "when media are given (or when a chat's last turn is the prompt)."),
                 io.Combo.Input("preset", options=PRESET_OPTIONS, default=DEFAULT_PRESET, tooltip=PRESET_TOOLTIP),
-                io.String.Input("instruction", multiline=True, default="",
+                image_resolution_input(),
+                # Inputs added after the first release are optional, so older API prompts still validate.
+                io.String.Input("instruction", multiline=True, default="", optional=True,
                                 tooltip="Optional editing instruction for image+text editing: fills the reference's "
                                         "'Instruction editing description' field (empty = the preset's default)."),
-                *media_inputs(),
+                io.Int.Input("video_resolution", default=0, min=0, max=4096, step=28, optional=True,
+                             tooltip="Per-frame pixel budget for video, pixels per side; 0 = the reference's "
+                                     "128x128."),
+                *media_inputs(resolution=False, optional_widgets=True),
                 CHAT.Input("chat", optional=True,
                            tooltip="Optional conversation from X2I Chat Turn nodes; this node's text/media become "
                                    "the final user turn (or, when empty, the chat's last user turn is the prompt)."),
@@ -99,7 +104,7 @@ class X2IMLLMEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, mllm, text="", preset=DEFAULT_PRESET, instruction="", image_resolution=0, video_resolution=0,
+    def execute(cls, mllm, text="", preset=DEFAULT_PRESET, image_resolution=0, instruction="", video_resolution=0,
                 video_fps=1.0, max_frames=768, frames_fps=24.0, image=None, video=None, frames=None, audio=None,
                 chat=None) -> io.NodeOutput:
         node = "X2I MLLM Encode"

@@ -16,8 +16,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
-# X2IMLLMEncode widgets after the text: preset, instruction, image/video resolution, video fps, max frames, frames fps
-ENC_WIDGETS = ["auto", "", 0, 0, 1.0, 768, 24.0]
+# X2IMLLMEncode widgets after the text, in the frontend's order (required, then optional): preset, image
+# resolution | instruction, video resolution, video fps, max frames, frames fps
+ENC_WIDGETS = ["auto", 0, "", 0, 1.0, 768, 24.0]
 # X2IMLLMLoader widgets after the folder: dtype, device, quantization, offload after encode, trust remote code
 LOADER_WIDGETS = ["auto", "default", "none", False, False]
 PROMPT = "一只在雪地里奔跑的红狐狸，清晨的阳光 (a red fox running through snow at dawn)"
@@ -143,7 +144,7 @@ def _task(text, mllm=VL7B, alignnet=ALIGN_VL7B, inputs=(), encode_conns=None, in
     ]
     nodes.extend(inputs)
     conns = {"mllm": (3, 0), **(encode_conns or {})}
-    widgets = encode_widgets or [text, preset, instruction, *ENC_WIDGETS[2:]]
+    widgets = encode_widgets or [text, preset, 0, instruction, *ENC_WIDGETS[3:]]
     nodes.append((5, encode_type, (460, 320), widgets, conns, None))
     nodes.extend(extra_nodes)
     nodes += [
