@@ -4,8 +4,8 @@
   padded prompt (what the published scripts call), prefill states kept;
 * padded forward: one backbone forward over the padded prompt, no LM head, no
   KV cache (``exact_fill=False``);
-* ours: the same with exact savings - for the left-padded 'training' preset
-  only the real tokens run and the pad rows come from the cached constant.
+* ours: the same with exact savings (left padding: real tokens only + the cached pad constant;
+  right padding: real tokens + one pad, its row repeated).
 
 The model is a random-weight Qwen2.5-VL with the text-decoder shapes of a real
 family member (default: Qwen2-0.5B's, the LM of InternVL2.5-1B: width 896, 24
@@ -77,16 +77,19 @@ def build(folder: str, shape: str) -> str:
     return folder
 
 
-def timed(fn, repeat, sync):
-    fn()  # warm-up
-    times = []
+def interleaved(fns, repeat, sync):
+    """Run the functions round-robin (one warm-up each), so load on a noisy machine hits all alike;
+    returns each one's last output and median time."""
+    outs = [fn() for fn in fns]
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+        for i, fn in enumerate(fns):
+            sync()
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            sync()
+            times[i].append(time.perf_counter() - t0)
+    return outs, [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -126,9 +129,9 @@ def main() -> None:
                                             return_dict_in_generate=True, do_sample=False)
                     return torch.stack(out.hidden_states[0], dim=1)
 
-                ref, t_ref = timed(reference, args.repeat, sync)
-                padded, t_pad = timed(lambda: enc.encode(req, preset, exact_fill=False).hidden, args.repeat, sync)
-                ours, t_ours = timed(lambda: enc.encode(req, preset).hidden, args.repeat, sync)
+                (ref, padded, ours), (t_ref, t_pad, t_ours) = interleaved(
+                    [reference, lambda: enc.encode(req, preset, exact_fill=False).hidden,
+                     lambda: enc.encode(req, preset).hidden], args.repeat, sync)
                 row = {"preset": preset, "prompt": label, "real_tokens": lengths[0], "padded_tokens": ref.shape[2],
                        "reference_s": t_ref, "padded_forward_s": t_pad, "ours_s": t_ours,
                        "speedup_vs_reference": t_ref / t_ours, "padded_forward_vs_reference": t_ref / t_pad,
