@@ -140,6 +140,42 @@ def main() -> None:
                 print(f"{preset:9s} {label:26s} tokens {lengths[0]:4d}/{ref.shape[2]:4d}  ref {t_ref:7.3f}s  "
                       f"padded fwd x{row['padded_forward_vs_reference']:.2f}  ours x{row['speedup_vs_reference']:.2f}  "
                       f"max|diff| {row['max_abs_diff_vs_reference']:.1e}", flush=True)
+        # Quantisation: weight memory, time and agreement with fp32 (hidden states and a random AlignNet).
+        from x2i_core.mllm.quant import Int8Linear
+        from x2i_core.tiny import build_alignnet
+
+        req = EncodeRequest(text=PROMPTS["medium (~64 real tokens)"])
+        base = enc.encode(req, "training").hidden.float()
+        net = build_alignnet(channels=enc.channels, hidden=enc.hidden_size, seed=1).to(args.device)
+        with torch.no_grad():
+            p0, s0 = net(base)
+        variants = [("fp32", "fp32", "none"), ("bf16", "bf16", "none"), ("int8 (fp32 compute)", "fp32", "int8"),
+                    ("int8 (bf16 compute)", "bf16", "int8")]
+        if args.device.startswith("cuda"):
+            variants += [("bnb8", "bf16", "bnb8"), ("bnb4", "bf16", "bnb4")]
+        encs = {}
+        for label, dt, q in variants:
+            try:
+                encs[label] = load_mllm(folder, dtype=dt, device=args.device, quant=q)
+            except Exception as exc:  # noqa: BLE001 - e.g. bitsandbytes missing: report, go on
+                print(f"{label}: not run ({exc})")
+        (outs, times) = interleaved([lambda e=e: e.encode(req, "training").hidden for e in encs.values()],
+                                    args.repeat, sync)
+        results["quant"] = []
+        for (label, e), h, t in zip(encs.items(), outs, times):
+            layers = e.decoder_layers
+            nbytes = sum(b.numel() * b.element_size() for b in list(layers.parameters()) + list(layers.buffers()))
+            with torch.no_grad():
+                p1, s1 = net(h.float())
+            cos = torch.nn.functional.cosine_similarity
+            row = {"variant": label, "decoder_weight_bytes": nbytes, "time_s": t,
+                   "rel_err_vs_fp32": ((h.float() - base).norm() / base.norm()).item(),
+                   "alignnet_seq_cos": cos(s1.flatten(), s0.flatten(), dim=0).item(),
+                   "alignnet_pooled_cos": cos(p1.flatten(), p0.flatten(), dim=0).item(),
+                   "int8_layers": sum(isinstance(m, Int8Linear) for m in layers.modules())}
+            results["quant"].append(row)
+            print(f"{label:22s} decoder weights {nbytes / 2**20:8.1f} MiB  time {t:6.3f}s  rel err {row['rel_err_vs_fp32']:.2e}"
+                  f"  AlignNet cos seq {row['alignnet_seq_cos']:.6f} pooled {row['alignnet_pooled_cos']:.6f}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)
