@@ -96,6 +96,10 @@ class X2IMLLMEncode(io.ComfyNode):
                              tooltip="Per-frame pixel budget for video, pixels per side; 0 = the reference's "
                                      "128x128."),
                 *media_inputs(resolution=False, optional_widgets=True),
+                io.Combo.Input("sparse_prefill", options=["off", "auto", "on"], default="off", optional=True,
+                               tooltip="CritiPrefill sparse attention for long inputs (documents, many images, "
+                                       "video, long chats): approximate, faster. auto = only for inputs of 4096+ "
+                                       "tokens; on = always; off = exact dense attention."),
                 CHAT.Input("chat", optional=True,
                            tooltip="Optional conversation from X2I Chat Turn nodes; this node's text/media become "
                                    "the final user turn (or, when empty, the chat's last user turn is the prompt)."),
@@ -105,8 +109,8 @@ class X2IMLLMEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, mllm, text="", preset=DEFAULT_PRESET, image_resolution=0, instruction="", video_resolution=0,
-                video_fps=1.0, max_frames=768, frames_fps=24.0, image=None, video=None, frames=None, audio=None,
-                chat=None) -> io.NodeOutput:
+                video_fps=1.0, max_frames=768, frames_fps=24.0, sparse_prefill="off", image=None, video=None,
+                frames=None, audio=None, chat=None) -> io.NodeOutput:
         node = "X2I MLLM Encode"
         with user_errors(node):
             media = collect_media(image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
@@ -123,7 +127,7 @@ class X2IMLLMEncode(io.ComfyNode):
                             history=history, **media)
         with run_mllm(mllm, node):
             hs = mllm.encoder.encode(req, preset=preset, image_size=image_resolution or None,
-                                     video_size=video_resolution or None)
+                                     video_size=video_resolution or None, prefill=sparse_prefill)
         hs.hidden = hs.hidden.to(mm.intermediate_device())
         hs.source_path = mllm.path
         return io.NodeOutput(hs)

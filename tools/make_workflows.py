@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # X2IMLLMEncode widgets after the text, in the frontend's order (required, then optional): preset, image
-# resolution | instruction, video resolution, video fps, max frames, frames fps
-ENC_WIDGETS = ["auto", 0, "", 0, 1.0, 768, 24.0]
+# resolution | instruction, video resolution, video fps, max frames, frames fps, sparse prefill
+ENC_WIDGETS = ["auto", 0, "", 0, 1.0, 768, 24.0, "off"]
 # X2IMLLMLoader widgets after the folder: dtype, device, quantization, offload after encode, trust remote code
 LOADER_WIDGETS = ["auto", "default", "none", False, False]
 PROMPT = "一只在雪地里奔跑的红狐狸，清晨的阳光 (a red fox running through snow at dawn)"

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--audio", action="append", default=[], type=_existing_file("audio"),
                    help="input audio file (repeatable; WAV read without torchaudio; needs Qwen2.5-Omni / MiniCPM-o)")
     g.add_argument("--instruction", default=None, help="editing instruction (the 'Instruction editing description')")
+    g.add_argument("--sparse-prefill", default="off",
+                   help="CritiPrefill sparse attention for long inputs: off (exact), auto (inputs of 4096+ tokens), "
+                        "on, or with settings, e.g. 'auto,budget=2048'")
     g.add_argument("--quant", default="none", choices=["none", "int8", "bnb8", "bnb4"],
                    help="MLLM quantisation: int8 weight-only (CPU/GPU) or bitsandbytes 8/4-bit (CUDA)")
     g.add_argument("--trust-remote-code", action="store_true",
@@ -166,7 +169,8 @@ def cmd_generate(args) -> str:
     width, height = args.size
     img = pipe.generate(args.prompt, images=args.image or None, videos=[args.video_frames] if args.video_frames else None,
                         preset=args.preset, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                        width=width, height=height, audios=args.audio or None, instruction=args.instruction)
+                        width=width, height=height, audios=args.audio or None, instruction=args.instruction,
+                        prefill=args.sparse_prefill)
     return _save_image(img, args.out)
 
 

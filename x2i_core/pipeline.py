@@ -93,8 +93,9 @@ class X2IPipeline:
                     f"but the FLUX transformer expects {tcfg.joint_attention_dim} and {tcfg.pooled_projection_dim}"
                 )
 
-    def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None) -> HiddenStates:
-        return self.encoder.encode(requests, preset)
+    def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
+               prefill: Any = None) -> HiddenStates:
+        return self.encoder.encode(requests, preset, prefill=prefill)
 
     def project(self, hs: HiddenStates) -> tuple[torch.Tensor, torch.Tensor]:
         self.alignnet.check_hidden(hs.hidden, hs.mllm, self.alignnet_name)
@@ -103,12 +104,13 @@ class X2IPipeline:
 
     def generate(self, text: str | None = None, images: Any = None, videos: Any = None, *, preset: str | None = None,
                  steps: int = 28, guidance: float = 3.5, seed: int = 0, width: int = 1024, height: int = 1024,
-                 progress: bool = True, output_type: str = "pil", audios: Any = None, instruction: str | None = None):
+                 progress: bool = True, output_type: str = "pil", audios: Any = None, instruction: str | None = None,
+                 prefill: Any = None):
         if steps < 1:
             raise X2IInputError(f"steps must be at least 1, found {steps}")
         width, height = parse_size((width, height))
         hs = self.encode(EncodeRequest(text=text, images=images, videos=videos, audios=audios,
-                                       instruction=instruction), preset)
+                                       instruction=instruction), preset, prefill)
         pooled, seq = self.project(hs)
         dtype = self.flux.transformer.dtype
         device = self.flux.transformer.device

@@ -296,11 +296,19 @@ class ChatEncoder:
         return torch.stack(out.hidden_states, dim=1)
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
-               image_size: int | None = None, video_size: int | None = None, exact_fill: bool = True) -> HiddenStates:
+               image_size: int | None = None, video_size: int | None = None, exact_fill: bool = True,
+               prefill: Any = None) -> HiddenStates:
         """Encode prompts.  ``image_size`` / ``video_size`` override the preset's image / video-frame
-        resolution (pixels per side).  ``exact_fill`` (default on) skips the work whose result is known:
-        left-padded rows are filled from the family's pad-row constant instead of being run (see
-        :meth:`forward_left_padded`); off = the plain padded forward, for comparison."""
+        resolution (pixels per side).  ``exact_fill`` (default on) skips the work whose result is known
+        (see :meth:`forward_left_padded` / :meth:`forward_right_padded`); off = the plain padded forward.
+        ``prefill``: None / "off" = dense attention; "auto" = CritiPrefill sparse attention for inputs of
+        at least 4096 tokens; "on" = always; or a :class:`~x2i_core.mllm.critiprefill.CritiPrefillConfig`
+        / "auto,budget=2048,..." string (approximate: see that module)."""
+        if prefill not in (None, "off", "dense"):
+            from .critiprefill import sparse_prefill
+
+            with sparse_prefill(self, prefill):
+                return self.encode(requests, preset, image_size, video_size, exact_fill)
         if isinstance(requests, EncodeRequest):
             requests = [requests]
         batch, preset_name, lengths = self.prepare(list(requests), preset, image_size, video_size)

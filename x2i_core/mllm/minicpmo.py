@@ -92,7 +92,11 @@ class MiniCPMOEncoder(ChatEncoder):
         return content, images, audios
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
-               image_size: int | None = None, video_size: int | None = None, exact_fill: bool = True) -> HiddenStates:
+               image_size: int | None = None, video_size: int | None = None, exact_fill: bool = True,
+               prefill=None) -> HiddenStates:
+        if prefill not in (None, "off", "dense"):
+            raise X2IInputError("sparse prefill runs inside transformers' attention of the supported families; "
+                                "MiniCPM-o's remote code is run as shipped - use prefill 'off'")
         if isinstance(requests, EncodeRequest):
             requests = [requests]
         if len(requests) != 1:
