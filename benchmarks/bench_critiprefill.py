@@ -198,7 +198,7 @@ def kernel_rows(args, lengths, dtype, sync):
         k = torch.randn(1, Hkv, S, D, generator=g, device=args.device, dtype=dtype)
         v = torch.randn(1, Hkv, S, D, generator=g, device=args.device, dtype=dtype)
 
-        def dense():
+        def dense(q=q, k=k, v=v):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         dense()
@@ -212,7 +212,8 @@ def kernel_rows(args, lengths, dtype, sync):
             c_d = min(c_d, time.process_time() - c0)
             st = PrefillStats()
             c0 = time.process_time()
-            t_s = min(t_s, timed(lambda: sparse_attention(q, k, v, None, D ** -0.5, cfg, stats=st), 1, sync)[1])
+            t_s = min(t_s, timed(lambda q=q, k=k, v=v, st=st: sparse_attention(q, k, v, None, D ** -0.5, cfg, stats=st),
+                                 1, sync)[1])
             c_s = min(c_s, time.process_time() - c0)
         # FLOP split of that model's prefill per layer: linear 2*S*params, attention 2*S^2*H*D (causal)
         hid, ffn = s["hidden_size"], s["intermediate_size"]
