@@ -13,7 +13,7 @@ layers, 14 heads / 2 KV heads, MLP 4864 - small enough for a CPU; ``--shape
 3b`` uses Qwen2.5-VL-3B's for a GPU) and a tiny vision tower (text prompts).
 Outputs are compared too (max abs difference to the reference).
 
-    python benchmarks/bench_encode.py [--shape 0.5b|3b] [--device cpu] [--repeat 3] [--json out.json]
+    python benchmarks/encode.py [--shape 0.5b|3b] [--device cpu] [--repeat 3] [--json out.json]
 """
 
 from __future__ import annotations
