@@ -30,13 +30,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SHAPES = {
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2),
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2),
-}
+from bench_critiprefill import SHAPES  # noqa: E402  (real text-decoder shapes, shared by the benchmarks)
+
 PROMPTS = {
     "short (~16 real tokens)": "a red fox in the snow",
     "medium (~64 real tokens)": ("An oil painting of a lighthouse on a rocky coast under a stormy sky, waves crashing, "

@@ -177,3 +177,15 @@ def collect_media(image=None, video=None, frames=None, audio=None, *, video_fps:
 
 def has_any(text: str | None, media: dict) -> bool:
     return bool((text or "").strip()) or any(v is not None for v in media.values())
+
+
+def node_media(node: str, text, image, video, frames, audio, *, video_fps: float, max_frames: int,
+               frames_fps: float, empty: str | None = None) -> dict:
+    """:func:`collect_media` with its errors shown on ``node``; ``empty``: the error when there is neither
+    text nor media."""
+    with user_errors(node):
+        media = collect_media(image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
+                              frames_fps=frames_fps)
+    if empty and not has_any(text, media):
+        raise NodeError(f"{node}: {empty}")
+    return media

@@ -12,8 +12,7 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..x2i_core.mllm.base import ChatTurn, EncodeRequest
-from .common import CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, collect_media, has_any, media_inputs, run_mllm, \
-    user_errors
+from .common import CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, media_inputs, node_media, run_mllm
 from .types import CHAT, HIDDEN, MLLM
 
 
@@ -40,11 +39,9 @@ class X2IChatTurn(io.ComfyNode):
     def execute(cls, role="user", text="", video_fps=1.0, max_frames=768, frames_fps=24.0, image=None, video=None,
                 frames=None, audio=None, chat=None) -> io.NodeOutput:
         node = "X2I Chat Turn"
-        with user_errors(node):
-            media = collect_media(image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
-                                  frames_fps=frames_fps)
-        if not has_any(text, media):
-            raise NodeError(f"{node}: the turn is empty - type its text or connect an image, video or audio")
+        media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
+                           frames_fps=frames_fps, empty="the turn is empty - type its text or connect an image, "
+                                                        "video or audio")
         if role == "assistant" and any(v is not None for v in media.values()):
             raise NodeError(f"{node}: an assistant turn cannot carry media; put images/video/audio in a user turn")
         turn = ChatTurn(role, text if (text or "").strip() else None, **media)
@@ -86,11 +83,9 @@ class X2IMLLMReason(io.ComfyNode):
                 preset=PRESET_OPTIONS[0], image_resolution=0, video_resolution=0, video_fps=1.0, max_frames=768,
                 frames_fps=24.0, image=None, video=None, frames=None, audio=None) -> io.NodeOutput:
         node = "X2I MLLM Reason"
-        with user_errors(node):
-            media = collect_media(image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
-                                  frames_fps=frames_fps)
-        if not has_any(text, media):
-            raise NodeError(f"{node}: the question is empty - type some text or connect an image, video or audio")
+        media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
+                           frames_fps=frames_fps, empty="the question is empty - type some text or connect an "
+                                                        "image, video or audio")
         req = EncodeRequest(text=text if (text or "").strip() else None, **media)
         with run_mllm(mllm, node):
             answer, hs = mllm.encoder.generate_answer(

@@ -15,8 +15,8 @@ from comfy_api.latest import io
 from ..x2i_core.alignnet import describe_mllm_dims
 from ..x2i_core.mllm.base import EncodeRequest
 from . import paths
-from .common import (CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, collect_media, has_any,
-                     image_resolution_input, media_inputs, run_mllm, user_errors)
+from .common import (CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, has_any, image_resolution_input,
+                     media_inputs, node_media, run_mllm, user_errors)
 from .models import load_managed_alignnet, load_managed_mllm
 from .types import ALIGNNET, CHAT, HIDDEN, MLLM
 
@@ -112,9 +112,8 @@ class X2IMLLMEncode(io.ComfyNode):
                 video_fps=1.0, max_frames=768, frames_fps=24.0, sparse_prefill="off", image=None, video=None,
                 frames=None, audio=None, chat=None) -> io.NodeOutput:
         node = "X2I MLLM Encode"
-        with user_errors(node):
-            media = collect_media(image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
-                                  frames_fps=frames_fps)
+        media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
+                           frames_fps=frames_fps)
         history = tuple(chat or ())
         if chat is not None and not history:
             raise NodeError(f"{node}: the connected chat has no turns; add an X2I Chat Turn with text or media")

@@ -27,36 +27,29 @@ def tiny_mllm_name(names, model_name, family=None):
 
 def tiny_api(host, workflow_name, family=None, **overrides):
     """A shipped workflow, converted to API format, pointed at the tiny models, sample media and sizes."""
-    from tools.comfy_host import SAMPLE_IMAGES
+    from tools.comfy_host import SAMPLE_IMAGES, point_at_tiny
 
     s, n = host["server"], host["names"]
     api = ui_to_api(load_workflow(workflow_name), s.object_info())
-    for node in api.values():
+    wanted = {k: v["inputs"]["model_name"] for k, v in api.items() if v["class_type"] == "X2IMLLMLoader"}
+    point_at_tiny(api, n)
+    for nid, node in api.items():
         ins = node["inputs"]
         ct = node["class_type"]
-        if ct == "UNETLoader":
-            ins["unet_name"] = n["unet"]
-        elif ct == "VAELoader":
-            ins["vae_name"] = n["vae"]
-        elif ct == "X2IMLLMLoader":
-            ins["model_name"] = tiny_mllm_name(n, ins["model_name"], family)
+        if ct == "X2IMLLMLoader":  # the tiny model of the workflow's MLLM family (or the one asked for)
+            ins["model_name"] = tiny_mllm_name(n, wanted[nid], family)
         elif ct == "LoadVideo":
             ins["file"] = "clip.mp4"
         elif ct == "LoadAudio":
             ins["audio"] = "sound.wav"
         elif ct == "X2IMLLMReason":
             ins["max_new_tokens"] = 6
-        elif ct == "X2IAlignNetLoader":
-            ins["alignnet_name"] = n["alignnet"]
         elif ct == "LoraLoaderModelOnly":
             ins["lora_name"] = n["lora"]
         elif ct == "X2ILightControlLoader":
             ins["lightcontrol_name"] = n["lightcontrol"]
         elif ct == "LoadImage" and ins.get("image") not in SAMPLE_IMAGES:
             ins["image"] = "photo.png"
-        for key, value in (("width", 64), ("height", 48), ("steps", 2)):
-            if key in ins and not isinstance(ins[key], list):
-                ins[key] = value
         for key, value in overrides.get(ct, {}).items():
             ins[key] = value
     return api

@@ -283,7 +283,7 @@ def _worker(spec_path: str) -> None:
     import types
 
     sys.path.insert(0, ROOT)
-    from tools.comfy_host import boot_in_process, load_workflow, ui_to_api
+    from tools.comfy_host import boot_in_process, load_workflow, point_at_tiny, ui_to_api
 
     spec = boot_in_process(spec_path)  # ComfyUI in this process, the pack loaded as a custom node
     import numpy as np
@@ -364,19 +364,8 @@ def _worker(spec_path: str) -> None:
     object_info = {}
     for ntype, cls in comfy_nodes.NODE_CLASS_MAPPINGS.items():
         object_info[ntype] = {"input": cls.INPUT_TYPES()}
-    api = ui_to_api(load_workflow(WORKFLOW), object_info)
     names = spec["names"]
-    for node in api.values():
-        ins = node["inputs"]
-        if node["class_type"] == "UNETLoader":
-            ins["unet_name"] = names["unet"]
-        elif node["class_type"] == "VAELoader":
-            ins["vae_name"] = names["vae"]
-        elif node["class_type"] == "X2IAlignNetLoader":
-            ins["alignnet_name"] = names["alignnet"]
-        for key, value in (("width", 64), ("height", 48), ("steps", 2)):
-            if key in ins and not isinstance(ins[key], list):
-                ins[key] = value
+    api = point_at_tiny(ui_to_api(load_workflow(WORKFLOW), object_info), names)
 
     class _Server:
         client_id = None

@@ -460,6 +460,22 @@ def run_in_process(spec_path: str) -> None:
         json.dump(facts, fh)
 
 
+def point_at_tiny(api: dict, names: dict, width: int = 64, height: int = 48, steps: int = 2) -> dict:
+    """Point an API prompt's stock model loaders and the X2I loaders at the tiny models (``names`` from
+    :func:`prepare_base`) and shrink its image size and step count; returns ``api`` (changed in place)."""
+    fields = {"UNETLoader": ("unet_name", "unet"), "VAELoader": ("vae_name", "vae"),
+              "X2IMLLMLoader": ("model_name", "mllm"), "X2IAlignNetLoader": ("alignnet_name", "alignnet")}
+    for node in api.values():
+        ins = node["inputs"]
+        if node["class_type"] in fields:
+            field, key = fields[node["class_type"]]
+            ins[field] = names[key]
+        for key, value in (("width", width), ("height", height), ("steps", steps)):
+            if key in ins and not isinstance(ins[key], list):
+                ins[key] = value
+    return api
+
+
 def demo(workflow: str = "x2i_text2image.json", out_dir: str | None = None) -> str:
     sys.path.insert(0, ROOT)
     from x2i_core.tiny import default_cache_dir, make_tiny_models
@@ -469,20 +485,7 @@ def demo(workflow: str = "x2i_text2image.json", out_dir: str | None = None) -> s
     base = os.path.join(cache_root(), "demo-base")
     names = prepare_base(base, tiny)
     with ComfyServer(comfy_dir, base) as server:
-        api = ui_to_api(load_workflow(workflow), server.object_info())
-        for node in api.values():  # point the workflow's model widgets at the tiny models
-            ins = node["inputs"]
-            if node["class_type"] == "UNETLoader":
-                ins["unet_name"] = names["unet"]
-            elif node["class_type"] == "VAELoader":
-                ins["vae_name"] = names["vae"]
-            elif node["class_type"] == "X2IMLLMLoader":
-                ins["model_name"] = names["mllm"]
-            elif node["class_type"] == "X2IAlignNetLoader":
-                ins["alignnet_name"] = names["alignnet"]
-            for key, small in (("width", 256), ("height", 256), ("steps", 4)):
-                if key in ins and not isinstance(ins[key], list):
-                    ins[key] = small
+        api = point_at_tiny(ui_to_api(load_workflow(workflow), server.object_info()), names, 256, 256, 4)
         entry = server.run(api)
         err = execution_error(entry)
         if err:
