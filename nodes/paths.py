@@ -57,26 +57,34 @@ def list_mllm_dirs() -> list[str]:
 
 
 def _safe_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+    parts = name.replace("\\", "/").split("/") if isinstance(name, str) else []
+    if (not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\"))
+            or ".." in parts or (len(name) > 1 and name[1] == ":")):
         raise ValueError(f"{what} name {name!r} is not a plain name inside the {what} folders")
     return name
 
 
-def _resolve(folder: str, name: str, what: str, exists) -> str:
+def _resolve(folder: str, name: str, what: str, exists, listed) -> str:
+    """The path of ``name`` in ``folder``'s paths.  Only names the loader itself lists (its dropdown
+    entries) are accepted, so nothing a prompt sends can reach outside the model folders; symlinks the
+    folder's owner placed there are followed, as ComfyUI's own loaders do."""
     _safe_name(name, what)
-    for root in folder_paths.get_folder_paths(folder):
-        path = os.path.join(root, name)
-        if exists(path) and _inside(root, path):
-            return path
-    roots = ", ".join(folder_paths.get_folder_paths(folder))
-    raise ValueError(f"{what} '{name}' was not found in the {folder} folders ({roots})")
+    roots = folder_paths.get_folder_paths(folder)
+    if name in listed():
+        for root in roots:
+            path = os.path.join(root, name)
+            if exists(path) and _inside(root, path):
+                return path
+    raise ValueError(f"{what} '{name}' was not found in the {folder} folders ({', '.join(roots)}); "
+                     "expected one of the names the loader lists")
 
 
 def resolve_mllm_dir(name: str) -> str:
     """A Hugging Face model folder inside the ``mllm`` folders."""
-    return _resolve(MLLM_FOLDER, name, "MLLM", os.path.isdir)
+    return _resolve(MLLM_FOLDER, name, "MLLM", os.path.isdir, list_mllm_dirs)
 
 
 def resolve_x2i_file(name: str) -> str:
     """A weights file inside the ``x2i`` folders."""
-    return _resolve(X2I_FOLDER, name, "X2I model file", os.path.isfile)
+    return _resolve(X2I_FOLDER, name, "X2I model file", os.path.isfile,
+                    lambda: folder_paths.get_filename_list(X2I_FOLDER))

@@ -178,6 +178,9 @@ def project(hs, alignnet, guidance: float | None = 3.5):
     p = next(alignnet.net.parameters())
     with torch.no_grad():
         pooled, seq = alignnet.net(hs.hidden.to(device=p.device, dtype=p.dtype))
+    if not (torch.isfinite(seq).all() and torch.isfinite(pooled).all()):
+        raise NodeError(f"X2I AlignNet Project: AlignNet '{alignnet.name}' produced NaN or infinite values from "
+                        "finite hidden states; the file's weights are damaged - download or convert it again")
     out_dev = mm.intermediate_device()
     extra = {"pooled_output": pooled.float().to(out_dev)}
     if guidance is not None:
@@ -207,6 +210,19 @@ class X2IAlignNetProject(io.ComfyNode):
     def execute(cls, hidden, alignnet, guidance=3.5) -> io.NodeOutput:
         with _user_errors("X2I AlignNet Project"):
             return io.NodeOutput(project(hidden, alignnet, guidance))
+
+
+def check_conditioning(node: str, conditioning) -> None:
+    """A FLUX CONDITIONING (list of [seq, {pooled_output, ...}]) with finite tensors, or a NodeError."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise NodeError(f"{node}: the conditioning is empty; expected a FLUX CONDITIONING such as X2I AlignNet "
+                        "Project's output")
+    for i, item in enumerate(conditioning):
+        seq, extra = item[0], item[1] if len(item) > 1 else {}
+        for what, t in (("sequence", seq), ("pooled_output", extra.get("pooled_output"))):
+            if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
+                raise NodeError(f"{node}: conditioning {i + 1} has NaN or infinite values in its {what} "
+                                f"(shape {tuple(t.shape)}); expected finite numbers - check the node that made it")
 
 
 def _zero_out(conditioning):
@@ -266,6 +282,7 @@ class X2ISampler(io.ComfyNode):
             raise NodeError(f"X2I Sampler: width and height must be multiples of 16, got {width}x{height}")
         if (control_net is None) != (source_image is None):
             raise NodeError("X2I Sampler: connect both control_net and source_image, or neither")
+        check_conditioning("X2I Sampler", conditioning)
         positive = node_helpers.conditioning_set_values(conditioning, {"guidance": float(guidance)})
         if control_net is not None:
             from .lightcontrol_nodes import apply_lightcontrol

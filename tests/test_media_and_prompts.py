@@ -81,8 +81,10 @@ def test_vision_placeholders_in_text_are_refused_clearly(encoder):
     for preset in ("training", "comfyui", "scripts"):
         with pytest.raises(X2IInputError, match="placeholder"):
             encoder.encode(EncodeRequest(text="look at <|image_pad|> this"), preset=preset)
-    # other special tokens are just text to the model
-    hs = encoder.encode(EncodeRequest(text="<|im_end|><|endoftext|>"), preset="training")
+    # a prompt of nothing but special tokens has nothing to draw: refused; mixed with words they stay text
+    with pytest.raises(X2IInputError, match="only the MLLM's special tokens"):
+        encoder.encode(EncodeRequest(text="<|im_end|><|endoftext|>"), preset="training")
+    hs = encoder.encode(EncodeRequest(text="a fox <|im_end|><|endoftext|>"), preset="training")
     assert torch.isfinite(hs.hidden).all()
 
 

@@ -382,6 +382,35 @@ def boot_in_process(spec_path: str, with_nodes: bool = True) -> dict:
     return spec
 
 
+@contextlib.contextmanager
+def _fault(kind: str | None):
+    """Fault injection for the bad-input battery, inside the MLLM forward of the pack as loaded by ComfyUI:
+    ``oom`` = the forward raises torch.OutOfMemoryError; ``cancel`` = the user presses Cancel while the decoder
+    runs (ComfyUI's interrupt flag, what /interrupt sets); ``nan`` = the MLLM returns NaN hidden states."""
+    if not kind:
+        yield
+        return
+    import torch
+    import comfy.model_management as mm
+
+    (chat,) = [m for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.chat")]
+    original = chat.ChatEncoder.forward_hidden
+
+    def faulty(self, batch):
+        if kind == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+        if kind == "cancel":
+            mm.interrupt_current_processing(True)
+            return original(self, batch)
+        return torch.full_like(original(self, batch), float("nan"))
+
+    chat.ChatEncoder.forward_hidden = faulty
+    try:
+        yield
+    finally:
+        chat.ChatEncoder.forward_hidden = original
+
+
 def run_in_process(spec_path: str) -> None:
     """Run one API prompt with ComfyUI's PromptExecutor inside this process (call in a subprocess).
 
@@ -413,13 +442,16 @@ def run_in_process(spec_path: str) -> None:
     executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
     facts = {"success": True, "messages": [], "errors": {}}
     tensors = {}
+    faults = spec.get("faults", {})
     for label, prompt in prompts.items():
         valid = asyncio.run(execution.validate_prompt("inproc", prompt, None))
         if not valid[0]:
             raise SystemExit(f"invalid prompt {label}: {valid[1]} {valid[3]}")
-        executor.execute(prompt, f"inproc-{label}", {}, valid[2])
+        with _fault(faults.get(label)):
+            executor.execute(prompt, f"inproc-{label}", {}, valid[2])
         facts["success"] = facts["success"] and executor.success
         facts["messages"].extend(m[0] for m in executor.status_messages)
+        facts.setdefault("status", {})[label] = [m[0] for m in executor.status_messages]
         # what ran and what stays loaded after this prompt (the pack's modules live under its folder name)
         counters = [m.FORWARD_CALLS for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.cache")]
         facts.setdefault("forward_calls", {})[label] = sum(sum(c.values()) for c in counters)

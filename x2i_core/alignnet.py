@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .errors import X2IFileError, X2IShapeError
+from .errors import X2IFileError, X2IInputError, X2IShapeError
 from .io import atomic_save_safetensors, load_weights_file
 
 log = logging.getLogger("x2i")
@@ -202,6 +202,9 @@ class AlignNet(nn.Module):
             )
         if s == 0:
             raise X2IShapeError(f"{alignnet_name}: hidden states have no tokens (S=0)")
+        if not torch.isfinite(hidden).all():
+            raise X2IInputError(f"{alignnet_name}: the hidden states from {mllm_name} contain NaN or infinite "
+                                "values; expected finite numbers (load the MLLM in bf16 or fp32 - fp16 overflows)")
 
     # -- forward ------------------------------------------------------------
     def fuse(self, x: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     if not os.access(folder, os.W_OK):
         raise X2IFileError(f"output folder '{folder}' is not writable")
     suffix = suffix if suffix is not None else os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise X2IFileError(f"output folder '{folder}' is not writable ({exc.strerror})") from exc
     os.close(fd)
     try:
         yield tmp

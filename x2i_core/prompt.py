@@ -158,6 +158,26 @@ def _check_placeholders(text: str | None, spec: PresetSpec, single_turn: bool, e
             "connected images/videos automatically - remove them from the text")
 
 
+def _check_has_words(text: str, processor) -> None:
+    """A prompt made only of whitespace and the tokenizer's special tokens has nothing to draw (and its
+    control tokens would end the chat turn early): refuse it, naming what was found."""
+    tok = getattr(processor, "tokenizer", None)
+    specials = sorted({*getattr(tok, "all_special_tokens", ()), *getattr(tok, "added_tokens_encoder", {})},
+                      key=len, reverse=True) if tok is not None else []
+    rest = text
+    for t in specials:
+        if t:
+            rest = rest.replace(t, " ")
+    if text.strip() and not rest.strip():
+        found = [t for t in specials if t and t in text][:6]
+        raise X2IInputError(
+            f"prompt text {text[:80]!r} holds only the MLLM's special tokens {found}; expected words describing "
+            "the image (special tokens are control symbols of the chat template, not content)")
+    if not text.strip():
+        raise X2IInputError("prompt text is empty (only whitespace); give a caption, or connect an image, video "
+                            "or audio")
+
+
 def build_message(text: str | None, images: list[Image.Image], videos: list[list[Any]], spec: PresetSpec,
                   processor, chat_kwargs: dict[str, Any] | None = None) -> BuiltPrompt:
     """One single-turn prompt (see :func:`build_conversation`)."""
@@ -185,6 +205,8 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwar
                             "(the prompt that X2I encodes is the last user turn in context)")
     final_media = bool(last.images or last.videos or last.audios)
     any_media = any(t.images or t.videos or t.audios for t in turns)
+    if last.text is not None and not final_media:
+        _check_has_words(last.text, processor)
     if spec.name == "training":
         if any_media:
             raise X2IInputError("prompt preset 'training' is text-only; use 'comfyui' or 'scripts' (or 'auto') "

@@ -36,6 +36,12 @@ MODALITY_NAMES = {"image": "images", "video": "video", "audio": "audio"}
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise X2IFileError(
+            f"MLLM '{path}' is a file; X2I loads MLLMs from Hugging Face model folders (config.json, "
+            "*.safetensors, tokenizer and preprocessor files). The published single-file ComfyUI MLLM "
+            "(e.g. qwen2.5-vl-7b-instruct.pt) is a pickle that runs code when loaded, so it is never opened: "
+            "download the model's folder (e.g. Qwen/Qwen2.5-VL-7B-Instruct) instead")
     if not os.path.isdir(path):
         raise X2IFileError(
             f"MLLM folder '{path}' does not exist; expected a Hugging Face model folder "
@@ -52,6 +58,14 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise X2IFileError(f"MLLM config '{cfg_path}' is not a JSON object")
     return cfg
+
+
+def _weights_hint(path: str) -> str:
+    names = os.listdir(path)
+    if not any(n.endswith(".safetensors") for n in names) and any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        return ("; its weights are torch pickles, which are read weights-only: one that needs code execution is "
+                "refused - get the model's .safetensors weights instead")
+    return ""
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -167,8 +181,13 @@ class ChatEncoder:
             kwargs["device_map"] = {"": device}
         try:
             full, backbone, processor = cls.load_parts(path, torch_dtype, **kwargs)
-        except OSError as exc:
-            raise X2IFileError(f"MLLM folder '{path}' is incomplete or corrupt ({exc})") from exc
+        except (OSError, ValueError, RuntimeError, EOFError) as exc:
+            raise X2IFileError(f"MLLM folder '{path}' is incomplete or corrupt ({exc}){_weights_hint(path)}") from exc
+        except Exception as exc:  # safetensors' SafetensorError (truncated or damaged weight files)
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise X2IFileError(f"MLLM folder '{path}' has a truncated or corrupt .safetensors weight file ({exc}); "
+                               "download the model's weights again") from exc
         if q not in ("bnb8", "bnb4"):
             full.to(device)
         full.eval().requires_grad_(False)
@@ -247,6 +266,13 @@ class ChatEncoder:
             per_prompt.append(self.processor_inputs(built))
         lengths = [int(e["input_ids"].shape[1]) for e in per_prompt]
         target = max(target_length(spec, n) for n in lengths)
+        limit = getattr(self.text_config(), "max_position_embeddings", None)
+        if limit and target > int(limit):
+            longest = max(range(len(lengths)), key=lambda i: lengths[i])
+            raise X2IInputError(
+                f"prompt {longest + 1} is {lengths[longest]} tokens (padded to {target} by the '{spec.name}' "
+                f"preset); {self.name} takes at most {int(limit)} positions (max_position_embeddings). Shorten "
+                "the text, use fewer or smaller images, fewer video frames or shorter audio")
         media_ids = self.media_token_ids()
         ids_rows, mask_rows = [], []
         for i, (enc, n) in enumerate(zip(per_prompt, lengths)):
@@ -327,7 +353,7 @@ class ChatEncoder:
             hidden = self.forward_right_padded(batch)
         else:
             hidden = self.forward_hidden(batch)
-        if key is not None:
+        if key is not None and bool(torch.isfinite(hidden).all()):  # a damaged result is never served again
             self.cache.put(key, hidden)
         return HiddenStates(hidden, mask, self.name, preset_name, lengths)
 
