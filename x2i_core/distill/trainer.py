@@ -265,22 +265,27 @@ class DistillTrainer:
         rt.save_checkpoint(self, ckpt, step, writer)
 
     def _resume(self, ckpt: rt.CheckpointManager) -> int:
-        latest = ckpt.latest()
+        """The newest checkpoint that verifies and loads (``CheckpointManager.resume``: a damaged one is
+        reported and the previous one used); 0 for a fresh start."""
         self.position = 0
-        if self.cfg["checkpoint"]["resume"] in ("never", False, None) or latest is None:
+        if self.cfg["checkpoint"]["resume"] in ("never", False, None):
             return 0
-        folder = ckpt.path(latest)
-        state = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
-        self.net.load_state_dict(load_alignnet(os.path.join(folder, "alignnet.safetensors")).state_dict())
-        self.position = int(state.get("data_position", state["step"] * self.global_batch))
-        if self.dist.main:
-            log.info("resumed from %s (step %d)", folder, latest)
-        return int(state["step"])
+
+        def load(folder):
+            net = load_alignnet(os.path.join(folder, "alignnet.safetensors"))  # read everything, then apply
+            state = rt.read_trainer_state(folder, self.global_batch)
+            rt.apply_trainer_state(state, self.optimizer, self.scheduler)
+            self.net.load_state_dict(net.state_dict())
+            self.position = int(state.get("data_position", state["step"] * self.global_batch))
+            return int(state["step"])
+
+        step = ckpt.resume(load)
+        return 0 if step is None else step
 
     # -- loop ------------------------------------------------------------------------
     def fit(self) -> str:
         total = int(self.train_cfg["steps"])
-        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
+        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"], quiet=not self.dist.main)
         start = self._resume(ckpt)
         if self.dist.main:
             rt.write_json(os.path.join(self.out, "config.json"), self.cfg)

@@ -238,13 +238,18 @@ class LightControlTrainer:
         from ..lightcontrol import load_lightcontrol
 
         total = int(self.tcfg["steps"])
-        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
+        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"], quiet=not self.dist.main)
         start = 0
-        latest = ckpt.latest()
-        if latest is not None and self.cfg["checkpoint"]["resume"] not in ("never", False, None):
-            folder = ckpt.path(latest)
-            start = int(rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)["step"])
-            self.lc.load_state_dict(load_lightcontrol(os.path.join(folder, "lightcontrol.safetensors")).state_dict())
+
+        def load(folder):  # read everything, then apply
+            lc = load_lightcontrol(os.path.join(folder, "lightcontrol.safetensors"))
+            state = rt.read_trainer_state(folder, self.global_batch)
+            rt.apply_trainer_state(state, self.optimizer, self.scheduler)
+            self.lc.load_state_dict(lc.state_dict())
+            return int(state["step"])
+
+        if self.cfg["checkpoint"]["resume"] not in ("never", False, None):
+            start = ckpt.resume(load) or 0  # the newest usable checkpoint (damaged ones reported, skipped)
         metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
                                 enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
         eval_start = self.eval_loss() if start == 0 and self.dist.main else None

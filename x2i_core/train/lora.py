@@ -425,22 +425,28 @@ class LoraTrainer:
         rt.save_checkpoint(self, ckpt, step, writer)
 
     def _resume(self, ckpt) -> int:
-        latest = ckpt.latest()
-        if self.cfg["checkpoint"]["resume"] in ("never", False, None) or latest is None:
+        """The newest checkpoint that verifies and loads (``CheckpointManager.resume``: a damaged one is
+        reported and the previous one used); 0 for a fresh start."""
+        if self.cfg["checkpoint"]["resume"] in ("never", False, None):
             return 0
         from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        folder = ckpt.path(latest)
-        state = rt.load_trainer_state(folder, self.optimizer, self.scheduler, self.global_batch)
-        sd = load_file(os.path.join(folder, "lora.safetensors"))
-        sd = {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
-        set_peft_model_state_dict(self.transformer, sd)
-        return int(state["step"])
+        from ..io import load_weights_file
+
+        def load(folder):  # read everything, then apply
+            sd = load_weights_file(os.path.join(folder, "lora.safetensors"), what="LoRA checkpoint").tensors
+            sd = {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
+            state = rt.read_trainer_state(folder, self.global_batch)
+            rt.apply_trainer_state(state, self.optimizer, self.scheduler)
+            set_peft_model_state_dict(self.transformer, sd)
+            return int(state["step"])
+
+        step = ckpt.resume(load)
+        return 0 if step is None else step
 
     def fit(self) -> str:
         total = int(self.tcfg["steps"])
-        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"])
+        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"], quiet=not self.dist.main)
         start = self._resume(ckpt)
         if self.dist.main:
             rt.write_json(os.path.join(self.out, "config.json"), self.cfg)
