@@ -197,6 +197,9 @@ class _Prompter(Qwen25VLEncoder):
     def media_token_ids(self) -> set[int]:
         return self._media_ids
 
+    def max_positions(self) -> int | None:  # ComfyUI's model sets no limit of its own here
+        return None
+
 
 # -- the forward: ComfyUI's modules, transformers' positions and padding ------------------------------
 

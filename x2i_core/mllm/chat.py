@@ -124,6 +124,10 @@ class ChatEncoder:
         cfg = self.model.config
         return getattr(cfg, "text_config", cfg)
 
+    def max_positions(self) -> int | None:
+        """The longest input the text decoder takes (its ``max_position_embeddings``), or None if unknown."""
+        return getattr(self.text_config(), "max_position_embeddings", None)
+
     @property
     def decoder_layers(self):
         lm = getattr(self.model, "language_model", None)
@@ -266,7 +270,7 @@ class ChatEncoder:
             per_prompt.append(self.processor_inputs(built))
         lengths = [int(e["input_ids"].shape[1]) for e in per_prompt]
         target = max(target_length(spec, n) for n in lengths)
-        limit = getattr(self.text_config(), "max_position_embeddings", None)
+        limit = self.max_positions()
         if limit and target > int(limit):
             longest = max(range(len(lengths)), key=lambda i: lengths[i])
             raise X2IInputError(
