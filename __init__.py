@@ -5,6 +5,7 @@ imports ComfyUI; the ComfyUI layer (sockets, widgets, model management) lives
 in ``nodes``.
 """
 
-from .nodes import comfy_entrypoint
+if __package__:  # imported as the pack (ComfyUI); pytest may also import this file alone when the
+    from .nodes import comfy_entrypoint  # checkout's folder name is not a valid package name
 
-__all__ = ["comfy_entrypoint"]
+    __all__ = ["comfy_entrypoint"]
