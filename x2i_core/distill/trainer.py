@@ -265,22 +265,15 @@ class DistillTrainer:
         rt.save_checkpoint(self, ckpt, step, writer)
 
     def _resume(self, ckpt: rt.CheckpointManager) -> int:
-        """The newest checkpoint that verifies and loads (``CheckpointManager.resume``: a damaged one is
-        reported and the previous one used); 0 for a fresh start."""
-        self.position = 0
-        if self.cfg["checkpoint"]["resume"] in ("never", False, None):
+        """The newest checkpoint that verifies and loads (a damaged one is reported and the previous one
+        used); 0 for a fresh start."""
+        state = rt.resume_trainer(self, ckpt, lambda folder: load_alignnet(os.path.join(folder, "alignnet.safetensors")),
+                                  lambda net: self.net.load_state_dict(net.state_dict()))
+        if state is None:
+            self.position = 0
             return 0
-
-        def load(folder):
-            net = load_alignnet(os.path.join(folder, "alignnet.safetensors"))  # read everything, then apply
-            state = rt.read_trainer_state(folder, self.global_batch)
-            rt.apply_trainer_state(state, self.optimizer, self.scheduler)
-            self.net.load_state_dict(net.state_dict())
-            self.position = int(state.get("data_position", state["step"] * self.global_batch))
-            return int(state["step"])
-
-        step = ckpt.resume(load)
-        return 0 if step is None else step
+        self.position = int(state.get("data_position", state["step"] * self.global_batch))
+        return int(state["step"])
 
     # -- loop ------------------------------------------------------------------------
     def fit(self) -> str:

@@ -239,17 +239,9 @@ class LightControlTrainer:
 
         total = int(self.tcfg["steps"])
         ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"], quiet=not self.dist.main)
-        start = 0
-
-        def load(folder):  # read everything, then apply
-            lc = load_lightcontrol(os.path.join(folder, "lightcontrol.safetensors"))
-            state = rt.read_trainer_state(folder, self.global_batch)
-            rt.apply_trainer_state(state, self.optimizer, self.scheduler)
-            self.lc.load_state_dict(lc.state_dict())
-            return int(state["step"])
-
-        if self.cfg["checkpoint"]["resume"] not in ("never", False, None):
-            start = ckpt.resume(load) or 0  # the newest usable checkpoint (damaged ones reported, skipped)
+        state = rt.resume_trainer(self, ckpt, lambda f: load_lightcontrol(os.path.join(f, "lightcontrol.safetensors")),
+                                  lambda lc: self.lc.load_state_dict(lc.state_dict()))
+        start = 0 if state is None else int(state["step"])
         metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
                                 enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
         eval_start = self.eval_loss() if start == 0 and self.dist.main else None

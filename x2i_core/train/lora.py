@@ -425,24 +425,18 @@ class LoraTrainer:
         rt.save_checkpoint(self, ckpt, step, writer)
 
     def _resume(self, ckpt) -> int:
-        """The newest checkpoint that verifies and loads (``CheckpointManager.resume``: a damaged one is
-        reported and the previous one used); 0 for a fresh start."""
-        if self.cfg["checkpoint"]["resume"] in ("never", False, None):
-            return 0
+        """The newest checkpoint that verifies and loads (a damaged one is reported and the previous one
+        used); 0 for a fresh start."""
         from peft.utils import set_peft_model_state_dict
 
         from ..io import load_weights_file
 
-        def load(folder):  # read everything, then apply
+        def read(folder):
             sd = load_weights_file(os.path.join(folder, "lora.safetensors"), what="LoRA checkpoint").tensors
-            sd = {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
-            state = rt.read_trainer_state(folder, self.global_batch)
-            rt.apply_trainer_state(state, self.optimizer, self.scheduler)
-            set_peft_model_state_dict(self.transformer, sd)
-            return int(state["step"])
+            return {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
 
-        step = ckpt.resume(load)
-        return 0 if step is None else step
+        state = rt.resume_trainer(self, ckpt, read, lambda sd: set_peft_model_state_dict(self.transformer, sd))
+        return 0 if state is None else int(state["step"])
 
     def fit(self) -> str:
         total = int(self.tcfg["steps"])

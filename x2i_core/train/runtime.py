@@ -202,16 +202,25 @@ def read_trainer_state(folder: str, global_batch: int) -> dict:
     return state
 
 
-def apply_trainer_state(state: dict, optimizer, scheduler) -> None:
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+def resume_trainer(trainer, ckpt: "CheckpointManager", read_weights, apply_weights) -> dict | None:
+    """Resume ``trainer`` from the newest usable checkpoint (see :meth:`CheckpointManager.resume`) unless
+    ``checkpoint.resume`` is off.  ``read_weights(folder)`` reads the trained weights; they are applied with
+    ``apply_weights(weights)`` only after the trainer state has been read too, so a damaged folder changes
+    nothing.  Returns the stored trainer state (with its ``step``), or None for a fresh start."""
+    if trainer.cfg["checkpoint"]["resume"] in ("never", False, None):
+        return None
+    found = {}
 
+    def load(folder):
+        weights = read_weights(folder)
+        state = read_trainer_state(folder, trainer.global_batch)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        apply_weights(weights)
+        found["state"] = state
+        return int(state["step"])
 
-def load_trainer_state(folder: str, optimizer, scheduler, global_batch: int) -> dict:
-    """Restore optimizer and schedule from a checkpoint folder; returns the stored state (with its step)."""
-    state = read_trainer_state(folder, global_batch)
-    apply_trainer_state(state, optimizer, scheduler)
-    return state
+    return found["state"] if ckpt.resume(load) is not None else None
 
 
 def optimize(trainer, loss: torch.Tensor, params) -> dict:
