@@ -68,6 +68,10 @@ def test_encoder_rejects_empty_prompts_and_bad_images(encoder):
         encoder.encode(EncodeRequest(text="x", images=np.zeros((8, 8, 7), np.uint8)), preset="comfyui")
     with pytest.raises(X2IInputError, match="no frames"):
         encoder.encode(EncodeRequest(text="x", videos=[[]]), preset="comfyui")
+    with pytest.raises(X2IInputError, match="only whitespace"):
+        encoder.encode(EncodeRequest(text=" \n "), preset="comfyui")
+    # an instruction alone is a prompt (the reference's editing field), whatever blank text comes with it
+    assert torch.isfinite(encoder.encode(EncodeRequest(text=" ", instruction="make it red"), preset="comfyui").hidden).all()
 
 
 def test_fixed_length_preset_refuses_to_cut_image_tokens(encoder):

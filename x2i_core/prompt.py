@@ -205,7 +205,7 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwar
                             "(the prompt that X2I encodes is the last user turn in context)")
     final_media = bool(last.images or last.videos or last.audios)
     any_media = any(t.images or t.videos or t.audios for t in turns)
-    if last.text is not None and not final_media:
+    if last.text is not None and not final_media and not (last.instruction and not last.text.strip()):
         _check_has_words(last.text, processor)
     if spec.name == "training":
         if any_media:
