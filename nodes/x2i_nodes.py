@@ -171,9 +171,7 @@ def project(hs, alignnet, guidance: float | None = 3.5):
             f"{describe_mllm_dims(cfg.in_channels, cfg.input_dim)}, but MLLM '{os.path.basename(str(src))}' "
             f"produced C={hs.channels}, H={hs.hidden_size}. Load the AlignNet trained for this MLLM."
         )
-    if not torch.isfinite(hs.hidden).all():
-        raise NodeError("X2I AlignNet Project: the hidden states contain NaN or infinite values (the MLLM ran in a "
-                        "precision it overflows in?); load the MLLM with dtype bf16 or fp32")
+    alignnet.net.check_hidden(hs.hidden, hs.mllm, f"AlignNet '{alignnet.name}'")  # NaN/Inf: an X2IInputError
     alignnet.load()
     p = next(alignnet.net.parameters())
     with torch.no_grad():

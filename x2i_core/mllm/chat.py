@@ -21,6 +21,7 @@ import os
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from ..audio import prepare_audio
 from ..errors import X2IFileError, X2IInputError
@@ -187,9 +188,7 @@ class ChatEncoder:
             full, backbone, processor = cls.load_parts(path, torch_dtype, **kwargs)
         except (OSError, ValueError, RuntimeError, EOFError) as exc:
             raise X2IFileError(f"MLLM folder '{path}' is incomplete or corrupt ({exc}){_weights_hint(path)}") from exc
-        except Exception as exc:  # safetensors' SafetensorError (truncated or damaged weight files)
-            if type(exc).__name__ != "SafetensorError":
-                raise
+        except SafetensorError as exc:  # a truncated or damaged weight file
             raise X2IFileError(f"MLLM folder '{path}' has a truncated or corrupt .safetensors weight file ({exc}); "
                                "download the model's weights again") from exc
         if q not in ("bnb8", "bnb4"):

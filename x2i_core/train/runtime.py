@@ -388,11 +388,6 @@ class CheckpointManager:
     def path(self, step: int) -> str:
         return os.path.join(self.root, f"step-{step:08d}")
 
-    def latest(self) -> int | None:
-        """The newest ``step-*`` folder, whether or not it verifies (:meth:`resume` picks a usable one)."""
-        steps = self.steps()
-        return steps[-1] if steps else None
-
     # -- verification --------------------------------------------------------------
     def _signature(self, folder: str) -> tuple:
         sig = []
