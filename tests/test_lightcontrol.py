@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from helpers.datasets import edit_triples as make_triples
 from x2i_core.errors import X2IFileError, X2IInputError
 from x2i_core.lightcontrol import LightControl, LightControlConfig, inject, load_lightcontrol, pixels_to_hint
 from x2i_core.train.runtime import read_metrics
@@ -139,19 +140,6 @@ def test_edit_workflow_strength_zero_is_exact_and_one_changes(host):
     plain = np.asarray(Image.open(img))
     assert np.array_equal(zero, plain)
     assert not np.array_equal(one, plain)
-
-
-def make_triples(folder, n=3):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.RandomState(0)
-    for i in range(n):
-        src = (rng.rand(64, 64, 3) * 255).astype(np.uint8)
-        tgt = np.clip(src.astype(int) + [60, -20, -40][i % 3], 0, 255).astype(np.uint8)
-        Image.fromarray(src).save(os.path.join(folder, f"s{i}_source.png"))
-        Image.fromarray(tgt).save(os.path.join(folder, f"s{i}_target.png"))
-        with open(os.path.join(folder, f"s{i}.txt"), "w") as fh:
-            fh.write(["make it red", "add snow", "turn it into night"][i % 3])
-    return folder
 
 
 def train(*args, env=None, check=True):

@@ -12,33 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from helpers.datasets import lora_dataset as make_dataset
 from x2i_core.train.runtime import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_dataset(folder, n=4, with_reference=True, corrupt=False, missing_caption=False):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.RandomState(0)
-    sizes = [(64, 64), (96, 64), (64, 96), (80, 80)]
-    for i in range(n):
-        w, h = sizes[i % 4]
-        Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)).save(os.path.join(folder, f"img{i}.png"))
-        if missing_caption and i == 1:
-            continue
-        with open(os.path.join(folder, f"img{i}.txt"), "w") as fh:
-            fh.write(["a red square", "a blue circle", "一条绿色的条纹", "a yellow gradient"][i % 4])
-    if with_reference:  # image + text -> image: a sample with a reference picture
-        Image.fromarray((rng.rand(50, 70, 3) * 255).astype(np.uint8)).save(os.path.join(folder, "ref0.png"))
-        Image.fromarray((rng.rand(64, 64, 3) * 255).astype(np.uint8)).save(os.path.join(folder, "edit.png"))
-        with open(os.path.join(folder, "edit.json"), "w") as fh:
-            json.dump({"caption": "the same scene at night", "references": ["ref0.png"]}, fh)
-    if corrupt:
-        with open(os.path.join(folder, "broken.png"), "wb") as fh:
-            fh.write(b"\x89PNG\r\n\x1a\nthis is not an image")
-        with open(os.path.join(folder, "broken.txt"), "w") as fh:
-            fh.write("a broken file")
-    return folder
 
 
 def train(*args, env=None, check=True, timeout=900):

@@ -107,9 +107,38 @@ def load_weights_file(path: str | os.PathLike, what: str = "weights") -> LoadedW
     )
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc), so another
+    thread never sees a temporary umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: str, folder: bool = False) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the mode a plain ``open()`` /
+    ``os.makedirs()`` would have given it (0666 / 0777 less the umask)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
+def make_temp_dir(prefix: str, parent: str) -> str:
+    """A fresh temporary folder in ``parent`` with a plain folder's mode (to be renamed into place)."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    plain_mode(tmp, folder=True)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; rename it into place on success."""
+    """Yield a temporary path next to ``path``; rename it into place on success (with the mode a plain
+    write would have given it: 0666 less the umask)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -124,6 +153,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.close(fd)
     try:
         yield tmp
+        plain_mode(tmp)  # after the writer: some (safetensors) replace the file they are given
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

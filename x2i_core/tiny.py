@@ -32,12 +32,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import torch
 
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_save_safetensors, atomic_write_json, make_temp_dir
 from .prompt import QWEN25VL_CHAT_TEMPLATE  # the published template, reproduced
 
 log = logging.getLogger("x2i")
@@ -223,13 +222,14 @@ def save_published_alignnet(net, path: str) -> None:
         torch.save({"config": net.config.to_dict(), "state_dict": net.state_dict()}, tmp)
 
 
-def build_flux_diffusers(out_dir: str, seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768) -> str:
+def build_flux_diffusers(out_dir: str, seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768,
+                         double_blocks: int = 1, single_blocks: int = 1, heads: int = 2) -> str:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=joint_dim, pooled_projection_dim=pooled_dim,
+        patch_size=1, in_channels=64, num_layers=double_blocks, num_single_layers=single_blocks,
+        attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=joint_dim, pooled_projection_dim=pooled_dim,
         guidance_embeds=True, axes_dims_rope=(4, 6, 6),
     )
     torch.manual_seed(seed + 1)
@@ -360,7 +360,7 @@ class _staging:
     def __enter__(self) -> str:
         parent = os.path.dirname(self.out_dir)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.out_dir) + "-", dir=parent)
+        self.tmp = make_temp_dir(".tmp-" + os.path.basename(self.out_dir) + "-", parent)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

@@ -10,6 +10,11 @@ KL(student || teacher), batchmean; non-finite pairs skipped) and drops the
 teacher tensor - so no more than one block's loss intermediates exist at a
 time.  Only the AlignNet trains.
 
+With ``train.gradient_checkpointing`` the FLUX blocks are checkpointed: their
+forward runs again during backward, and so does the loss the hooks add inside
+them (the hooks stay fed around ``backward()``; the teacher captures are kept
+until then).  The loss and the gradients equal the run without it.
+
     python -m x2i_core distill --config FILE.yaml [key=value ...]
     torchrun --nproc_per_node N -m x2i_core distill --config FILE.yaml
 """
@@ -229,30 +234,47 @@ class DistillTrainer:
         t_tokens = t_seq.shape[1]
         temperature = float(self.dcfg["temperature"])
         backend = self.dcfg["loss_backend"]
+        # Under activation checkpointing each block's forward (and the loss its hooks add) runs again in
+        # backward, so the teacher captures stay until then; otherwise each is dropped once used.
+        recomputed = bool(self.train_cfg["gradient_checkpointing"])
         terms, skipped = [], []
 
-        def sink(key, out):
-            ref = teacher.pop(key)
+        def pair_loss(key, out):
             if key[0] == "double" and key[2] == "txt" and s_tokens != t_tokens:
-                return  # text streams of different lengths are not comparable
+                teacher.pop(key, None)
+                return None  # text streams of different lengths are not comparable
+            ref = teacher[key] if recomputed else teacher.pop(key)
             if key[0] == "single" and s_tokens != t_tokens:
                 out, ref = out[:, s_tokens:], ref[:, t_tokens:]
-            value = distill_loss(out.float() if out.dtype == torch.float16 else out, ref, temperature, backend)
+            return distill_loss(out.float() if out.dtype == torch.float16 else out, ref, temperature, backend)
+
+        def record(key, out):
+            value = pair_loss(key, out)
+            if value is None:
+                return
             if finite_or_skip(value.detach()):
                 terms.append(value)
             else:
                 skipped.append(key)
 
+        def recompute(key, out):
+            pair_loss(key, out)  # the same graph as in the forward, for the checkpoint's saved tensors
+
         amp = torch.autocast(self.device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32 \
             else torch.autocast(self.device.type, enabled=False)
         with amp:
             pooled, seq = self.model(hidden)
-            self.capture.run(sink, lambda: self._flux(latents, sigmas, img_ids, seq.to(self.weight_dtype),
-                                                      pooled.to(self.weight_dtype)))
+            self.capture.run(record, lambda: self._flux(latents, sigmas, img_ids, seq.to(self.weight_dtype),
+                                                        pooled.to(self.weight_dtype)))
         if not terms:
             raise X2IInputError(f"step {step}: every loss term was non-finite ({len(skipped)} pairs)")
         loss = torch.stack([t.float() for t in terms]).sum()
-        return {**rt.optimize(self, loss, self.net.parameters()), "pairs": len(terms), "skipped": len(skipped)}
+        try:
+            with self.capture.feeding(recompute):
+                info = rt.optimize(self, loss, self.net.parameters())
+        finally:
+            teacher.clear()
+        return {**info, "pairs": len(terms), "skipped": len(skipped)}
 
     # -- checkpoints ------------------------------------------------------------------
     def _save(self, ckpt: rt.CheckpointManager, step: int) -> None:

@@ -8,6 +8,7 @@ first).  Keys: ``("double", i, "img")``, ``("double", i, "txt")``,
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -40,13 +41,25 @@ class AttentionCapture:
         return hook
 
     def run(self, sink: Callable, fn: Callable):
-        """Call ``fn()`` with hooks feeding ``sink``; inactive afterwards (so a
-        gradient-checkpoint recomputation during backward does not fire them)."""
+        """Call ``fn()`` with hooks feeding ``sink``; inactive afterwards."""
+        with self.feeding(sink):
+            return fn()
+
+    @contextmanager
+    def feeding(self, sink: Callable):
+        """Hooks feed ``sink`` inside the ``with`` block, and only there.
+
+        Activation checkpointing re-runs a block's forward during backward.  A sink that builds autograd
+        graph inside a checkpointed block (the distillation loss does) must do the same work again on that
+        recomputation, or torch's checkpoint sees fewer saved tensors than in the original forward; so the
+        distillation trainer keeps the hooks fed (with a sink that recomputes and discards) around
+        ``backward()``."""
+        previous = (self.sink, self.active)
         self.sink, self.active = sink, True
         try:
-            return fn()
+            yield self
         finally:
-            self.sink, self.active = None, False
+            self.sink, self.active = previous
 
     def remove(self) -> None:
         for h in self.handles:

@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import X2IFileError, X2IInputError
+from ..io import atomic_write_json, make_temp_dir
 
 log = logging.getLogger("x2i")
 
@@ -92,7 +93,56 @@ def load_config(defaults: Mapping, path: str | None = None, overrides: list[str]
         if isinstance(ref, Mapping) and ref and parts[-1] not in ref:
             raise X2IInputError(f"override key {key!r} is unknown; known here: {sorted(ref)}")
         node[parts[-1]] = value
+    _normalise(defaults, cfg, "")
     return cfg
+
+
+# Spellings of "off", in a YAML file or on the command line (YAML reads no/off/false as False, null/~ as None).
+OFF_WORDS = ("no", "false", "none", "off", "null")
+# Settings with a fixed set of values, one of which means off: key -> (canonical off value, other values, aliases).
+CHOICES = {
+    "train.mixed_precision": ("no", ("bf16", "fp16"), {"fp32": "no"}),
+    "checkpoint.resume": ("never", ("auto",), {"never": "never"}),
+}
+
+
+def _is_off(value) -> bool:
+    return value is False or value is None or (isinstance(value, str) and value.strip().lower() in OFF_WORDS)
+
+
+def _normalise(defaults: Mapping, cfg: dict, prefix: str) -> None:
+    """One spelling per value: booleans from yes/no/true/false/on/off/1/0, the listed choices (each with
+    its "off" spellings), and ``None`` for an off-spelling of a setting that defaults to ``None``."""
+    for k, default in defaults.items():
+        key, value = f"{prefix}{k}", cfg.get(k)
+        if isinstance(default, Mapping) and default and isinstance(value, dict):
+            _normalise(default, value, key + ".")
+        elif key in CHOICES:
+            off, values, aliases = CHOICES[key]
+            word = value.strip().lower() if isinstance(value, str) else value
+            if _is_off(word):
+                cfg[k] = off
+            elif word in values or word in aliases:
+                cfg[k] = aliases.get(word, word)
+            else:
+                spelled = ", ".join([f"{off} (or {' / '.join(w for w in OFF_WORDS + tuple(aliases) if w != off)})",
+                                     *values])
+                raise X2IInputError(f"{key} {value!r}: expected one of {spelled}")
+        elif isinstance(default, bool):
+            cfg[k] = _as_bool(key, value)
+        elif default is None and _is_off(value):
+            cfg[k] = None
+
+
+def _as_bool(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower() if value is not None else "none"
+    if word in ("yes", "true", "on", "1"):
+        return True
+    if word in OFF_WORDS or word == "0":
+        return False
+    raise X2IInputError(f"{key} {value!r}: expected true or false (also yes/no, on/off, 1/0)")
 
 
 def _check_keys(defaults: Mapping, data: Mapping, prefix: str) -> None:
@@ -175,7 +225,7 @@ def setup_trainer(trainer, cfg: dict, required: tuple[str, ...]) -> None:
                             f"{trainer.dist.world} processes")
     trainer.local_batch = trainer.global_batch // trainer.dist.world
     trainer.device = trainer.dist.device
-    mp = trainer.tcfg["mixed_precision"]
+    mp = trainer.tcfg["mixed_precision"]  # load_config has mapped the other spellings (false, none, fp32, ...)
     if mp not in WEIGHT_DTYPES:
         raise X2IInputError(f"train.mixed_precision {mp!r}: expected no, bf16 or fp16")
     trainer.weight_dtype = WEIGHT_DTYPES[mp]
@@ -207,7 +257,7 @@ def resume_trainer(trainer, ckpt: "CheckpointManager", read_weights, apply_weigh
     ``checkpoint.resume`` is off.  ``read_weights(folder)`` reads the trained weights; they are applied with
     ``apply_weights(weights)`` only after the trainer state has been read too, so a damaged folder changes
     nothing.  Returns the stored trainer state (with its ``step``), or None for a fresh start."""
-    if trainer.cfg["checkpoint"]["resume"] in ("never", False, None):
+    if trainer.cfg["checkpoint"]["resume"] in ("never", False, None):  # load_config maps no / off / none
         return None
     found = {}
 
@@ -515,7 +565,7 @@ class CheckpointManager:
         for name in os.listdir(self.root):  # leftovers of a killed write or prune
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=self.root)
+        tmp = make_temp_dir(f".tmp-step-{step:08d}-", self.root)
         final = self.path(step)
         try:
             _test_crash(f"checkpoint:{step}:begin")
@@ -687,5 +737,4 @@ def write_eval_report(output_dir: str, start: float | None, end: float, **extra)
 
 
 def write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
+    atomic_write_json(path, data)

@@ -1,0 +1,1 @@
+"""Shared test helpers (datasets, subprocess runners); test modules import from here, not from each other."""
