@@ -7,9 +7,24 @@ PY     := $(VENV)/bin/python
 REQS   := requirements.txt requirements/dev.txt requirements/comfyui.txt requirements/constraints.txt pyproject.toml
 STAMP  := $(VENV)/.x2i-env-$(shell cat $(REQS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: env browser demo demo-cli test clean-env
+REFSTACK   ?= .refstack
+REF_REQS   := requirements/reference-stack.txt
+REF_STAMP  := $(REFSTACK)/.x2i-ref-$(shell cat $(REF_REQS) 2>/dev/null | sha1sum | cut -c1-12)
+
+.PHONY: env refstack browser demo demo-cli test clean-env
 
 env: $(STAMP)
+
+# The reference's own software (transformers 4.49.0, tokenizers 0.21.0, qwen-vl-utils 0.0.10) in a side
+# folder, put first on PYTHONPATH by the fidelity oracle (tests/test_reference_oracle.py) beside the
+# venv's torch; never imported by the pack.
+refstack: $(REF_STAMP)
+
+$(REF_STAMP): $(REF_REQS) | $(STAMP)
+	rm -rf $(REFSTACK) $(REFSTACK).tmp
+	$(PY) -m pip install --quiet --no-deps --target $(REFSTACK).tmp -r $(REF_REQS)
+	mv $(REFSTACK).tmp $(REFSTACK)
+	touch $@
 
 $(STAMP): $(REQS)
 	rm -rf $(VENV)
@@ -35,8 +50,8 @@ demo: env
 demo-cli: env
 	$(PY) -m x2i_core demo
 
-test: env browser
+test: env refstack browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-env:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(REFSTACK)

@@ -16,12 +16,13 @@ module computes the difference itself:
 * positions: transformers derives them from the attention mask and the image
   grids (multimodal RoPE, padding at position 1); we pass the same explicit
   positions to ComfyUI's decoder;
-* left padding (``training`` preset): the pad rows of transformers attend to
-  nothing (every key is masked) and come out as one prompt-independent
-  constant per layer; ComfyUI's ``-inf`` mask would turn such rows into NaN.
-  We run the real tokens unpadded (which is what their rows equal) and fill
-  the pad rows with that constant, computed with ComfyUI's decoder blocks and
-  an empty attention;
+* left padding (``training`` preset): ComfyUI's ``-inf`` mask would turn
+  rows with every key masked into NaN.  With ``pad_rows="reference"`` (the
+  default) each pad row attends to every key, as the released AlignNets' training
+  stack computed it: we run the real tokens plus one pad query (its own key
+  weighted by the number of pads) through ComfyUI's decoder blocks with that
+  explicit mask; with ``"constant"`` the real tokens run unpadded and the pad
+  rows are the constant transformers >= 4.5x gives (an empty attention);
 * the vision tower: transformers returns the merged image tokens in raster
   order (it undoes the window grouping after the merger); we drive ComfyUI's
   vision blocks ourselves so the order is the same;
@@ -44,8 +45,10 @@ from comfy_api.latest import io
 from ..x2i_core.alignnet import describe_mllm_dims
 from ..x2i_core.errors import X2IError
 from ..x2i_core.mllm.base import EncodeRequest, HiddenStates
+from ..x2i_core.mllm.chat import check_pad_rows, pad_query_mask
 from ..x2i_core.mllm.qwen25vl import Qwen25VLEncoder
 from ..x2i_core.prompt import QWEN25VL_CHAT_TEMPLATE  # Qwen2.5-VL-Instruct's chat_template.json, reproduced
+from .common import pad_rows_input
 from .types import HIDDEN
 from .x2i_nodes import CATEGORY, PRESET_OPTIONS, NodeError
 
@@ -156,16 +159,13 @@ _PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _processor_for(tokenizer):
     """A Qwen2.5-VL processor around the CLIP's tokenizer, with Qwen2.5-VL-Instruct's chat template (the
-    tokenizer folder ComfyUI ships carries the text-only Qwen2.5 one) and image processor settings; the fast
-    image processor where transformers has it, as AutoProcessor picks for a model folder."""
+    tokenizer folder ComfyUI ships carries the text-only Qwen2.5 one) and image processor settings; the slow
+    (PIL) image processor, as the transformers path loads it (what transformers 4.49 ran for the reference)."""
     proc = _PROCESSORS.get(tokenizer)
     if proc is None:
         from transformers import Qwen2_5_VLProcessor
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
 
-        try:
-            from transformers import Qwen2VLImageProcessorFast as ImageProcessor
-        except ImportError:  # older transformers, or no torchvision
-            from transformers import Qwen2VLImageProcessor as ImageProcessor
         kwargs = {}
         try:  # transformers >= 4.52 wants a video processor (this node passes no video)
             from transformers import Qwen2VLVideoProcessor
@@ -291,6 +291,28 @@ def pad_row_states(decoder, pad_id: int, device) -> torch.Tensor:
     return torch.cat(states, dim=0)[:, 0]
 
 
+def _stack_masked(decoder, embeds, mask, positions) -> torch.Tensor:
+    """ComfyUI's decoder blocks with an explicit additive mask ``[1, 1, S, S]`` -> ``[1, layers + 1, S, H]``
+    (the final norm on the last state only)."""
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+    from comfy.text_encoders.llama import precompute_freqs_cis
+
+    cfg = decoder.config
+    if cfg.rope_dims is None:  # a text-only decoder: one position axis
+        positions = positions[:1]
+    freqs = precompute_freqs_cis(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_scale, cfg.rope_dims,
+                                 device=embeds.device)
+    attention = optimized_attention_for_device(embeds.device, mask=True, small_input=True)
+    x = embeds
+    states = [x]
+    for layer in decoder.layers:
+        x = layer(x=x, attention_mask=mask, freqs_cis=freqs, optimized_attention=attention)
+        states.append(x)
+    if decoder.norm is not None:
+        states[-1] = decoder.norm(states[-1])
+    return torch.stack(states, dim=1)
+
+
 def _stack(decoder, embeds, mask, positions) -> torch.Tensor:
     """One ComfyUI decoder pass -> ``[1, layers + 1, S, H]`` (the final norm on the last state only)."""
     if decoder.config.rope_dims is None:  # a text-only decoder: one position axis
@@ -305,9 +327,9 @@ def _stack(decoder, embeds, mask, positions) -> torch.Tensor:
     return inter
 
 
-def hidden_states(native: NativeQwen, batch: dict, device) -> torch.Tensor:
+def hidden_states(native: NativeQwen, batch: dict, device, pad_rows: str = "reference") -> torch.Tensor:
     """Prepared inputs (``input_ids``, ``attention_mask``, optional ``pixel_values`` / ``image_grid_thw``)
-    -> ``[B, layers + 1, S, H]`` float32 from ComfyUI's modules."""
+    -> ``[B, layers + 1, S, H]`` float32 from ComfyUI's modules (left-pad rows per ``pad_rows``)."""
     decoder = native.decoder
     tok = native.tokenizer
     image_id = int(tok.convert_tokens_to_ids("<|image_pad|>"))
@@ -343,7 +365,22 @@ def hidden_states(native: NativeQwen, batch: dict, device) -> torch.Tensor:
         if not bool(real.any()):
             raise NodeError(f"{NODE}: prompt {b + 1} has no tokens")
         first = int(torch.nonzero(real)[0])
-        if first > 0:  # left padding: rows that attend to nothing
+        if first > 0 and pad_rows == "reference":  # left padding: the pad rows attend to every key
+            n = S - first
+            seg = torch.cat([embeds[b:b + 1, first:], embeds[b:b + 1, :1]], dim=1)  # real tokens + one pad
+            pos = torch.cat([positions[:, b, first:], torch.ones_like(positions[:, b, :1])], dim=1)
+            keys = torch.cat([torch.ones(1, n, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)], dim=1)
+            attn = pad_query_mask(keys, torch.tensor([first]), torch.float32).to(device)
+            handles = [layer.register_forward_pre_hook(tick) for layer in decoder.layers]
+            try:
+                st = _stack_masked(decoder, seg, attn, pos)[0]
+            finally:
+                for h in handles:
+                    h.remove()
+            out[b, :, first:] = st[:, :n]
+            out[b, :, :first] = st[:, n, None]
+            continue
+        if first > 0:  # left padding, constant rows: rows that attend to nothing
             if pad_states is None:
                 pad_states = pad_row_states(decoder, pad_id, device)
             out[b, :, :first] = pad_states[:, None, :]
@@ -362,7 +399,7 @@ def hidden_states(native: NativeQwen, batch: dict, device) -> torch.Tensor:
 
 
 def encode_with_clip(clip, request: EncodeRequest, preset: str | None = None,
-                     image_size: int | None = None) -> HiddenStates:
+                     image_size: int | None = None, pad_rows: str = "reference") -> HiddenStates:
     """X2I hidden states from a ComfyUI CLIP holding Qwen2.5-VL-7B/3B: the same presets, padding and tensors
     as ``Qwen25VLEncoder.encode`` on the same weights."""
     native = find_native_qwen(clip)
@@ -372,6 +409,7 @@ def encode_with_clip(clip, request: EncodeRequest, preset: str | None = None,
             "type, language model only) has no vision tower. Disconnect the image, or use the Qwen2.5-VL-7B text "
             "encoder (type 'qwen_image'), or X2I MLLM Loader with a full Qwen2.5-VL-3B-Instruct folder.")
     try:
+        pad_rows = check_pad_rows(pad_rows)
         batch, preset_name, lengths = _Prompter(native).prepare([request], preset, image_size)
     except X2IError as exc:
         raise NodeError(f"{NODE}: {exc}") from None
@@ -379,12 +417,14 @@ def encode_with_clip(clip, request: EncodeRequest, preset: str | None = None,
     device = clip.patcher.load_device
     try:
         with torch.inference_mode():
-            hidden = hidden_states(native, batch, device)
+            hidden = hidden_states(native, batch, device, pad_rows)
     except torch.OutOfMemoryError:
         mm.soft_empty_cache(True)
         raise NodeError(f"{NODE}: out of memory while running {native.name}; try a smaller image_resolution, "
                         "an fp8 text encoder file, or launch ComfyUI with --lowvram") from None
-    hs = HiddenStates(hidden.to(mm.intermediate_device()), batch["attention_mask"], native.name, preset_name, lengths)
+    left = bool(batch["attention_mask"][:, 0].eq(0).any())
+    hs = HiddenStates(hidden.to(mm.intermediate_device()), batch["attention_mask"], native.name, preset_name, lengths,
+                      "qwen2.5-vl", pad_rows if left else None)
     hs.source_path = None
     return hs
 
@@ -409,6 +449,7 @@ class X2ICLIPEncode(io.ComfyNode):
                 io.Int.Input("image_resolution", default=0, min=0, max=4096, step=28,
                              tooltip="0 = the preset's default (comfyui: 224x224 pixel budget; scripts: 128x128). "
                                      "Otherwise pixels per side."),
+                pad_rows_input(),
                 io.Image.Input("image", optional=True,
                                tooltip="Optional images (Qwen2.5-VL-7B only); a batch is several images, in order, "
                                        "in one prompt."),
@@ -418,13 +459,14 @@ class X2ICLIPEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, text="", preset=PRESET_OPTIONS[0], image_resolution=0, image=None) -> io.NodeOutput:
+    def execute(cls, clip, text="", preset=PRESET_OPTIONS[0], image_resolution=0, image=None,
+                pad_rows="reference") -> io.NodeOutput:
         if image is not None and (not isinstance(image, torch.Tensor) or image.dim() != 4):
             raise NodeError(f"{NODE}: 'image' must be a ComfyUI IMAGE batch [N, H, W, C]")
         if not (text or "").strip() and image is None:
             raise NodeError(f"{NODE}: the prompt is empty - type some text or connect an image")
         req = EncodeRequest(text=text if (text or "").strip() else None, images=image)
-        return io.NodeOutput(encode_with_clip(clip, req, preset, image_resolution or None))
+        return io.NodeOutput(encode_with_clip(clip, req, preset, image_resolution or None, pad_rows))
 
 
 NODES = [X2ICLIPEncode]

@@ -81,6 +81,15 @@ def image_resolution_input():
                                 "Otherwise pixels per side.")
 
 
+def pad_rows_input():
+    """How left-pad rows are computed (the ``training`` preset); optional, so older API prompts validate."""
+    from ..x2i_core.mllm.chat import PAD_ROWS
+
+    return io.Combo.Input("pad_rows", options=list(PAD_ROWS), default="reference", optional=True,
+                          tooltip="Left padding (training preset): reference = " + PAD_ROWS["reference"]
+                                  + "; constant = " + PAD_ROWS["constant"] + ".")
+
+
 def media_inputs(resolution: bool = True, optional_widgets: bool = False) -> list:
     """The media widgets and optional media sockets, in the order every X2I encode node shows them.
 

@@ -12,11 +12,11 @@ import node_helpers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
-from ..x2i_core.alignnet import describe_mllm_dims
+from ..x2i_core.registry import MLLMIdentity, check_fits
 from ..x2i_core.mllm.base import EncodeRequest
 from . import paths
 from .common import (CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, has_any, image_resolution_input,
-                     media_inputs, node_media, run_mllm, user_errors)
+                     media_inputs, node_media, pad_rows_input, run_mllm, user_errors)
 from .models import load_managed_alignnet, load_managed_mllm
 from .types import ALIGNNET, CHAT, HIDDEN, MLLM
 
@@ -100,6 +100,7 @@ class X2IMLLMEncode(io.ComfyNode):
                                tooltip="CritiPrefill sparse attention for long inputs (documents, many images, "
                                        "video, long chats): approximate, faster. auto = only for inputs of 4096+ "
                                        "tokens; on = always; off = exact dense attention."),
+                pad_rows_input(),
                 CHAT.Input("chat", optional=True,
                            tooltip="Optional conversation from X2I Chat Turn nodes; this node's text/media become "
                                    "the final user turn (or, when empty, the chat's last user turn is the prompt)."),
@@ -110,7 +111,7 @@ class X2IMLLMEncode(io.ComfyNode):
     @classmethod
     def execute(cls, mllm, text="", preset=DEFAULT_PRESET, image_resolution=0, instruction="", video_resolution=0,
                 video_fps=1.0, max_frames=768, frames_fps=24.0, sparse_prefill="off", image=None, video=None,
-                frames=None, audio=None, chat=None) -> io.NodeOutput:
+                frames=None, audio=None, chat=None, pad_rows="reference") -> io.NodeOutput:
         node = "X2I MLLM Encode"
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
                            frames_fps=frames_fps)
@@ -126,7 +127,8 @@ class X2IMLLMEncode(io.ComfyNode):
                             history=history, **media)
         with run_mllm(mllm, node):
             hs = mllm.encoder.encode(req, preset=preset, image_size=image_resolution or None,
-                                     video_size=video_resolution or None, prefill=sparse_prefill)
+                                     video_size=video_resolution or None, prefill=sparse_prefill,
+                                     pad_rows=pad_rows)
         hs.hidden = hs.hidden.to(mm.intermediate_device())
         hs.source_path = mllm.path
         return io.NodeOutput(hs)
@@ -168,9 +170,13 @@ def project(hs, alignnet, guidance: float | None = 3.5):
         src = getattr(hs, "source_path", None) or hs.mllm
         raise NodeError(
             f"X2I AlignNet Project: AlignNet '{alignnet.name}' expects hidden states of "
-            f"{describe_mllm_dims(cfg.in_channels, cfg.input_dim)}, but MLLM '{os.path.basename(str(src))}' "
+            f"{alignnet.net.fits}, but MLLM '{os.path.basename(str(src))}' "
             f"produced C={hs.channels}, H={hs.hidden_size}. Load the AlignNet trained for this MLLM."
         )
+    # Same dimensions: the MLLM family and the pad-row semantics it was trained with (an X2IShapeError).
+    check_fits(alignnet.net.provenance, cfg.in_channels, cfg.input_dim,
+               MLLMIdentity(hs.family, os.path.basename(str(getattr(hs, "source_path", None) or hs.mllm)),
+                            hs.channels, hs.hidden_size), f"AlignNet '{alignnet.name}'", hs.pad_rows)
     alignnet.net.check_hidden(hs.hidden, hs.mllm, f"AlignNet '{alignnet.name}'")  # NaN/Inf: an X2IInputError
     alignnet.load()
     p = next(alignnet.net.parameters())

@@ -103,7 +103,7 @@ def test_internvl_matches_the_reference_generate_prefill(ivl, reference, case):
     video = [_image(10 + i, 80, 64) for i in range(3)] if with_video else None
     ref = _reference(reference, preset, texts, images, video)
     hs = ivl.encode([EncodeRequest(text=t, images=images or None, videos=[video] if video else None) for t in texts],
-                    preset=preset)
+                    preset=preset, pad_rows="constant")  # this environment's transformers: constant left-pad rows
     assert hs.hidden.shape == ref.shape and hs.hidden.shape[1] == ivl.channels == 3
     diff = (hs.hidden - ref).abs().max().item()
     assert diff <= TOL, f"{case}: max abs diff {diff}"

@@ -76,8 +76,8 @@ def _reference(reference, preset, text, images=(), video=None, audio=None, histo
         item = text
     content.append({"type": "text", "text": item})
     msgs.append({"role": "user", "content": content})
-    kwargs = {"add_vision_id": True} if preset == "comfyui" else {}
-    prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+    # No vision ids: the Qwen reference stack (transformers 4.49) never passed add_vision_id to the template.
+    prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     call = dict(text=[prompt], images=imgs or None, videos=vids, audio=auds, return_tensors="pt",
                 use_audio_in_video=False, **({"fps": 1.0} if vids else {}))
     # Text padding goes in text_kwargs: given flat, the processor would also hand max_length to the audio
@@ -116,7 +116,8 @@ def test_omni_matches_the_reference_generate_prefill(omni, reference, case):
     audio = _tone() if with_audio else None
     ref = _reference(reference, preset, text, images, video, audio)
     hs = omni.encode(EncodeRequest(text=text, images=images or None, videos=[video] if video else None,
-                                   audios=[(audio, 16000)] if audio is not None else None), preset=preset)
+                                   audios=[(audio, 16000)] if audio is not None else None), preset=preset,
+                    pad_rows="constant")  # this environment's transformers: constant left-pad rows
     assert hs.hidden.shape == ref.shape and hs.hidden.shape[1] == omni.channels == 3
     diff = (hs.hidden - ref).abs().max().item()
     assert diff <= TOL, f"{case}: max abs diff {diff}"

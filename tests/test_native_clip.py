@@ -125,7 +125,8 @@ def test_alignnet_for_the_other_size_is_refused_naming_both_sides(native):
     e = native["errors"]
     # the real dims: the 3B text encoder's states into the 7B AlignNet
     msg = e["alignnet_real_dims"]
-    assert "Qwen2.5-VL-7B-Instruct (C=29 layers+1, H=3584)" in msg, msg
+    # (C, H) alone is ambiguous: a file without an MLLM record is described by every candidate
+    assert "Qwen2.5-VL-7B-Instruct or MiniCPM-o-2.6 or Qwen2.5-Omni-7B (C=29 layers+1, H=3584)" in msg, msg
     assert "Qwen2.5-VL-3B (ComfyUI text encoder)" in msg and "C=37, H=2048" in msg, msg
     # the tiny model through the node, into an AlignNet of other dims
     msg = e["alignnet_tiny"]
@@ -343,7 +344,9 @@ def _worker(spec_path: str) -> None:
     cfg = alignnet_mod.AlignNetConfig
 
     def stub_alignnet(c, h, name):
-        return types.SimpleNamespace(net=types.SimpleNamespace(config=cfg(in_channels=c, input_dim=h)), name=name)
+        net = types.SimpleNamespace(config=cfg(in_channels=c, input_dim=h), provenance=None,
+                                    fits=alignnet_mod.describe_mllm_dims(c, h))  # a file without an MLLM record
+        return types.SimpleNamespace(net=net, name=name)
 
     hs3b = mllm.HiddenStates(torch.zeros(1, 37, 4, 2048), torch.ones(1, 4, dtype=torch.long),
                              "Qwen2.5-VL-3B (ComfyUI text encoder)", "training", [4])

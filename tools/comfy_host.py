@@ -396,13 +396,13 @@ def _fault(kind: str | None):
     (chat,) = [m for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.chat")]
     original = chat.ChatEncoder.forward_hidden
 
-    def faulty(self, batch):
+    def faulty(self, batch, **options):
         if kind == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
         if kind == "cancel":
             mm.interrupt_current_processing(True)
-            return original(self, batch)
-        return torch.full_like(original(self, batch), float("nan"))
+            return original(self, batch, **options)
+        return torch.full_like(original(self, batch, **options), float("nan"))
 
     chat.ChatEncoder.forward_hidden = faulty
     try:

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # X2IMLLMEncode widgets after the text, in the frontend's order (required, then optional): preset, image
-# resolution | instruction, video resolution, video fps, max frames, frames fps, sparse prefill
-ENC_WIDGETS = ["auto", 0, "", 0, 1.0, 768, 24.0, "off"]
+# resolution | instruction, video resolution, video fps, max frames, frames fps, sparse prefill, pad rows
+ENC_WIDGETS = ["auto", 0, "", 0, 1.0, 768, 24.0, "off", "reference"]
 # X2IMLLMLoader widgets after the folder: dtype, device, quantization, offload after encode, trust remote code
 LOADER_WIDGETS = ["auto", "default", "none", False, False]
 PROMPT = "一只在雪地里奔跑的红狐狸，清晨的阳光 (a red fox running through snow at dawn)"
@@ -110,7 +110,7 @@ WORKFLOWS = {
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
             (3, "CLIPLoader", (40, 320), ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
-            (5, "X2ICLIPEncode", (420, 320), [PROMPT, "auto", 0], {"clip": (3, 0)}, None),
+            (5, "X2ICLIPEncode", (420, 320), [PROMPT, "auto", 0, "reference"], {"clip": (3, 0)}, None),
             (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
             (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
             (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),

@@ -37,24 +37,16 @@ import torch.nn as nn
 
 from .errors import X2IFileError, X2IInputError, X2IShapeError
 from .io import atomic_save_safetensors, load_weights_file
+from .registry import (Provenance, describe_dims, provenance_from_metadata, released_file, warn_if_ambiguous)
 
 log = logging.getLogger("x2i")
 
 FORMAT_TAG = "alignnet"
 
-# Known MLLMs: (C, H) of their hidden-state stack -> name.  Used to say which
-# MLLM an AlignNet fits.  C = decoder layers + 1.
-KNOWN_MLLMS: dict[tuple[int, int], str] = {
-    (37, 2048): "Qwen2.5-VL-3B-Instruct",
-    (29, 3584): "Qwen2.5-VL-7B-Instruct",
-    (25, 896): "InternVL2.5-1B",
-}
-
 
 def describe_mllm_dims(channels: int, hidden: int) -> str:
-    name = KNOWN_MLLMS.get((channels, hidden))
-    dims = f"C={channels} layers+1, H={hidden}"
-    return f"{name} ({dims})" if name else f"an MLLM with {dims}"
+    """Which MLLMs a ``(C, H)`` stack could come from (see :mod:`x2i_core.registry`)."""
+    return describe_dims(channels, hidden)
 
 
 @dataclasses.dataclass
@@ -170,6 +162,7 @@ class AlignNet(nn.Module):
         elif not isinstance(config, AlignNetConfig):
             config = AlignNetConfig.from_dict(config)
         self.config = config
+        self.provenance: Provenance | None = None  # the MLLM it was trained for, when known
         if config.use_t5:
             from transformers.models.t5.modeling_t5 import T5Stack
 
@@ -185,6 +178,8 @@ class AlignNet(nn.Module):
     # -- shape checks -------------------------------------------------------
     @property
     def fits(self) -> str:
+        if self.provenance is not None:
+            return self.provenance.describe()
         return describe_mllm_dims(self.config.in_channels, self.config.input_dim)
 
     def check_hidden(self, hidden: torch.Tensor, mllm_name: str = "the MLLM", alignnet_name: str = "AlignNet") -> None:
@@ -226,11 +221,13 @@ class AlignNet(nn.Module):
 
     # -- saving -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write our safetensors format atomically (config in the metadata)."""
+        """Write our safetensors format atomically (config and, when known, the MLLM record in the
+        metadata)."""
         sd = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        atomic_save_safetensors(
-            sd, path, metadata={"x2i_format": FORMAT_TAG, "config": json.dumps(self.config.to_dict())}
-        )
+        meta = {"x2i_format": FORMAT_TAG, "config": json.dumps(self.config.to_dict())}
+        if self.provenance is not None:
+            meta["x2i_mllm"] = self.provenance.to_json()
+        atomic_save_safetensors(sd, path, metadata=meta)
 
 
 # ---------------------------------------------------------------------------
@@ -361,6 +358,16 @@ def load_alignnet(
         infer_config(sd, source)  # raises the "not an AlignNet" message
     net = _build(cfg, sd, source)
     net.source_path = os.fspath(path)
+    net.provenance = provenance_from_metadata(meta, source)
+    if net.provenance is None:
+        release = released_file(path, cfg.in_channels, cfg.input_dim, cfg.fusion)
+        if release is not None:
+            net.provenance = Provenance.of_release(release)
+        else:
+            warn_if_ambiguous(cfg.in_channels, cfg.input_dim, source)
+    elif (net.provenance.channels, net.provenance.hidden) != (cfg.in_channels, cfg.input_dim):
+        raise X2IFileError(f"{source}: its MLLM record says C={net.provenance.channels}, H={net.provenance.hidden} "
+                           f"but its weights take C={cfg.in_channels}, H={cfg.input_dim}; the file is inconsistent")
     if dtype is not None or device != "cpu":
         net.to(device=device, dtype=dtype)
     log.info("loaded AlignNet %s (%s fusion, fits %s)", os.fspath(path), cfg.fusion, net.fits)

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparse-prefill", default="off",
                    help="CritiPrefill sparse attention for long inputs: off (exact), auto (inputs of 4096+ tokens), "
                         "on, or with settings, e.g. 'auto,budget=2048'")
+    g.add_argument("--pad-rows", default=None, choices=["reference", "constant"],
+                   help="left-pad rows (training preset): reference = as the released AlignNets were trained "
+                        "(transformers 4.49 on CUDA), constant = as transformers >= 4.5x computes them; default: "
+                        "what the AlignNet file records, else reference")
     g.add_argument("--quant", default="none", choices=["none", "int8", "bnb8", "bnb4"],
                    help="MLLM quantisation: int8 weight-only (CPU/GPU) or bitsandbytes 8/4-bit (CUDA)")
     g.add_argument("--trust-remote-code", action="store_true",
@@ -170,7 +174,7 @@ def cmd_generate(args) -> str:
     img = pipe.generate(args.prompt, images=args.image or None, videos=[args.video_frames] if args.video_frames else None,
                         preset=args.preset, steps=args.steps, guidance=args.guidance, seed=args.seed,
                         width=width, height=height, audios=args.audio or None, instruction=args.instruction,
-                        prefill=args.sparse_prefill)
+                        prefill=args.sparse_prefill, pad_rows=args.pad_rows)
     return _save_image(img, args.out)
 
 

@@ -125,13 +125,36 @@ def fit_pixels(img: Image.Image, max_pixels: int, min_pixels: int = MIN_PIXELS) 
     return img.resize((w, h), resample=Image.BICUBIC)
 
 
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' floor for a video frame (smaller frames are scaled up)
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+
+
 def video_frames(frames: Any, max_pixels: int, name: str = "video") -> list[Image.Image]:
-    """A list of frames (or ``[T, H, W, C]`` array) -> resized RGB frames, padded to an even count
-    by repeating the last frame (the model groups frames in pairs)."""
+    """A list of frames (or ``[T, H, W, C]`` array) -> resized RGB frames, padded to an even count by
+    repeating the last frame (the model groups frames in pairs).
+
+    The resize is the one the reference's helper (qwen-vl-utils 0.0.10 ``fetch_video``, given a video file)
+    applies: one size for the clip from ``smart_resize`` with the video floor ``VIDEO_MIN_PIXELS`` and the
+    ceiling ``min(max_pixels, max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / T * 2), 1.05 x floor))``, then
+    torch's bicubic with antialiasing on the uint8 frames, clamped and rounded back to uint8 (what
+    torchvision's tensor resize does)."""
     pils = to_pil_list(frames, f"{name} frame")
     if not pils:
         raise X2IInputError(f"{name} has no frames; expected at least one frame")
-    out = [fit_pixels(p, max_pixels) for p in pils]
+    sizes = {p.size for p in pils}
+    if len(sizes) > 1:
+        raise X2IInputError(f"{name}: frames differ in size ({sorted(sizes)[:3]}); expected one size for the clip")
+    width, height = pils[0].size
+    ceiling = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / len(pils) * FRAME_FACTOR), int(VIDEO_MIN_PIXELS * 1.05))
+    th, tw = smart_resize(height, width, IMAGE_FACTOR, VIDEO_MIN_PIXELS, min(max_pixels, ceiling))
+    out: list[Image.Image] = []
+    for start in range(0, len(pils), 16):  # a few frames at a time: float copies of long clips are large
+        chunk = torch.from_numpy(np.stack([np.asarray(p) for p in pils[start:start + 16]])).permute(0, 3, 1, 2)
+        resized = torch.nn.functional.interpolate(chunk.float(), size=(th, tw), mode="bicubic", align_corners=False,
+                                                  antialias=True)
+        resized = resized.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out.extend(Image.fromarray(f) for f in resized)
     n = math.ceil(len(out) / FRAME_FACTOR) * FRAME_FACTOR
     out.extend([out[-1]] * (n - len(out)))
     return out
@@ -166,8 +189,8 @@ def sample_frames(frames: Any, source_fps: float, fps: float = VIDEO_FPS, max_fr
                   min_frames: int = VIDEO_MIN_FRAMES, name: str = "video") -> Any:
     """Pick frames uniformly at ``fps`` from a clip recorded at ``source_fps`` (qwen-vl-utils' rule).
 
-    The count is ``duration x fps`` clamped to ``[min_frames, min(max_frames, total)]`` and rounded to an
-    even number; a clip longer than ``max_frames / fps`` seconds is therefore subsampled uniformly to
+    The count is ``duration x fps`` clamped to ``[min_frames, min(max_frames, total)]`` and rounded down to
+    an even number (as qwen-vl-utils 0.0.10, the reference's helper, does); a clip longer than ``max_frames / fps`` seconds is therefore subsampled uniformly to
     ``max_frames`` frames over its whole length (not cut).  ``frames`` is a ``[T, H, W, C]`` tensor/array
     or a list; the same kind is returned.
     """
@@ -185,9 +208,8 @@ def sample_frames(frames: Any, source_fps: float, fps: float = VIDEO_FPS, max_fr
     lo = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
     hi = max(FRAME_FACTOR, math.floor(min(max_frames, total) / FRAME_FACTOR) * FRAME_FACTOR)
     n = total / float(source_fps) * float(fps)
-    n = min(max(n, lo), hi)
-    n = max(FRAME_FACTOR, round(n / FRAME_FACTOR) * FRAME_FACTOR)
-    n = min(n, total)
+    n = min(min(max(n, lo), hi), total)
+    n = max(FRAME_FACTOR, math.floor(n / FRAME_FACTOR) * FRAME_FACTOR)  # qwen-vl-utils 0.0.10 rounds down
     idx = torch.linspace(0, total - 1, n).round().long().tolist()
     if isinstance(frames, torch.Tensor):
         return frames[torch.tensor(idx)]

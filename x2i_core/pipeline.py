@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .alignnet import AlignNet, load_alignnet
+from .registry import check_fits, identity_of
 from .errors import X2IFileError, X2IInputError, X2IShapeError
 from .mllm import load_mllm
 from .mllm.base import EncodeRequest, HiddenStates
@@ -77,14 +78,8 @@ class X2IPipeline:
 
     def _check_pair(self) -> None:
         cfg = self.alignnet.config
-        if (cfg.in_channels, cfg.input_dim) != (self.encoder.channels, self.encoder.hidden_size):
-            from .alignnet import describe_mllm_dims
-
-            raise X2IShapeError(
-                f"{self.alignnet_name} fits {self.alignnet.fits}, but MLLM {self.encoder.name} produces "
-                f"{describe_mllm_dims(self.encoder.channels, self.encoder.hidden_size)}; "
-                "use the AlignNet released for this MLLM"
-            )
+        check_fits(getattr(self.alignnet, "provenance", None), cfg.in_channels, cfg.input_dim,
+                   identity_of(self.encoder), self.alignnet_name)
         if self.flux is not None:
             tcfg = self.flux.transformer.config
             if (cfg.output_dim1, cfg.output_dim0) != (tcfg.joint_attention_dim, tcfg.pooled_projection_dim):
@@ -94,8 +89,12 @@ class X2IPipeline:
                 )
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
-               prefill: Any = None) -> HiddenStates:
-        return self.encoder.encode(requests, preset, prefill=prefill)
+               prefill: Any = None, pad_rows: str | None = None) -> HiddenStates:
+        """``pad_rows`` None = what the AlignNet records it was trained with, else the encoder's default."""
+        if pad_rows is None:
+            prov = getattr(self.alignnet, "provenance", None)
+            pad_rows = prov.pad_rows if prov is not None and prov.pad_rows else None
+        return self.encoder.encode(requests, preset, prefill=prefill, pad_rows=pad_rows)
 
     def project(self, hs: HiddenStates) -> tuple[torch.Tensor, torch.Tensor]:
         self.alignnet.check_hidden(hs.hidden, hs.mllm, self.alignnet_name)
@@ -105,12 +104,12 @@ class X2IPipeline:
     def generate(self, text: str | None = None, images: Any = None, videos: Any = None, *, preset: str | None = None,
                  steps: int = 28, guidance: float = 3.5, seed: int = 0, width: int = 1024, height: int = 1024,
                  progress: bool = True, output_type: str = "pil", audios: Any = None, instruction: str | None = None,
-                 prefill: Any = None):
+                 prefill: Any = None, pad_rows: str | None = None):
         if steps < 1:
             raise X2IInputError(f"steps must be at least 1, found {steps}")
         width, height = parse_size((width, height))
         hs = self.encode(EncodeRequest(text=text, images=images, videos=videos, audios=audios,
-                                       instruction=instruction), preset, prefill)
+                                       instruction=instruction), preset, prefill, pad_rows)
         pooled, seq = self.project(hs)
         dtype = self.flux.transformer.dtype
         device = self.flux.transformer.device

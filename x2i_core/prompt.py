@@ -11,8 +11,9 @@ Three presets reproduce the three conventions of the reference code:
 ``comfyui``   The reference ComfyUI nodes.  Same dict with ``''`` for the
               description and ``'image input': 'yes'`` when media are given;
               media items come first (images with a 224x224 pixel budget,
-              videos 128x128 at 1 fps), vision ids in the template ("Picture
-              1: "); **right** padding to ``max(int(1.3 * length), 512)``.
+              videos 128x128 at 1 fps), no vision ids (the nodes ask for
+              "Picture 1: " but transformers 4.49 never passed that flag to
+              the template); **right** padding to ``max(int(1.3 * length), 512)``.
 ``scripts``   The reference inference scripts.  The plain user text; images
               resized to exactly 128x128, video frames with a 128x128 budget;
               **right** padding to 512 with truncation.
@@ -74,7 +75,9 @@ class PresetSpec:
 
 SPECS = {
     "training": PresetSpec("training", "left", 512, None, True, None, None, 128 * 128, 1.0, False),
-    "comfyui": PresetSpec("comfyui", "right", 512, 1.3, False, 224 * 224, None, 128 * 128, 1.0, True),
+    # vision_ids False: the reference nodes ask for add_vision_id, but transformers 4.49's processor does not
+    # pass it to the template, so no "Picture N: " was ever written (tests/test_reference_oracle.py).
+    "comfyui": PresetSpec("comfyui", "right", 512, 1.3, False, 224 * 224, None, 128 * 128, 1.0, False),
     "scripts": PresetSpec("scripts", "right", 512, None, True, None, (128, 128), 128 * 128, 1.0, False),
 }
 

@@ -27,9 +27,11 @@ import os
 
 import torch
 
-from ..alignnet import AlignNet, AlignNetConfig, describe_mllm_dims, load_alignnet
+from ..alignnet import AlignNet, AlignNetConfig, load_alignnet
 from ..errors import X2IInputError, X2IShapeError
 from ..flux.capture import AttentionCapture, collect
+from ..mllm.chat import check_pad_rows
+from ..registry import Provenance, check_fits, identity_of
 from ..train import runtime as rt
 from ..train.data import CaptionStream
 from .kl import distill_loss, finite_or_skip
@@ -42,12 +44,13 @@ DEFAULTS = {
     "output_dir": None,
     "seed": 0,
     "preset": "training",       # student prompt convention (what the released AlignNets used)
+    "pad_rows": "reference",    # left-pad rows as the released AlignNets saw them; "constant" = newer transformers
     "alignnet": {"init": None, "fusion": "conv", "kernel_size": 5, "use_t5": False, "t5_layers": 2,
                  "t5_heads": 16, "t5_head_dim": 128},
     "data": {"paths": [], "caption_key": None, "shuffle": True, "validate_first": 1000, "skip_long": False},
     "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 100,
               "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
-              "gradient_checkpointing": False},
+              "gradient_checkpointing": False, "gradient_accumulation": 1},
     "distill": {"resolution": 1024, "tokens": 512, "guidance": 3.5, "timestep": "first", "temperature": 3.0,
                 "loss_backend": "auto", "cache_teacher_embeddings": False},
     "checkpoint": {"every": 500, "keep_last": 3, "resume": "auto"},
@@ -64,6 +67,7 @@ class DistillTrainer:
         rt.setup_trainer(self, cfg, ("mllm", "flux", "output_dir"))
         self.train_cfg = self.tcfg
         self.dcfg = cfg["distill"]
+        self.pad_rows = check_pad_rows(cfg["pad_rows"])
         res = int(self.dcfg["resolution"])
         if res % 16:
             raise X2IInputError(f"distill.resolution {res} must be a multiple of 16")
@@ -120,10 +124,11 @@ class DistillTrainer:
                 use_cnn=fusion == "conv", num_layers=int(acfg["t5_layers"]), num_heads=int(acfg["t5_heads"]),
                 head_dim=int(acfg["t5_head_dim"])))
         c = net.config
-        if (c.in_channels, c.input_dim) != (self.encoder.channels, self.encoder.hidden_size):
-            raise X2IShapeError(
-                f"AlignNet '{acfg['init']}' fits {net.fits}, but MLLM '{cfg['mllm']}' produces "
-                f"{describe_mllm_dims(self.encoder.channels, self.encoder.hidden_size)}")
+        mllm = identity_of(self.encoder)
+        check_fits(net.provenance, c.in_channels, c.input_dim, mllm, f"AlignNet '{acfg['init']}'")
+        # What the file will record: the MLLM, prompt convention and pad rows it is distilled on.
+        net.provenance = Provenance(mllm.family, mllm.model, mllm.channels, mllm.hidden, cfg["preset"],
+                                    self.pad_rows, "trained")
         if (c.output_dim1, c.output_dim0) != (tcfg.joint_attention_dim, tcfg.pooled_projection_dim):
             raise X2IShapeError(
                 f"AlignNet outputs widths {c.output_dim1}/{c.output_dim0} but FLUX '{cfg['flux']}' expects "
@@ -224,12 +229,29 @@ class DistillTrainer:
                          encoder_hidden_states=seq, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
     def step(self, step: int, captions: list[str]) -> dict:
+        """One optimizer step.  ``captions``: this rank's captions of each micro-batch in turn
+        (``train.gradient_accumulation`` x the local batch)."""
+        n, lb = rt.accumulation(self), self.local_batch
+        if len(captions) != n * lb:
+            raise X2IInputError(f"step {step}: {len(captions)} captions for {n} micro-batch(es) of {lb}")
+
+        def micro(m, weight):
+            a = m - step * n
+            return self._micro(m, captions[a * lb:(a + 1) * lb], weight)
+
+        return rt.optimize(self, step, micro, self.net.parameters())
+
+    def _micro(self, step: int, captions: list[str], weight: float):
+        """One micro-batch (``step`` counts micro-batches): teacher and student passes, the summed pair
+        losses back-propagated with ``weight``."""
         first_index = step * self.global_batch + self.dist.rank * self.local_batch
-        latents, sigmas, img_ids = self._latents(step, first_index)
+        # Noise is drawn per (optimizer step, sample index): N micro-batches of B draw what one batch of N x B
+        # would (sample indices count on across the micro-batches).
+        latents, sigmas, img_ids = self._latents(step // rt.accumulation(self), first_index)
         t_seq, t_pooled = self._teacher_embeds(captions)
         with torch.no_grad():
             teacher = collect(self.capture, lambda: self._flux(latents, sigmas, img_ids, t_seq, t_pooled))
-            hidden = self.encoder.encode_text(captions, preset=self.cfg["preset"]).hidden
+            hidden = self.encoder.encode_text(captions, preset=self.cfg["preset"], pad_rows=self.pad_rows).hidden
         s_tokens = hidden.shape[2]
         t_tokens = t_seq.shape[1]
         temperature = float(self.dcfg["temperature"])
@@ -271,10 +293,10 @@ class DistillTrainer:
         loss = torch.stack([t.float() for t in terms]).sum()
         try:
             with self.capture.feeding(recompute):
-                info = rt.optimize(self, loss, self.net.parameters())
+                value = rt.backward(loss, weight)
         finally:
             teacher.clear()
-        return {**info, "pairs": len(terms), "skipped": len(skipped)}
+        return value, {"pairs": len(terms), "skipped": len(skipped)}
 
     # -- checkpoints ------------------------------------------------------------------
     def _save(self, ckpt: rt.CheckpointManager, step: int) -> None:
@@ -313,15 +335,17 @@ class DistillTrainer:
 
         def step_fn(step):
             nonlocal skipped_long
-            batch = []
-            while len(batch) < self.global_batch:  # every rank reads the same global batch
-                cap = next(stream)
-                self.position += 1
-                if skip_long and self._too_long(cap):
-                    skipped_long += 1
-                    continue
-                batch.append(cap)
-            local = batch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
+            local = []
+            for _ in range(rt.accumulation(self)):
+                batch = []
+                while len(batch) < self.global_batch:  # every rank reads the same global batch
+                    cap = next(stream)
+                    self.position += 1
+                    if skip_long and self._too_long(cap):
+                        skipped_long += 1
+                        continue
+                    batch.append(cap)
+                local += batch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
             return self.step(step, local)
 
         def after_step(done):

@@ -48,6 +48,8 @@ class HiddenStates:
     mllm: str                      # a name for messages ("Qwen2.5-VL (…/Qwen2.5-VL-3B)")
     preset: str
     lengths: list[int]             # real tokens per prompt (before padding)
+    family: str | None = None      # the encoder family ("qwen2.5-vl", ...), for the AlignNet check
+    pad_rows: str | None = None    # left-pad row semantics when the prompts are left-padded, else None
 
     @property
     def channels(self) -> int:

@@ -15,6 +15,7 @@ called; everything else is here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from ..audio import prepare_audio
 from ..errors import X2IFileError, X2IInputError
 from ..media import as_video_list, to_pil_list
 from ..prompt import Turn, build_conversation, resolve_preset, target_length, with_image_size
+from .attention import given_mask
 from .base import ChatTurn, EncodeRequest, HiddenStates
 from .cache import FORWARD_CALLS, EncodeCache, digest
 
@@ -153,8 +155,9 @@ class ChatEncoder:
         if built.images:
             kwargs["images"] = built.images
         if built.videos:
+            # Frames are *sampled* at spec.video_fps; the processor keeps its default rate (2.0, so
+            # second_per_grid_ts = 1.0), as the reference calls it.
             kwargs["videos"] = built.videos
-            kwargs["fps"] = [built.spec.video_fps] * len(built.videos)
         if built.audios:
             kwargs["audio"] = built.audios
         return dict(self.processor(**kwargs))
@@ -315,62 +318,76 @@ class ChatEncoder:
             out[k] = v
         return out
 
-    def forward_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One forward pass over prepared inputs -> ``[B, layers + 1, S, H]``."""
+    def forward_hidden(self, batch: dict[str, torch.Tensor], unmask_pad_rows: bool = False,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward pass over prepared inputs -> ``[B, layers + 1, S, H]``.  ``unmask_pad_rows``: a query
+        row whose keys are all masked (a left pad) attends to every key, as transformers 4.49's SDPA path did
+        on CUDA (the tensors the released AlignNets were trained on).  ``mask``: an explicit additive
+        attention mask ``[B, 1, S, S]`` for the text decoder."""
         inputs = self._to_device(batch)
         inputs.update(self.forward_inputs(inputs))
+        if unmask_pad_rows:
+            mask = unmasked_causal_mask(inputs["attention_mask"], self.dtype)
         FORWARD_CALLS[self.name] += 1
-        with torch.inference_mode():
+        with torch.inference_mode(), (given_mask(self, mask.to(self.device)) if mask is not None
+                                      else contextlib.nullcontext()):
             out = self.model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
         return torch.stack(out.hidden_states, dim=1)
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
                image_size: int | None = None, video_size: int | None = None, exact_fill: bool = True,
-               prefill: Any = None) -> HiddenStates:
+               prefill: Any = None, pad_rows: str | None = None) -> HiddenStates:
         """Encode prompts.  ``image_size`` / ``video_size`` override the preset's image / video-frame
         resolution (pixels per side).  ``exact_fill`` (default on) skips the work whose result is known
         (see :meth:`forward_left_padded` / :meth:`forward_right_padded`); off = the plain padded forward.
         ``prefill``: None / "off" = dense attention; "auto" = CritiPrefill sparse attention for inputs of
         at least 4096 tokens; "on" = always; or a :class:`~x2i_core.mllm.critiprefill.CritiPrefillConfig`
-        / "auto,budget=2048,..." string (approximate: see that module)."""
+        / "auto,budget=2048,..." string (approximate: see that module).
+        ``pad_rows``: what left-pad positions hold (default: :attr:`pad_rows`) - ``"reference"``, the rows
+        the released AlignNets were trained on, or ``"constant"`` (see :data:`PAD_ROWS`)."""
+        pad_rows = check_pad_rows(self.pad_rows if pad_rows is None else pad_rows)
         if prefill not in (None, "off", "dense"):
             from .critiprefill import sparse_prefill
 
             with sparse_prefill(self, prefill):
-                return self.encode(requests, preset, image_size, video_size, exact_fill)
+                return self.encode(requests, preset, image_size, video_size, exact_fill, pad_rows=pad_rows)
         if isinstance(requests, EncodeRequest):
             requests = [requests]
         batch, preset_name, lengths = self.prepare(list(requests), preset, image_size, video_size)
         mask = batch["attention_mask"]
-        key = None
-        if self.cache is not None:
-            key = digest(batch, self.path, self.name, str(self.dtype), self.cache_tag)
-            hit = self.cache.get(key)
-            if hit is not None:
-                return HiddenStates(hit.to(self.device), mask, self.name, preset_name, lengths)
         left = bool(mask[:, -1].all()) and not bool(mask.all())
         right = bool(mask[:, 0].all()) and not bool(mask.all())
-        if exact_fill and left and self.left_pad_constant and set(batch) == {"input_ids", "attention_mask"}:
-            hidden = self.forward_left_padded(batch)
+        key = None
+        if self.cache is not None:
+            key = digest(batch, self.path, self.name, str(self.dtype), self.cache_tag, pad_rows if left else None)
+            hit = self.cache.get(key)
+            if hit is not None:
+                return HiddenStates(hit.to(self.device), mask, self.name, preset_name, lengths, self.family,
+                                    pad_rows if left else None)
+        if left and exact_fill and self.left_pad_exact and set(batch) == {"input_ids", "attention_mask"}:
+            hidden = self.forward_left_padded(batch, pad_rows)
+        elif left and pad_rows == "reference":
+            hidden = self.forward_hidden(batch, unmask_pad_rows=True)
         elif exact_fill and right and self.right_pad_rows_shared:
             hidden = self.forward_right_padded(batch)
         else:
             hidden = self.forward_hidden(batch)
         if key is not None and bool(torch.isfinite(hidden).all()):  # a damaged result is never served again
             self.cache.put(key, hidden)
-        return HiddenStates(hidden, mask, self.name, preset_name, lengths)
+        return HiddenStates(hidden, mask, self.name, preset_name, lengths, self.family, pad_rows if left else None)
 
     # -- encoding cache -------------------------------------------------------
     cache: EncodeCache | None = None   # set ``encoder.cache = EncodeCache(max_bytes)`` to enable
     cache_tag: Any = None              # anything else that changes the forward (e.g. quantisation, sparse prefill)
 
     # -- exact prefill savings ------------------------------------------------
-    left_pad_constant = False   # a family sets this once tests show its left-pad rows are prompt-independent
+    left_pad_exact = False   # a family sets this once tests show its left-pad fill equals the padded forward
     right_pad_rows_shared = False  # ... and this once tests show a prompt's right-pad rows are all equal
+    pad_rows = "reference"   # what left-pad rows hold by default (see PAD_ROWS)
 
-    def pad_rows(self) -> torch.Tensor:
-        """``[C, H]``: what every left-pad position holds in every layer (a query whose keys are all masked
-        attends to nothing, so the row depends on the pad token alone).  Computed once per device/dtype."""
+    def constant_pad_rows(self) -> torch.Tensor:
+        """``[C, H]``: a left-pad row under ``pad_rows="constant"`` in every layer (a query whose keys are all
+        masked attends to nothing, so the row depends on the pad token alone).  Once per device/dtype."""
         key = (str(self.device), self.dtype)
         cache = self.__dict__.setdefault("_pad_rows", {})
         if key not in cache:
@@ -381,20 +398,40 @@ class ChatEncoder:
             cache[key] = self.forward_hidden(probe)[0, :, 0].clone()
         return cache[key]
 
-    def forward_left_padded(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The left-padded forward without running pads whose result is known: the batch is cut to its
-        longest prompt (one forward over ``B x longest`` tokens; the remaining pads in shorter rows give
-        the same constant) and the leading columns that are padding in every row are copied from
-        :meth:`pad_rows`.  Equals :meth:`forward_hidden` on the full padded batch to fp32 round-off."""
+    def forward_left_padded(self, batch: dict[str, torch.Tensor], pad_rows: str = "reference") -> torch.Tensor:
+        """The left-padded forward without running the pads; equals :meth:`forward_hidden` on the full
+        padded batch (with ``unmask_pad_rows`` for ``"reference"``) to fp32 round-off.
+
+        Every left pad of a prompt holds one vector per layer (same token, same position 1, same keys).
+        ``"reference"``: that vector attends to *every* key of the padded sequence - the prompt's real tokens
+        and the pads themselves - so the batch runs as ``[fillers | real tokens | one pad query]``: the real
+        rows attend causally to real keys only, and the pad query attends to the real keys and to its own
+        key with the pads' multiplicity (a logit bias of ``log(pads)``); fillers (pads of shorter prompts
+        inside the cut) only see themselves and are never read.  ``B x (longest + 1)`` tokens instead of
+        ``B x 512``.  ``"constant"``: the batch is cut to its longest prompt and the pad rows come from
+        :meth:`constant_pad_rows`."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        longest = int(mask.sum(dim=1).max())
-        cut = {"input_ids": ids[:, -longest:], "attention_mask": mask[:, -longest:]}
-        h = self.forward_hidden(cut)
-        lead = ids.shape[1] - longest
-        if lead == 0:
-            return h
-        fill = self.pad_rows().to(h.dtype)[None, :, None, :].expand(h.shape[0], h.shape[1], lead, h.shape[3])
-        return torch.cat([fill, h], dim=2)
+        lengths = mask.sum(dim=1)
+        longest = int(lengths.max())
+        total = ids.shape[1]
+        if pad_rows == "constant":
+            h = self.forward_hidden({"input_ids": ids[:, -longest:], "attention_mask": mask[:, -longest:]})
+            lead = total - longest
+            if lead == 0:
+                return h
+            fill = self.constant_pad_rows().to(h.dtype)[None, :, None, :].expand(h.shape[0], h.shape[1], lead,
+                                                                                h.shape[3])
+            return torch.cat([fill, h], dim=2)
+        pad_id = int(ids[mask == 0][0])
+        cut_ids = torch.cat([ids[:, -longest:], torch.full((ids.shape[0], 1), pad_id, dtype=ids.dtype)], dim=1)
+        cut_mask = torch.cat([mask[:, -longest:], torch.zeros((ids.shape[0], 1), dtype=mask.dtype)], dim=1)
+        h = self.forward_hidden({"input_ids": cut_ids, "attention_mask": cut_mask},
+                                mask=pad_query_mask(cut_mask, total - lengths, self.dtype))
+        out = h.new_empty(h.shape[0], h.shape[1], total, h.shape[3])
+        out[:, :, total - longest:] = h[:, :, :longest]
+        for b, n in enumerate(lengths.tolist()):
+            out[b, :, :total - n] = h[b, :, longest, None, :]
+        return out
 
     def forward_right_padded(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The right-padded forward without running pads whose result is known.  A right-pad query sees only
@@ -412,9 +449,10 @@ class ChatEncoder:
         tail = h[:, :, -1:, :].expand(h.shape[0], h.shape[1], ids.shape[1] - keep, h.shape[3])
         return torch.cat([h, tail], dim=2)
 
-    def encode_text(self, text: str | Sequence[str], preset: str | None = None) -> HiddenStates:
+    def encode_text(self, text: str | Sequence[str], preset: str | None = None, **options) -> HiddenStates:
+        """Text prompts; ``options`` as for :meth:`encode` (``exact_fill``, ``prefill``, ``pad_rows``)."""
         texts = [text] if isinstance(text, str) else list(text)
-        return self.encode([EncodeRequest(text=t) for t in texts], preset)
+        return self.encode([EncodeRequest(text=t) for t in texts], preset, **options)
 
     # -- reasoning ----------------------------------------------------------
     def generate_answer(self, request: EncodeRequest, *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -471,11 +509,59 @@ class ChatEncoder:
         full["attention_mask"] = torch.ones_like(full["input_ids"])
         hidden = self.forward_hidden(full)[:, :, n:]
         mask = torch.ones(1, keep, dtype=torch.long)
-        return text, HiddenStates(hidden, mask, self.name, "answer", [keep])
+        return text, HiddenStates(hidden, mask, self.name, "answer", [keep], self.family)
 
     def generator(self):
         """The module whose ``generate`` answers questions (the full model with its LM head)."""
         return self.module
+
+
+PAD_ROWS = {
+    "reference": "left pads attend to every key of the padded sequence, as transformers 4.49 with SDPA computed "
+                 "them on CUDA - the rows the released AlignNets were trained on (they depend on the prompt)",
+    "constant": "left pads attend to nothing, as transformers >= 4.5x computes them (one prompt-independent row "
+                "per layer); for AlignNets distilled that way",
+}
+
+
+def check_pad_rows(value: str) -> str:
+    if value not in PAD_ROWS:
+        raise X2IInputError(f"pad_rows {value!r} is unknown; expected one of {sorted(PAD_ROWS)}")
+    return value
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, S, S]`` booleans -> ``[B, 1, S, S]`` additive mask (0 / the dtype's minimum, as 4.49 builds it)."""
+    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def unmasked_causal_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + key-padding mask in which a query with no visible key sees every key (transformers 4.49's
+    ``AttentionMaskConverter._unmask_unattended``, which its SDPA path applied on CUDA)."""
+    size = mask.shape[1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal[None] & mask.bool()[:, None, :]
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return _additive(allowed, dtype)
+
+
+def pad_query_mask(mask: torch.Tensor, pads: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask of :meth:`ChatEncoder.forward_left_padded` for ``[fillers | real | pad query]`` rows:
+    real rows see earlier real keys; the pad query (last column) sees the real keys and itself with a
+    ``log(pads)`` bias, standing for ``pads`` identical pad keys; fillers see only themselves."""
+    size = mask.shape[1]
+    real = mask.bool()
+    eye = torch.eye(size, dtype=torch.bool, device=mask.device)[None]
+    causal = torch.ones(size, size, dtype=torch.bool, device=mask.device).tril()[None]
+    allowed = (causal & real[:, None, :] & real[:, :, None]) | (eye & ~real[:, :, None])
+    allowed[:, -1, :] = real
+    has_pads = pads > 0
+    allowed[:, -1, -1] = has_pads
+    additive = _additive(allowed, dtype)
+    bias = torch.log(pads.clamp_min(1).to(torch.float64)).to(dtype)
+    additive[:, 0, -1, -1] = torch.where(has_pads, bias, additive[:, 0, -1, -1])
+    return additive
 
 
 def _as_list(x) -> list:

@@ -62,13 +62,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import X2IInputError
+from .attention import original_attention, text_configs
 
 NAME = "x2i_critiprefill"
 MODES = ("auto", "on", "off")
@@ -251,26 +251,13 @@ def _mask_fn(batch_size: int, cache_position: torch.Tensor, kv_length: int, kv_o
     return _KeyMask(valid)
 
 
-def _original_attention(module, name: str):
-    if name == "eager":
-        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        if fn is not None:
-            return fn
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward
-    from transformers import AttentionInterface
-
-    return AttentionInterface._global_mapping[name]
-
-
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     state = _ACTIVE.get(id(getattr(module, "config", None)))
     if not isinstance(attention_mask, _KeyMask):
         original = state.original if state is not None else "sdpa"
         if state is not None:
             state.stats.delegated += 1
-        return _original_attention(module, original)(module, query, key, value, attention_mask, scaling=scaling,
+        return original_attention(module, original)(module, query, key, value, attention_mask, scaling=scaling,
                                                      dropout=dropout, **kwargs)
     if state is None:  # our mask but no active context: cannot happen through sparse_prefill
         raise RuntimeError("x2i_critiprefill attention called outside sparse_prefill()")
@@ -626,25 +613,6 @@ def _dense_rows(query, key, value, valid, scale, out, Qd, first_pad, Sq):
 
 
 # -- the switch -------------------------------------------------------------------------------------------------------
-def _text_configs(encoder) -> list:
-    layers = getattr(encoder, "decoder_layers", None)
-    model = getattr(encoder, "model", encoder)
-    lm = getattr(model, "language_model", None)
-    if layers is None and lm is not None:
-        layers = getattr(lm, "layers", None)
-    if layers is None:
-        raise X2IInputError(f"{getattr(encoder, 'name', type(encoder).__name__)}: no text decoder layers found; "
-                            "sparse prefill needs a transformers decoder that uses the attention interface")
-    seen: dict[int, Any] = {}
-    for obj in [lm, *[getattr(layer, "self_attn", None) for layer in layers]]:
-        cfg = getattr(obj, "config", None)
-        if cfg is not None:
-            seen.setdefault(id(cfg), cfg)
-    if not seen:
-        raise X2IInputError("sparse prefill: the text decoder has no config to switch")
-    return list(seen.values())
-
-
 @contextlib.contextmanager
 def sparse_prefill(encoder, config: CritiPrefillConfig | str | dict | None = None,
                    **overrides) -> Iterator[PrefillStats]:
@@ -665,7 +633,7 @@ def sparse_prefill(encoder, config: CritiPrefillConfig | str | dict | None = Non
         yield stats
         return
     register()
-    configs = _text_configs(encoder)
+    configs = text_configs(encoder, "sparse prefill")
     text_cfg = getattr(encoder, "text_config", None)
     if callable(text_cfg):
         tc = text_cfg()

@@ -24,7 +24,7 @@ class InternVLEncoder(ChatEncoder):
     model_types = ("internvl",)
     modalities = frozenset({"text", "image", "video"})
     placeholders = ("<IMG_CONTEXT>", "<img>", "</img>", "<video>")
-    left_pad_constant = True  # tests/test_family_internvl.py checks the fill against the padded forward
+    left_pad_exact = True  # tests/test_family_internvl.py checks the fill against the padded forward
     right_pad_rows_shared = True  # the same tests compare the right-padded presets with the padded forward
 
     @classmethod

@@ -116,7 +116,7 @@ class MiniCPMOEncoder(ChatEncoder):
             out = self.model.generate(**inputs, tokenizer=tok, max_new_tokens=1, decode_text=False)
         hidden = torch.stack(tuple(out.hidden_states[0]), dim=1)
         n = hidden.shape[2]
-        return HiddenStates(hidden, torch.ones(1, n, dtype=torch.long), self.name, "minicpm", [n])
+        return HiddenStates(hidden, torch.ones(1, n, dtype=torch.long), self.name, "minicpm", [n], self.family)
 
     def generate_answer(self, request, **kwargs):
         raise X2IInputError("reasoning -> image is supported with Qwen2.5-VL, Qwen2.5-Omni and InternVL; MiniCPM-o's "

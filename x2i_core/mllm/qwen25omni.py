@@ -40,7 +40,7 @@ class Qwen25OmniEncoder(ChatEncoder):
     placeholders = ("<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|vision_bos|>", "<|vision_eos|>", "<|audio_bos|>",
                     "<|audio_eos|>")
     max_audio_seconds = 30.0  # the Whisper feature extractor's window
-    left_pad_constant = True  # tests/test_family_omni.py checks the fill against the padded forward
+    left_pad_exact = True  # tests/test_family_omni.py checks the fill against the padded forward
     right_pad_rows_shared = True  # the same tests compare the right-padded presets with the padded forward
 
     @classmethod
@@ -94,9 +94,9 @@ class Qwen25OmniEncoder(ChatEncoder):
         finally:
             self.model.lm_head = head
 
-    def forward_hidden(self, batch):
+    def forward_hidden(self, batch, **options):
         with self._without_head():
-            return super().forward_hidden(batch)
+            return super().forward_hidden(batch, **options)
 
     def forward_inputs(self, batch):
         self.model.rope_deltas = None  # stale deltas from an earlier call must not leak into this one

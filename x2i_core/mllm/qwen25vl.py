@@ -18,7 +18,7 @@ class Qwen25VLEncoder(ChatEncoder):
     display = "Qwen2.5-VL"
     model_types = (MODEL_TYPE,)
     modalities = frozenset({"text", "image", "video"})
-    left_pad_constant = True  # tests/test_encoder_parity.py: pad rows equal across prompts, real rows = unpadded
+    left_pad_exact = True  # tests/test_encoder_parity.py: pad rows equal across prompts, real rows = unpadded
     right_pad_rows_shared = True  # the same tests compare the right-padded presets with the padded forward
 
     @classmethod
@@ -26,7 +26,9 @@ class Qwen25VLEncoder(ChatEncoder):
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
         full = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **kwargs)
-        processor = AutoProcessor.from_pretrained(path)
+        # The slow (PIL) image processor, as transformers 4.49 ran it for the reference; the fast one resizes
+        # with torch's bicubic and differs by ~1e-2 (tests/test_reference_oracle.py).
+        processor = AutoProcessor.from_pretrained(path, use_fast=False)
         return full, full.model, processor
 
     def chat_kwargs(self, spec):

@@ -38,7 +38,7 @@ DEFAULTS = {
     "data": {"path": None, "resolution": 512},
     "train": {"steps": 1000, "batch_size": 1, "lr": 1e-5, "weight_decay": 1e-2, "warmup_steps": 100,
               "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
-              "guidance": 3.5, "sigma_mean": 0.0, "sigma_std": 1.0},
+              "guidance": 3.5, "sigma_mean": 0.0, "sigma_std": 1.0, "gradient_accumulation": 1},
     "checkpoint": {"every": 500, "keep_last": 3, "resume": "auto"},
     "log": {"every": 1, "tensorboard": False},
 }
@@ -120,6 +120,7 @@ class LightControlTrainer:
         self.triples = scan_triples(cfg["data"]["path"])
         self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
         self.alignnet = load_alignnet(cfg["alignnet"], dtype=self.weight_dtype, device=self.device)
+        rt.check_alignnet(self, cfg["alignnet"])
         self.vae = AutoencoderKL.from_pretrained(cfg["flux"], subfolder="vae", torch_dtype=self.weight_dtype).to(self.device)
         self.vae.requires_grad_(False).eval()
         if cfg["flux_transformer"]:
@@ -203,15 +204,20 @@ class LightControlTrainer:
         return noise, torch.sigmoid(u)
 
     def step(self, step: int) -> dict:
+        return rt.optimize(self, step, self._micro, self.lc.parameters())
+
+    def _micro(self, step: int, weight: float):
+        """One micro-batch (``step`` counts micro-batches): the flow-matching loss, back-propagated."""
         n = len(self.items)
         first = step * self.global_batch + self.dist.rank * self.local_batch
         idx = [(first + k) % n for k in range(self.local_batch)]
         items = [self.items[i] for i in idx]
         x0 = torch.stack([it["latent"] for it in items]).to(self.device)
-        draws = [self._draw(self.cfg["seed"], step, first + k, x0.shape[1:]) for k in range(len(items))]
+        opt_step = step // rt.accumulation(self)  # per optimizer step + sample index, as for one big batch
+        draws = [self._draw(self.cfg["seed"], opt_step, first + k, x0.shape[1:]) for k in range(len(items))]
         noise = torch.stack([d[0] for d in draws]).to(self.device)
         sigma = torch.stack([d[1] for d in draws]).to(self.device)
-        return rt.optimize(self, self._forward(x0, noise, sigma, items), self.lc.parameters())
+        return rt.backward(self._forward(x0, noise, sigma, items), weight), None
 
     @torch.no_grad()
     def eval_loss(self, sigmas=(0.25, 0.5, 0.75)) -> float:

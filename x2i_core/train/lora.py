@@ -52,7 +52,8 @@ DEFAULTS = {
     "data": {"path": None, "resolution": 512, "buckets": True, "bucket_step": 64},
     "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 50,
               "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
-              "gradient_checkpointing": False, "guidance": 1.0, "sigma_mean": 0.0, "sigma_std": 1.0},
+              "gradient_checkpointing": False, "guidance": 1.0, "sigma_mean": 0.0, "sigma_std": 1.0,
+              "gradient_accumulation": 1},
     "checkpoint": {"every": 250, "keep_last": 3, "resume": "auto"},
     "log": {"every": 1, "tensorboard": False},
     "samples": {"every": 0, "prompts": ["A portrait in the trained style."], "steps": 28, "size": 512,
@@ -173,12 +174,7 @@ class LoraTrainer:
             raise X2IInputError(f"FLUX folder '{flux_dir}' has no vae/; expected a diffusers FLUX folder")
         self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
         self.alignnet = load_alignnet(cfg["alignnet"], dtype=self.weight_dtype, device=self.device)
-        if (self.alignnet.config.in_channels, self.alignnet.config.input_dim) != (self.encoder.channels,
-                                                                                  self.encoder.hidden_size):
-            from ..alignnet import describe_mllm_dims
-
-            raise X2IInputError(f"AlignNet '{cfg['alignnet']}' fits {self.alignnet.fits}, but MLLM '{cfg['mllm']}' "
-                                f"produces {describe_mllm_dims(self.encoder.channels, self.encoder.hidden_size)}")
+        rt.check_alignnet(self, cfg["alignnet"])
         self.vae = AutoencoderKL.from_pretrained(flux_dir, subfolder="vae", torch_dtype=self.weight_dtype).to(self.device)
         self.vae.requires_grad_(False).eval()
         if cfg["flux_transformer"]:
@@ -300,6 +296,10 @@ class LoraTrainer:
             epoch += 1
 
     def step(self, step: int) -> dict:
+        return rt.optimize(self, step, self._micro, self.params)
+
+    def _micro(self, step: int, weight: float):
+        """One micro-batch (``step`` counts micro-batches): the flow-matching loss, back-propagated."""
         gbatch = self.batch_for(step)
         local = gbatch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
         items = [self.items[i] for i in local]
@@ -330,7 +330,7 @@ class LoraTrainer:
                               guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
                               txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), target.float())
-        return rt.optimize(self, loss, self.params)
+        return rt.backward(loss, weight), None
 
     @torch.no_grad()
     def eval_loss(self, sigmas=(0.25, 0.5, 0.75), seed: int = 12345) -> float:

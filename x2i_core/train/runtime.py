@@ -20,6 +20,7 @@ run and an uninterrupted one draw identical numbers, on any number of ranks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -231,6 +232,17 @@ def setup_trainer(trainer, cfg: dict, required: tuple[str, ...]) -> None:
     trainer.weight_dtype = WEIGHT_DTYPES[mp]
 
 
+def check_alignnet(trainer, name: str) -> None:
+    """The trainer's AlignNet fits its MLLM (one check for every caller, an X2IShapeError); the encoder then
+    pads as the AlignNet was trained (its recorded pad rows)."""
+    from ..registry import check_fits, identity_of
+
+    net, enc = trainer.alignnet, trainer.encoder
+    check_fits(net.provenance, net.config.in_channels, net.config.input_dim, identity_of(enc), f"AlignNet '{name}'")
+    if net.provenance is not None and net.provenance.pad_rows:
+        enc.pad_rows = net.provenance.pad_rows
+
+
 def trainer_state(trainer, step: int, **extra) -> dict:
     """What a checkpoint stores besides the trained weights."""
     return {"step": step, "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
@@ -273,15 +285,44 @@ def resume_trainer(trainer, ckpt: "CheckpointManager", read_weights, apply_weigh
     return found["state"] if ckpt.resume(load) is not None else None
 
 
-def optimize(trainer, loss: torch.Tensor, params) -> dict:
-    """Backward, clip to ``train.max_grad_norm``, optimizer and schedule step; the metrics of the step."""
+def accumulation(trainer) -> int:
+    """``train.gradient_accumulation``: micro-batches per optimizer step (1 = none)."""
+    n = trainer.tcfg.get("gradient_accumulation", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise X2IInputError(f"train.gradient_accumulation {n!r}: expected a whole number of at least 1")
+    return n
+
+
+def optimize(trainer, step: int, micro_fn, params) -> dict:
+    """One optimizer step over ``train.gradient_accumulation`` micro-batches.
+
+    ``micro_fn(micro, weight)`` runs micro-batch ``micro`` (= ``step * accumulation + i``: the index data and
+    noise are drawn for, so accumulating N batches of B equals one batch of N x B) and back-propagates
+    ``weight * loss`` itself (a trainer may need a context around backward); it returns ``(loss, extras)``.
+    Gradients of all but the last micro-batch are not all-reduced under DDP.  Then clip to
+    ``train.max_grad_norm``, optimizer and schedule step; returns the step's metrics (mean loss)."""
+    n = accumulation(trainer)
+    model = getattr(trainer, "model", None)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total, extras = 0.0, {}
+    for i in range(n):
+        with model.no_sync() if ddp and i < n - 1 else contextlib.nullcontext():
+            loss, more = micro_fn(step * n + i, 1.0 / n)
+        total += float(loss) / n
+        for k, v in (more or {}).items():
+            extras[k] = extras.get(k, 0) + v
     gnorm = torch.nn.utils.clip_grad_norm_(params, float(trainer.tcfg["max_grad_norm"]))
     trainer.optimizer.step()
     lr = trainer.scheduler.get_last_lr()[0]
     trainer.scheduler.step()
-    return {"loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": float(lr)}
+    return {"loss": total, "grad_norm": float(gnorm), "lr": float(lr), **extras}
+
+
+def backward(loss: torch.Tensor, weight: float) -> float:
+    """``(weight * loss).backward()``; the loss value (for ``optimize``'s ``micro_fn``)."""
+    (loss * weight).backward()
+    return float(loss.detach())
 
 
 def run_steps(trainer, start: int, total: int, metrics: "MetricsLog", desc: str, step_fn, save_fn,

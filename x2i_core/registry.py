@@ -1,0 +1,158 @@
+"""Facts about the MLLMs X2I knows: families, hidden-state dimensions, released AlignNets.
+
+``(C, H)`` - hidden-state channels (decoder layers + 1) and width - does not identify an MLLM: Qwen2.5-VL-3B
+and InternVL2.5-4B are both (37, 2048); Qwen2.5-VL-7B, MiniCPM-o-2.6 and Qwen2.5-Omni-7B all (29, 3584).
+So an AlignNet records the MLLM it was trained for (:class:`Provenance`, written by every trainer and by
+``convert-alignnet``), released files are recognised by name and config, and a file that says nothing is
+matched by ``(C, H)`` with a warning naming every candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+from .errors import X2IShapeError
+
+log = logging.getLogger("x2i")
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownMLLM:
+    name: str                    # the model's release name
+    family: str                  # the encoder family (``ChatEncoder.family``)
+    channels: int                # C = decoder layers + 1
+    hidden: int                  # H
+    alignnet: str | None = None  # fusion of the released AlignNet ("conv" / "scale"), None = none released
+    files: tuple[str, ...] = ()  # names of the released AlignNet files
+
+
+KNOWN_MLLMS: tuple[KnownMLLM, ...] = (
+    KnownMLLM("Qwen2.5-VL-3B-Instruct", "qwen2.5-vl", 37, 2048, "conv", ("qwen2.5-vl-3b_proj.pt",)),
+    KnownMLLM("Qwen2.5-VL-7B-Instruct", "qwen2.5-vl", 29, 3584, "conv", ("qwen2.5-vl-7b_proj.pt",)),
+    KnownMLLM("InternVL2.5-1B", "internvl", 25, 896, "scale"),
+    KnownMLLM("InternVL2.5-4B", "internvl", 37, 2048, "conv"),
+    KnownMLLM("MiniCPM-o-2.6", "minicpm-o", 29, 3584, "conv"),
+    KnownMLLM("Qwen2.5-Omni-7B", "qwen2.5-omni", 29, 3584),
+    KnownMLLM("Qwen2.5-Omni-3B", "qwen2.5-omni", 37, 2048),
+)
+
+
+def candidates(channels: int, hidden: int) -> list[KnownMLLM]:
+    return [m for m in KNOWN_MLLMS if (m.channels, m.hidden) == (int(channels), int(hidden))]
+
+
+def describe_dims(channels: int, hidden: int) -> str:
+    """``"Qwen2.5-VL-3B-Instruct or InternVL2.5-4B (C=37 layers+1, H=2048)"``."""
+    dims = f"C={channels} layers+1, H={hidden}"
+    names = [m.name for m in candidates(channels, hidden)]
+    if not names:
+        return f"an MLLM with {dims}"
+    return f"{' or '.join(names)} ({dims})"
+
+
+def released_file(path: str | os.PathLike, channels: int, hidden: int, fusion: str) -> KnownMLLM | None:
+    """The release a file is, by its name and config (both must agree), or None."""
+    name = os.path.basename(os.fspath(path)).lower()
+    for m in KNOWN_MLLMS:
+        if name in m.files and (m.channels, m.hidden, m.alignnet) == (channels, hidden, fusion):
+            return m
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """The MLLM side an AlignNet was trained on (stored in its safetensors metadata as ``x2i_mllm``)."""
+
+    family: str | None          # encoder family, e.g. "qwen2.5-vl"
+    model: str | None           # model name (release name or folder name)
+    channels: int
+    hidden: int
+    preset: str | None = None   # prompt convention it was trained with
+    pad_rows: str | None = None  # left-pad row semantics it was trained with ("reference" / "constant")
+    source: str = "trained"     # "trained" (our trainers), "released" (recognised), "converted"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Provenance":
+        from .errors import X2IFileError
+
+        try:
+            data = json.loads(text)
+            return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls) if f.name in data})
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise X2IFileError(f"{where}: metadata 'x2i_mllm' is not a valid MLLM record ({exc})") from exc
+
+    @classmethod
+    def of_release(cls, m: KnownMLLM) -> "Provenance":
+        # The released AlignNets were distilled on the training preset, on CUDA with transformers 4.49.
+        return cls(m.family, m.name, m.channels, m.hidden, "training", "reference", "released")
+
+    def describe(self) -> str:
+        family = f"{self.family}, " if self.family else ""
+        return f"{self.model or 'an unnamed MLLM'} ({family}C={self.channels} layers+1, H={self.hidden})"
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMIdentity:
+    """What an encoder (or its hidden states) says about the MLLM behind it."""
+
+    family: str | None
+    model: str | None
+    channels: int
+    hidden: int
+
+    def describe(self) -> str:
+        fam = f"{self.family} " if self.family else ""
+        return f"{fam}MLLM '{self.model}' (C={self.channels} layers+1, H={self.hidden})"
+
+
+def identity_of(encoder) -> MLLMIdentity:
+    path = getattr(encoder, "path", None)
+    model = os.path.basename(os.path.normpath(path)) if path else getattr(encoder, "name", None)
+    return MLLMIdentity(getattr(encoder, "family", None), model, int(encoder.channels), int(encoder.hidden_size))
+
+
+def check_fits(provenance: Provenance | None, channels: int, hidden: int, mllm: MLLMIdentity,
+               alignnet_name: str = "AlignNet", pad_rows: str | None = None) -> None:
+    """One compatibility check for every caller: dimensions first, then the recorded family, then (for
+    left-padded hidden states, ``pad_rows``) the pad-row semantics it was trained with.  Raises
+    :class:`~x2i_core.errors.X2IShapeError` naming both sides."""
+    if (channels, hidden) != (mllm.channels, mllm.hidden):
+        trained = provenance.describe() if provenance is not None else describe_dims(channels, hidden)
+        raise X2IShapeError(
+            f"{alignnet_name} fits {trained}, but the loaded {mllm.describe()} does not; load the AlignNet "
+            f"trained for this MLLM ({describe_dims(mllm.channels, mllm.hidden)})")
+    if provenance is not None and provenance.family and mllm.family and provenance.family != mllm.family:
+        raise X2IShapeError(
+            f"{alignnet_name} was trained for {provenance.describe()}, but the loaded MLLM is {mllm.describe()}: "
+            "same dimensions, different model - its hidden states mean something else. Load the AlignNet "
+            f"trained for {mllm.family}, or the {provenance.family} MLLM this AlignNet belongs to")
+    if provenance is not None and provenance.pad_rows and pad_rows and provenance.pad_rows != pad_rows:
+        raise X2IShapeError(
+            f"{alignnet_name} was trained with pad_rows '{provenance.pad_rows}', but these hidden states were "
+            f"encoded with pad_rows '{pad_rows}'; encode with pad_rows='{provenance.pad_rows}' (the pad_rows "
+            "option of the encode node / --pad-rows)")
+
+
+def warn_if_ambiguous(channels: int, hidden: int, where: str) -> None:
+    """A file that records no MLLM: say which MLLMs its dimensions could belong to."""
+    found = candidates(channels, hidden)
+    if len(found) > 1:
+        log.warning("%s records no MLLM and its dimensions fit several: %s; make sure it is used with the one it "
+                    "was trained for (files written by x2i record it)", where, ", ".join(m.name for m in found))
+
+
+def provenance_from_metadata(meta: Mapping[str, Any] | None, where: str) -> Provenance | None:
+    if meta and meta.get("x2i_mllm"):
+        return Provenance.from_json(meta["x2i_mllm"], where)
+    return None
+
+
+__all__ = ["KNOWN_MLLMS", "KnownMLLM", "MLLMIdentity", "Provenance", "candidates", "check_fits", "describe_dims",
+           "identity_of", "provenance_from_metadata", "released_file", "warn_if_ambiguous"]
