@@ -142,6 +142,24 @@ def row_mllm_config_corrupt(ctx):
     _mllm(ctx, d)
 
 
+def row_mllm_no_tokenizer(ctx):
+    d = _mllm_copy(ctx["tiny"], ctx["tmp"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        if os.path.exists(os.path.join(d, name)):
+            os.remove(os.path.join(d, name))
+    _mllm(ctx, d)
+
+
+def row_mllm_config_malformed(ctx):
+    d = _mllm_copy(ctx["tiny"], ctx["tmp"])
+    with open(os.path.join(d, "config.json")) as fh:
+        cfg = json.load(fh)
+    cfg["vision_config"] = 5
+    with open(os.path.join(d, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    _mllm(ctx, d)
+
+
 def row_mllm_weights_truncated(ctx):
     d = _mllm_copy(ctx["tiny"], ctx["tmp"])
     w = os.path.join(d, "model.safetensors")
@@ -378,6 +396,9 @@ ROWS = {
     "lightcontrol-code-pickle": (row_lightcontrol_code_pickle, X2IUnsafeFileError, r"evil\.bin' was refused"),
     "mllm-folder-missing": (row_mllm_folder_missing, X2IFileError, r"no-such-model' does not exist; expected a Hugging Face"),
     "mllm-config-corrupt": (row_mllm_config_corrupt, X2IFileError, r"config\.json' is not valid JSON"),
+    "mllm-no-tokenizer": (row_mllm_no_tokenizer, X2IFileError, r"mllm-copy' has no tokenizer files; expected tokenizer\.json"),
+    "mllm-config-malformed": (row_mllm_config_malformed, X2IFileError,
+                              r"mllm-copy': config\.json does not describe a usable Qwen2\.5-VL model"),
     "mllm-weights-truncated": (row_mllm_weights_truncated, X2IFileError, r"truncated or corrupt \.safetensors"),
     "mllm-weights-code-pickle": (row_mllm_weights_code_pickle, X2IFileError, r"weights-only.*refused"),
     "mllm-wrong-family": (row_mllm_wrong_family, X2IFileError, r"model_type 'llama'; supported: qwen2_5_vl"),

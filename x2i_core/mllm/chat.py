@@ -63,6 +63,22 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
+def check_model_folder(path: str) -> None:
+    """What every MLLM folder must hold, checked before transformers sees it (whose errors for a missing
+    tokenizer or weights are about protobuf or sentencepiece, not the folder)."""
+    names = set(os.listdir(path))
+    if not any(all(f in names for f in group) for group in TOKENIZER_FILES):
+        raise X2IFileError(
+            f"MLLM folder '{path}' has no tokenizer files; expected tokenizer.json (or vocab.json + merges.txt, or "
+            "tokenizer.model) beside config.json - download the model folder completely")
+    if not any(n.endswith((".safetensors", ".bin", ".pt", ".pth")) for n in names):
+        raise X2IFileError(f"MLLM folder '{path}' has no weight files; expected *.safetensors (or a weights index "
+                           "and its shards) beside config.json - download the model folder completely")
+
+
 def _weights_hint(path: str) -> str:
     names = os.listdir(path)
     if not any(n.endswith(".safetensors") for n in names) and any(n.endswith((".bin", ".pt", ".pth")) for n in names):
@@ -187,8 +203,14 @@ class ChatEncoder:
         if q in ("bnb8", "bnb4"):
             kwargs["quantization_config"] = bnb_config(q, list(cls.unquantised_modules))
             kwargs["device_map"] = {"": device}
+        check_model_folder(path)
         try:
             full, backbone, processor = cls.load_parts(path, torch_dtype, **kwargs)
+        except (TypeError, AttributeError, KeyError) as exc:  # transformers reading a malformed config
+            raise X2IFileError(f"MLLM folder '{path}': config.json does not describe a usable "
+                               f"{cls.display} model ({type(exc).__name__}: {exc}); download it again") from exc
+        except ImportError as exc:
+            raise X2IFileError(f"MLLM folder '{path}' cannot be loaded: {exc}") from exc
         except (OSError, ValueError, RuntimeError, EOFError) as exc:
             raise X2IFileError(f"MLLM folder '{path}' is incomplete or corrupt ({exc}){_weights_hint(path)}") from exc
         except SafetensorError as exc:  # a truncated or damaged weight file
