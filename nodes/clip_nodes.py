@@ -282,13 +282,19 @@ def pad_row_states(decoder, pad_id: int, device) -> torch.Tensor:
     x = decoder.embed_tokens(torch.tensor([[pad_id]], device=device), out_dtype=torch.float32)
     d = decoder.config.head_dim
     rope = (torch.ones(1, 1, 1, d, device=device), torch.zeros(1, 1, 1, d, device=device))  # identity rotation
+    return torch.cat(_layer_states(decoder, x, None, rope, _no_attention), dim=0)[:, 0]
+
+
+def _layer_states(decoder, x, mask, freqs, attention) -> list:
+    """ComfyUI's decoder blocks driven one by one: the input and every block's output (the final norm on the
+    last state only, as transformers reports hidden states)."""
     states = [x]
     for layer in decoder.layers:
-        x = layer(x=x, attention_mask=None, freqs_cis=rope, optimized_attention=_no_attention)
+        x = layer(x=x, attention_mask=mask, freqs_cis=freqs, optimized_attention=attention)
         states.append(x)
     if decoder.norm is not None:
         states[-1] = decoder.norm(states[-1])
-    return torch.cat(states, dim=0)[:, 0]
+    return states
 
 
 def _stack_masked(decoder, embeds, mask, positions) -> torch.Tensor:
@@ -303,14 +309,7 @@ def _stack_masked(decoder, embeds, mask, positions) -> torch.Tensor:
     freqs = precompute_freqs_cis(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_scale, cfg.rope_dims,
                                  device=embeds.device)
     attention = optimized_attention_for_device(embeds.device, mask=True, small_input=True)
-    x = embeds
-    states = [x]
-    for layer in decoder.layers:
-        x = layer(x=x, attention_mask=mask, freqs_cis=freqs, optimized_attention=attention)
-        states.append(x)
-    if decoder.norm is not None:
-        states[-1] = decoder.norm(states[-1])
-    return torch.stack(states, dim=1)
+    return torch.stack(_layer_states(decoder, embeds, mask, freqs, attention), dim=1)
 
 
 def _stack(decoder, embeds, mask, positions) -> torch.Tensor:

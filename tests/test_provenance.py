@@ -100,3 +100,19 @@ def test_the_project_node_refuses_another_family_in_the_real_executor(host):
     entry = host["server"].run(tiny_api(host, "x2i_sampler.json", family="qwen25vl",
                                         X2IAlignNetLoader={"alignnet_name": "rec-qwen3b.safetensors"}))
     assert execution_error(entry) is None
+
+
+def test_presets_follow_the_registry_and_the_1b_release_is_the_scale_variant(tmp_path):
+    from safetensors.torch import save_file
+
+    from x2i_core.alignnet import AlignNet, AlignNetConfig
+
+    cfg = AlignNetConfig.preset("internvl2.5-1b")
+    assert (cfg.in_channels, cfg.input_dim, cfg.fusion) == (25, 896, "scale")
+    assert AlignNetConfig.preset("internvl2.5-4b").fusion == "conv"
+    # A bare training state dict of the 1B release loads with the preset (its cha_scale, no conv).
+    net = AlignNet(cfg)
+    bare = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(bare))
+    loaded = load_alignnet(bare, "internvl2.5-1b")
+    assert "cha_scale" in loaded.state_dict() and loaded.config.fusion == "scale"

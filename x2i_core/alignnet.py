@@ -103,14 +103,20 @@ class AlignNetConfig:
             raise X2IFileError(f"{source}: AlignNet kernel_size must be odd, found {cfg.kernel_size}")
         return cfg
 
-    # Presets of the released pairs (see the reference notes).
+    # Presets of the released pairs, from the registry (x2i_core.registry.KNOWN_MLLMS).
     @classmethod
     def preset(cls, name: str) -> "AlignNetConfig":
-        presets = {
-            "qwen2.5-vl-3b": cls(in_channels=37, input_dim=2048, num_heads=16, head_dim=128),
-            "qwen2.5-vl-7b": cls(in_channels=29, input_dim=3584, num_heads=28, head_dim=128),
-            "internvl2.5-1b": cls(in_channels=25, input_dim=896, num_heads=12, head_dim=64),
-        }
+        from .registry import KNOWN_MLLMS
+
+        presets = {}
+        for m in KNOWN_MLLMS:
+            if m.alignnet is None:
+                continue
+            key = m.name.lower().replace("-instruct", "")
+            heads = m.hidden // 128 if m.hidden % 128 == 0 else m.hidden // 64
+            presets[key] = cls(in_channels=m.channels, input_dim=m.hidden, num_heads=heads,
+                               head_dim=m.hidden // heads, use_scale=m.alignnet == "scale",
+                               use_cnn=m.alignnet == "conv")
         if name not in presets:
             raise X2IFileError(f"unknown AlignNet preset {name!r}; expected one of {sorted(presets)}")
         return presets[name]

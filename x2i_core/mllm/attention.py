@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -87,26 +87,35 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
+def switched(configs: list, name: str, registry: dict[int, Any], state_of: Callable[[str, Any], Any]) -> Iterator[None]:
+    """Inside the block each config's ``_attn_implementation`` is ``name`` and ``registry[id(config)]`` holds
+    ``state_of(previous implementation, previous state)``; both are restored afterwards (nesting works)."""
+    saved = []
+    for cfg in configs:
+        prev, prev_state = cfg._attn_implementation, registry.get(id(cfg))
+        saved.append((cfg, prev, prev_state))
+        registry[id(cfg)] = state_of(prev, prev_state)
+        cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        for cfg, prev, prev_state in reversed(saved):
+            cfg._attn_implementation = prev
+            if prev_state is None:
+                registry.pop(id(cfg), None)
+            else:
+                registry[id(cfg)] = prev_state
+
+
+@contextlib.contextmanager
 def given_mask(encoder, mask: torch.Tensor) -> Iterator[None]:
     """Inside the block, the text decoder attends with the additive float ``mask`` ``[B, 1, S, S]``
     (0 = attend, a large negative = not, other values = a logit bias)."""
     _register()
-    saved = []
-    for cfg in text_configs(encoder, "an explicit attention mask"):
-        prev = cfg._attn_implementation
-        base = prev if prev in ("sdpa", "eager") else "sdpa"  # e.g. under sparse prefill: dense SDPA here
-        saved.append((cfg, prev, _ACTIVE.get(id(cfg))))
-        _ACTIVE[id(cfg)] = (mask, base)
-        cfg._attn_implementation = NAME
-    try:
+    # Under another x2i implementation (e.g. sparse prefill) this runs dense SDPA.
+    with switched(text_configs(encoder, "an explicit attention mask"), NAME, _ACTIVE,
+                  lambda prev, _: (mask, prev if prev in ("sdpa", "eager") else "sdpa")):
         yield
-    finally:
-        for cfg, prev, state in reversed(saved):
-            cfg._attn_implementation = prev
-            if state is None:
-                _ACTIVE.pop(id(cfg), None)
-            else:
-                _ACTIVE[id(cfg)] = state
 
 
-__all__ = ["NAME", "given_mask", "original_attention", "text_configs"]
+__all__ = ["NAME", "given_mask", "original_attention", "switched", "text_configs"]

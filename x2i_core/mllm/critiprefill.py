@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import X2IInputError
-from .attention import original_attention, text_configs
+from .attention import original_attention, switched, text_configs
 
 NAME = "x2i_critiprefill"
 MODES = ("auto", "on", "off")
@@ -639,29 +639,21 @@ def sparse_prefill(encoder, config: CritiPrefillConfig | str | dict | None = Non
         tc = text_cfg()
         if getattr(tc, "use_sliding_window", False) and "sliding_attention" in (getattr(tc, "layer_types", None) or ()):
             raise X2IInputError("sparse prefill does not cover sliding-window attention; run this model dense")
-    saved = []
-    for c in configs:
-        prev_impl = c._attn_implementation
-        prev_state = _ACTIVE.get(id(c))
+
+    def state_of(prev_impl, prev_state):
         original = prev_state.original if prev_impl == NAME and prev_state is not None else (prev_impl or "eager")
-        saved.append((c, prev_impl, prev_state))
-        _ACTIVE[id(c)] = _State(cfg, original, stats)
-        c._attn_implementation = NAME
+        return _State(cfg, original, stats)
+
     had_tag = "cache_tag" in getattr(encoder, "__dict__", {})
     old_tag = getattr(encoder, "cache_tag", None)
     try:
-        try:
-            encoder.cache_tag = (old_tag, cfg.tag())
-        except AttributeError:
-            pass
-        yield stats
+        with switched(configs, NAME, _ACTIVE, state_of):
+            try:
+                encoder.cache_tag = (old_tag, cfg.tag())
+            except AttributeError:
+                pass
+            yield stats
     finally:
-        for c, prev_impl, prev_state in reversed(saved):
-            c._attn_implementation = prev_impl
-            if prev_state is None:
-                _ACTIVE.pop(id(c), None)
-            else:
-                _ACTIVE[id(c)] = prev_state
         try:
             if had_tag:
                 encoder.cache_tag = old_tag
