@@ -103,3 +103,12 @@ def test_trained_and_converted_files_are_readable_by_others_under_umask_022(tiny
                  ckpt / "meta.json", tmp_path / "conv.safetensors", tmp_path / "img.png"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
     assert stat.S_IMODE(os.stat(ckpt).st_mode) == 0o755
+
+
+def test_an_unknown_loss_backend_is_refused_before_any_model_loads(tmp_path):
+    from x2i_core.distill.trainer import DEFAULTS, DistillTrainer
+
+    cfg = load_config(DEFAULTS, None, ["mllm=/nonexistent", "flux=/nonexistent", f"output_dir={tmp_path / 'o'}",
+                                       "data.paths=[x.txt]", "distill.loss_backend=fast"])
+    with pytest.raises(X2IInputError, match="distill.loss_backend 'fast': expected auto, fused, rowwise or reference"):
+        DistillTrainer(cfg)

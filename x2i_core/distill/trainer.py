@@ -71,6 +71,9 @@ class DistillTrainer:
         res = int(self.dcfg["resolution"])
         if res % 16:
             raise X2IInputError(f"distill.resolution {res} must be a multiple of 16")
+        if self.dcfg["loss_backend"] not in ("auto", "fused", "rowwise", "reference"):
+            raise X2IInputError(f"distill.loss_backend {self.dcfg['loss_backend']!r}: expected auto, fused, rowwise "
+                                "or reference")
         if self.dcfg["timestep"] not in ("first", "uniform"):
             raise X2IInputError(f"distill.timestep {self.dcfg['timestep']!r}: expected 'first' (sigma 1) or 'uniform'")
         self._load_models()
