@@ -48,6 +48,9 @@ class X2IChatTurn(io.ComfyNode):
         return io.NodeOutput(tuple(chat or ()) + (turn,))
 
 
+ANSWER_MODES = {"answer states": "states", "answer text": "text", "reference multi-turn": "multiturn"}
+
+
 class X2IMLLMReason(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -66,13 +69,21 @@ class X2IMLLMReason(io.ComfyNode):
                                tooltip="0 = greedy (deterministic); above 0 samples with this temperature."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Sampling seed (used when temperature > 0)."),
-                io.Combo.Input("answer_mode", options=["answer states", "answer text"], default="answer states",
+                io.Combo.Input("answer_mode", options=list(ANSWER_MODES), default="answer states",
                                tooltip="answer states (reference 'use answer'): the hidden states of the answer "
                                        "tokens, in the context of the question. answer text: the answer re-encoded "
-                                       "alone as a new prompt with 'preset'."),
+                                       "alone as a new prompt with 'preset'. reference multi-turn: the reference's "
+                                       "multi-turn script - the conversation (connect 'chat'; every user turn = "
+                                       "its image at 256x256 + the instruction dict) is answered with the model's "
+                                       "own generation settings (temperature/seed unused), and the states of the "
+                                       "prompt followed by the answer's go to the AlignNet; put the answer into the "
+                                       "chat as an assistant turn for the next turn."),
                 io.Combo.Input("preset", options=PRESET_OPTIONS, default=PRESET_OPTIONS[0],
                                tooltip="Used by 'answer text' only. " + PRESET_TOOLTIP),
                 *media_inputs(),
+                CHAT.Input("chat", optional=True,
+                           tooltip="The conversation so far, for 'reference multi-turn' (this node's text and media "
+                                   "are the new user turn)."),
             ],
             outputs=[HIDDEN.Output(display_name="hidden", tooltip="Hidden states of the answer."),
                      io.String.Output(display_name="answer", tooltip="The MLLM's answer as text.")],
@@ -81,17 +92,26 @@ class X2IMLLMReason(io.ComfyNode):
     @classmethod
     def execute(cls, mllm, text="", max_new_tokens=128, temperature=0.0, seed=0, answer_mode="answer states",
                 preset=PRESET_OPTIONS[0], image_resolution=0, video_resolution=0, video_fps=1.0, max_frames=768,
-                frames_fps=24.0, image=None, video=None, frames=None, audio=None) -> io.NodeOutput:
+                frames_fps=24.0, image=None, video=None, frames=None, audio=None, chat=None) -> io.NodeOutput:
         node = "X2I MLLM Reason"
+        if answer_mode not in ANSWER_MODES:
+            raise NodeError(f"{node}: answer_mode {answer_mode!r}; expected one of {list(ANSWER_MODES)}")
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
                            frames_fps=frames_fps, empty="the question is empty - type some text or connect an "
                                                         "image, video or audio")
-        req = EncodeRequest(text=text if (text or "").strip() else None, **media)
+        req = EncodeRequest(text=text if (text or "").strip() else None, history=tuple(chat or ()), **media)
         with run_mllm(mllm, node):
-            answer, hs = mllm.encoder.generate_answer(
-                req, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                image_size=image_resolution or None, video_size=video_resolution or None,
-                answer="states" if answer_mode == "answer states" else "text", preset=preset)
+            if ANSWER_MODES[answer_mode] == "multiturn":
+                answer, hs = mllm.encoder.reference_multi_turn(req, max_new_tokens=max_new_tokens,
+                                                               image_size=image_resolution or None)
+            else:
+                if chat:
+                    raise NodeError(f"{node}: a chat is connected, but answer_mode '{answer_mode}' answers one "
+                                    "question; use 'reference multi-turn' or disconnect the chat")
+                answer, hs = mllm.encoder.generate_answer(
+                    req, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                    image_size=image_resolution or None, video_size=video_resolution or None,
+                    answer=ANSWER_MODES[answer_mode], preset=preset)
         hs.hidden = hs.hidden.to(mm.intermediate_device())
         hs.source_path = mllm.path
         return io.NodeOutput(hs, answer, ui={"text": [answer]})

@@ -93,6 +93,9 @@ def oracle_run(tmp_path_factory):
             {"id": f"{recipe}-video", "recipe": recipe, "text": "What happens here?", "video": videos["clip7s"]},
         ]
     cases.append({"id": "comfyui-image-only", "recipe": "comfyui", "images": images[:1]})
+    cases.append({"id": "multiturn", "recipe": "multiturn",
+                  "turns": [{"text": "A cat on a sofa.", "image": images[0]},
+                            {"text": "Now make it night.", "image": images[1]}]})
     cases.append({"id": "comfyui-small-video", "recipe": "comfyui", "text": "A tiny clip.", "video": videos["small"]})
     out = str(work / "oracle.safetensors")
     job = str(work / "job.json")
@@ -204,3 +207,21 @@ def test_exact_fill_keeps_its_savings_with_training_pad_rows(oracle_run, ours):
     longest = max(fast.lengths)
     assert tokens_slow == len(TEXTS) * 512
     assert tokens_fast == len(TEXTS) * (longest + 1)
+
+
+def test_reference_multi_turn_recipe(oracle_run, ours):
+    """Each turn the MLLM answers; the AlignNet gets the last turn's prompt states ++ its answer's states."""
+    from x2i_core.mllm import ChatTurn
+
+    case = oracle_run["cases"]["multiturn"]
+    answers = json.loads(json.loads(oracle_run["meta"]["cases"])["multiturn"])
+    first, last = case["turns"]
+    history = [ChatTurn("user", first["text"], images=[Image.open(first["image"])]), ChatTurn("assistant", answers[0])]
+    answer, hs = ours.reference_multi_turn(EncodeRequest(text=last["text"], images=[Image.open(last["image"])],
+                                                         history=history))
+    assert answer == answers[1]
+    ref = oracle_run["t"]["multiturn.hidden"]
+    assert hs.hidden.shape == ref.shape, (hs.hidden.shape, ref.shape)
+    diff = (hs.hidden - ref).abs().max().item()
+    print(f"multi-turn: answers {answers!r}, states {tuple(ref.shape)}, max abs diff {diff:.2e}")
+    assert diff <= TOL

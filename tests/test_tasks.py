@@ -207,3 +207,37 @@ def test_core_chat_errors():
 
     with pytest.raises(X2IInputError, match="no turns"):
         build_conversation([], SPECS["comfyui"], processor=None)
+
+
+def test_reason_node_runs_the_reference_multi_turn_recipe_in_the_executor(host, tmp_path):
+    """X2I MLLM Reason, answer_mode 'reference multi-turn', on the shipped multi-turn chat: the node's states
+    and answer equal ChatEncoder.reference_multi_turn (which tests/test_reference_oracle.py checks against the
+    reference stack); the conversation's last user turn gets the image too."""
+    from safetensors.torch import load_file
+
+    from x2i_core.mllm import load_mllm
+
+    api = tiny_api(host, "x2i_multi_turn.json", family="qwen25vl")
+    enc = node_of(api, "X2IMLLMEncode")
+    ins = api[enc]["inputs"]
+    image_id = node_of(api, "LoadImage")
+    api[enc] = {"class_type": "X2IMLLMReason", "inputs": {
+        "mllm": ins["mllm"], "text": ins["text"], "max_new_tokens": 5, "temperature": 0.0, "seed": 0,
+        "answer_mode": "reference multi-turn", "preset": "auto", "image_resolution": 0, "video_resolution": 0,
+        "video_fps": 1.0, "max_frames": 768, "frames_fps": 24.0, "chat": ins["chat"], "image": [image_id, 0]}}
+    out = str(tmp_path / "hidden.safetensors")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"comfy_dir": host["comfy_dir"], "base": host["base"], "prompt": api,
+                                "capture": [enc], "out": out}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "comfy_host.py"), "inprocess", str(spec)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    facts = json.loads(open(out + ".json").read())
+    assert facts["success"], facts.get("errors")
+    req = _inputs_of(api, host, enc)
+    assert len(req.history) == 2 and req.images is not None
+    answer, hs = load_mllm(host["tiny"]["mllm"], dtype="fp32").reference_multi_turn(req, max_new_tokens=5)
+    assert facts[f"{enc}.answer"] == answer
+    got = load_file(out)[f"{enc}.hidden"]
+    assert got.shape == hs.hidden.shape and hs.preset == "multiturn"
+    assert (got - hs.hidden).abs().max().item() <= TOL

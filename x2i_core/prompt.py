@@ -79,6 +79,11 @@ SPECS = {
     # pass it to the template, so no "Picture N: " was ever written (tests/test_reference_oracle.py).
     "comfyui": PresetSpec("comfyui", "right", 512, 1.3, False, 224 * 224, None, 128 * 128, 1.0, False),
     "scripts": PresetSpec("scripts", "right", 512, None, True, None, (128, 128), 128 * 128, 1.0, False),
+    # The reference multi-turn script (infer/inference_multi_turn.py): every user turn = its images resized to
+    # 256x256 and then fetched by qwen-vl-utils (smart resize to 252x252) + the comfyui-style dict; no padding.
+    # Used with ChatEncoder.reference_multi_turn, which also generates the answer; not a node preset.
+    "multiturn": PresetSpec("multiturn", "right", 0, None, False, 16384 * 28 * 28, (256, 256), 128 * 128, 1.0,
+                            False),
 }
 
 
@@ -231,10 +236,11 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwar
         content: list[dict[str, Any]] = []
         if turn.role == "user":
             for img in turn.images:
+                im = img
                 if spec.image_exact_size is not None:
-                    im = img.resize(spec.image_exact_size, resample=Image.BICUBIC)
-                else:
-                    im = fit_pixels(img, spec.image_max_pixels)
+                    im = im.resize(spec.image_exact_size, resample=Image.BICUBIC)
+                if spec.image_max_pixels is not None:
+                    im = fit_pixels(im, spec.image_max_pixels)
                 proc_images.append(im)
                 content.append({"type": "image", "image": im})
             for frames in turn.videos:
@@ -247,7 +253,10 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwar
         elif turn.images or turn.videos or turn.audios:
             raise X2IInputError(f"chat turn {ti + 1} is an assistant turn with media; media belong in user turns")
         is_last = ti == len(turns) - 1
-        if is_last and spec.name != "scripts":
+        if spec.name == "multiturn" and turn.role == "user":  # the dict in every user turn
+            text_item = instruction_dict(turn.text, spec, bool(turn.images or turn.videos or turn.audios),
+                                         turn.instruction)
+        elif is_last and spec.name != "scripts":
             text_item = instruction_dict(last.text, spec, final_media, last.instruction)
         elif spec.name == "scripts" and is_last and last.instruction:
             text_item = last.instruction if last.text is None else f"{last.text}\n{last.instruction}"
@@ -267,6 +276,8 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwar
 
 
 def target_length(spec: PresetSpec, real_length: int) -> int:
+    if spec.min_length == 0:  # no padding
+        return real_length
     if spec.grow is not None:
         return max(int(real_length * spec.grow), spec.min_length)
     return spec.min_length

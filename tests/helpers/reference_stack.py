@@ -199,6 +199,34 @@ def inputs_scripts(processor, case):
 RECIPES = {"training": inputs_training, "comfyui": inputs_comfyui, "scripts": inputs_scripts}
 
 
+def multi_turn(model, processor, case):
+    """infer/inference_multi_turn.py: each user turn = an image at 256x256 + the dict ('', 'yes'); the MLLM
+    answers (max_new_tokens=64, the folder's generation settings), the answer becomes an assistant turn; the
+    AlignNet input of a turn = prefill states ++ the states of the generated tokens."""
+    from PIL import Image
+    from qwen_vl_utils import process_vision_info
+
+    message, answers, states = [], [], None
+    for turn in case["turns"]:
+        instructions = {"Text input": turn["text"], "Instruction editing description": "", "image input": "yes"}
+        image = Image.open(turn["image"]).convert("RGB").resize(size=(256, 256))
+        message.append({"role": "user", "content": [{"type": "image", "image": image},
+                                                    {"type": "text", "text": str(instructions)}]})
+        text = processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        image_inputs, video_inputs = process_vision_info(message)
+        inputs = processor(text=[text], images=image_inputs, videos=video_inputs, return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=64, output_hidden_states=True,
+                                   return_dict_in_generate=True)
+        trimmed = [out[len(inp):] for inp, out in zip(inputs.input_ids, generated[0])]
+        answer = processor.batch_decode(trimmed, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+        message.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        answers.append(answer)
+        steps = [torch.cat(h) for h in generated["hidden_states"][1:]]
+        prefill = torch.cat(generated["hidden_states"][0]).unsqueeze(0)
+        states = torch.cat([prefill, torch.cat(steps, dim=1).unsqueeze(0)], dim=2) if steps else prefill
+    return answers, states
+
+
 @torch.no_grad()
 def run(job_file):
     from safetensors.torch import save_file
@@ -215,6 +243,11 @@ def run(job_file):
     tensors, meta = {}, {}
     for case in job["cases"]:
         recipe = case["recipe"]
+        if recipe == "multiturn":
+            answers, states = multi_turn(model, AutoProcessor.from_pretrained(job["model"]), case)
+            tensors[f"{case['id']}.hidden"] = states.contiguous()
+            meta[case["id"]] = json.dumps(answers)
+            continue
         # The training code loads its processor with padding_side='left'; the inference code with the default.
         processor = AutoProcessor.from_pretrained(job["model"], **({"padding_side": "left"} if recipe == "training"
                                                                    else {}))

@@ -533,6 +533,30 @@ class ChatEncoder:
         mask = torch.ones(1, keep, dtype=torch.long)
         return text, HiddenStates(hidden, mask, self.name, "answer", [keep], self.family)
 
+    def reference_multi_turn(self, request: EncodeRequest, *, max_new_tokens: int = 64,
+                             image_size: int | None = None) -> tuple[str, HiddenStates]:
+        """The reference's multi-turn recipe (its ``infer/inference_multi_turn.py``) for the conversation's last
+        user turn: the whole conversation - every user turn = its images at 256x256 (then qwen-vl-utils'
+        resize) and the comfyui-style dict, earlier answers as assistant turns - without padding; the MLLM
+        answers with the folder's own generation settings (at most ``max_new_tokens``, as ``generate()`` is
+        called there); the AlignNet gets the prompt's states followed by the answer's (every generated token
+        but the last, which ``generate()`` never feeds back).  Returns the answer text (put it in the next
+        turn's history as the assistant turn) and the states."""
+        if max_new_tokens < 1:
+            raise X2IInputError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
+        batch, _, lengths = self.prepare([request], "multiturn", image_size)
+        n = lengths[0]
+        with torch.inference_mode():
+            out = self.generator().generate(**self._to_device(batch), max_new_tokens=int(max_new_tokens))
+        new = out[0, n:].to("cpu")
+        answer = self.processor.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        full = dict(batch)
+        full["input_ids"] = torch.cat([batch["input_ids"], new[None, :-1].to(batch["input_ids"].dtype)], dim=1)
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        hidden = self.forward_hidden(full)
+        mask = torch.ones(1, hidden.shape[2], dtype=torch.long)
+        return answer, HiddenStates(hidden, mask, self.name, "multiturn", [hidden.shape[2]], self.family)
+
     def generator(self):
         """The module whose ``generate`` answers questions (the full model with its LM head)."""
         return self.module
