@@ -230,6 +230,7 @@ def setup_trainer(trainer, cfg: dict, required: tuple[str, ...]) -> None:
     if mp not in WEIGHT_DTYPES:
         raise X2IInputError(f"train.mixed_precision {mp!r}: expected no, bf16 or fp16")
     trainer.weight_dtype = WEIGHT_DTYPES[mp]
+    accumulation(trainer)  # a bad value is refused before any model loads
 
 
 def check_alignnet(trainer, name: str) -> None:
