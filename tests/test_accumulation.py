@@ -86,12 +86,12 @@ def test_lora_accumulates_checkpoints_and_resumes_exactly(tiny, tmp_path):
     data = lora_dataset(str(tmp_path / "data"))
     common = [f"mllm={tiny['mllm']}", f"alignnet={tiny['alignnet_safetensors']}", f"flux={tiny['flux']}",
               f"data.path={data}", "data.resolution=64", "data.bucket_step=16", "lora.rank=4",
-              "train.gradient_accumulation=3", "checkpoint.every=2"]
+              "train.gradient_accumulation=2", "checkpoint.every=1"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    cli("train-lora", *common, f"output_dir={ref}", "train.steps=4")
-    cli("train-lora", *common, f"output_dir={cut}", "train.steps=2")
-    cli("train-lora", *common, f"output_dir={cut}", "train.steps=4")  # resumes from step 2
-    assert losses(ref) == losses(cut) and len(losses(ref)) == 4
+    cli("train-lora", *common, f"output_dir={ref}", "train.steps=2")
+    cli("train-lora", *common, f"output_dir={cut}", "train.steps=1")
+    cli("train-lora", *common, f"output_dir={cut}", "train.steps=2")  # resumes from step 1
+    assert losses(ref) == losses(cut) and len(losses(ref)) == 2
     close(ref, cut, "lora.safetensors", rtol=0, atol=0)
 
 
