@@ -2,9 +2,9 @@
 
 ``(C, H)`` - hidden-state channels (decoder layers + 1) and width - does not identify an MLLM: Qwen2.5-VL-3B
 and InternVL2.5-4B are both (37, 2048); Qwen2.5-VL-7B, MiniCPM-o-2.6 and Qwen2.5-Omni-7B all (29, 3584).
-So an AlignNet records the MLLM it was trained for (:class:`Provenance`, written by every trainer and by
-``convert-alignnet``), released files are recognised by name and config, and a file that says nothing is
-matched by ``(C, H)`` with a warning naming every candidate.
+So an AlignNet records the MLLM it was trained for (:class:`Provenance`, written by the distillation trainer and
+kept by ``convert-alignnet`` for a recognised release), released files are recognised by name and config, and a
+file that says nothing is matched by ``(C, H)`` with a warning naming every candidate.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any, Mapping
 
-from .errors import X2IShapeError
+from .errors import X2IFileError, X2IShapeError
 
 log = logging.getLogger("x2i")
 
@@ -73,15 +73,13 @@ class Provenance:
     hidden: int
     preset: str | None = None   # prompt convention it was trained with
     pad_rows: str | None = None  # left-pad row semantics it was trained with ("reference" / "constant")
-    source: str = "trained"     # "trained" (our trainers), "released" (recognised), "converted"
+    source: str = "trained"     # "trained" (our distillation) or "released" (a recognised release file)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Provenance":
-        from .errors import X2IFileError
-
         try:
             data = json.loads(text)
             return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls) if f.name in data})
