@@ -1,8 +1,11 @@
-"""InternVL (-hf): text, images, video and chats equal a straightforward reference computation.
+"""InternVL (-hf): the 'comfyui' preset (chat template; no InternVL recipe exists in the reference nodes) with
+images, video and chats equals a straightforward computation, and the InternVL recipes build the reference's
+prompt strings.
 
-The reference is written from the method notes, independently of x2i_core's prompt/padding code: the processor
-called with the reference's padding arguments, then ``generate(max_new_tokens=1, output_hidden_states=True)``
-prefill states (generate derives positions from the attention mask - what the encoder must reproduce).
+The computation is written independently of x2i_core's prompt/padding code: the processor called with the
+comfyui padding arguments, then the model's forward with every hidden state and positions ``0..S-1`` - the
+reference's InternVL model calls its language model with the mask and no position ids.  The 'training' and
+'scripts' recipes are checked against the reference's own stack in tests/test_internvl_oracle.py.
 """
 
 import shutil
@@ -70,7 +73,7 @@ def _inputs(processor, preset, texts, images=(), video=None, history=()):
     if preset == "training":
         return processor(**call, padding="max_length", max_length=512, truncation=True, padding_side="left")
     if preset == "comfyui":
-        n = processor(**call)["input_ids"].shape[1]
+        n = processor(**call, padding=True)["input_ids"].shape[1]
         return processor(**call, padding="max_length", max_length=max(int(1.3 * n), 512), padding_side="right")
     return processor(**call, padding="max_length", max_length=512, truncation=True, padding_side="right")
 
@@ -78,32 +81,30 @@ def _inputs(processor, preset, texts, images=(), video=None, history=()):
 def _reference(reference, preset, texts, images=(), video=None, history=()):
     model, processor = reference
     inputs = _inputs(processor, preset, texts, images, video, history)
+    positions = torch.arange(inputs["input_ids"].shape[1]).expand(inputs["input_ids"].shape[0], -1)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=1, output_hidden_states=True, return_dict_in_generate=True,
-                             do_sample=False)
-    return torch.stack(out.hidden_states[0], dim=1)
+        out = model(**inputs, position_ids=positions, output_hidden_states=True, use_cache=False)
+    return torch.stack(out.hidden_states, dim=1)
 
 
 CASES = {
-    "training text": ("training", ["A red fox jumps over a lazy dog."], 0, False),
-    "training batch of two lengths": ("training", ["a cat", "A red fox jumps over a lazy dog in the forest."], 0,
-                                      False),
+    "comfyui batch of two lengths": ("comfyui", ["a cat", "A red fox jumps over a lazy dog in the forest."], 0,
+                                     False),
     "comfyui text": ("comfyui", ["一只可爱的小猫坐在窗台上"], 0, False),
     "comfyui one image": ("comfyui", ["Draw this in watercolour."], 1, False),
     "comfyui two images": ("comfyui", ["Combine these pictures."], 2, False),
     "comfyui video": ("comfyui", ["What happens here?"], 0, True),
-    "scripts text+image": ("scripts", ["An oil painting of this."], 1, False),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_internvl_matches_the_reference_generate_prefill(ivl, reference, case):
+def test_internvl_comfyui_matches_the_forward_with_reference_positions(ivl, reference, case):
     preset, texts, n_img, with_video = CASES[case]
     images = [_image(i, 90 + 40 * i, 60 + 10 * i) for i in range(n_img)]
     video = [_image(10 + i, 80, 64) for i in range(3)] if with_video else None
     ref = _reference(reference, preset, texts, images, video)
     hs = ivl.encode([EncodeRequest(text=t, images=images or None, videos=[video] if video else None) for t in texts],
-                    preset=preset, pad_rows="constant")  # this environment's transformers: constant left-pad rows
+                    preset=preset)
     assert hs.hidden.shape == ref.shape and hs.hidden.shape[1] == ivl.channels == 3
     diff = (hs.hidden - ref).abs().max().item()
     assert diff <= TOL, f"{case}: max abs diff {diff}"
@@ -117,11 +118,26 @@ def test_internvl_two_turn_chat_matches_reference(ivl, reference):
     assert (hs.hidden - ref).abs().max().item() <= TOL
 
 
-def test_internvl_exact_fill_equals_padded_forward(ivl):
-    texts = ("a cat", "a red fox in the snow at dawn")
-    a = ivl.encode_text(list(texts), preset="training")
-    b = ivl.encode([EncodeRequest(text=t) for t in texts], preset="training", exact_fill=False)
-    assert (a.hidden - b.hidden).abs().max().item() <= TOL
+def test_internvl_recipes_build_the_reference_prompts(ivl):
+    from x2i_core.mllm.internvl import INTERNVL25_SYSTEM
+
+    built = ivl.build_prompt(EncodeRequest(text="a cat"), "training", None)
+    assert built.text == "{'Text input': 'a cat', 'Instruction editing description': 'no', 'image input': 'no'}"
+    assert built.spec.padding_side == "right" and built.spec.min_length == 512 and built.spec.truncate
+    built = ivl.build_prompt(EncodeRequest(text="a cat", images=_image(3, 200, 90)), "scripts", None)
+    assert built.text == (f"<|im_start|>system\n{INTERNVL25_SYSTEM}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\n"
+                          "{'Text input': 'a cat', 'Instruction editing description': 'no'}<|im_end|>\n"
+                          "<|im_start|>assistant\n")
+    assert [im.size for im in built.images] == [(128, 128)]
+    hs = ivl.encode([EncodeRequest(text="a cat"), EncodeRequest(text="a red fox in the snow at dawn")],
+                    preset="training")
+    assert hs.hidden.shape[2] == 512 and hs.attention_mask[:, 0].all() and not hs.attention_mask[:, -1].any()  # right-padded
+    # positions 0..S-1: every pad row has its own position, so neighbouring pad rows differ
+    assert (hs.hidden[0, -1, -1] - hs.hidden[0, -1, -2]).abs().max().item() > 1e-4
+    with pytest.raises(X2IInputError, match="one .as the reference script"):
+        ivl.encode(EncodeRequest(text="x", images=[_image(1), _image(2)]), preset="scripts")
+    with pytest.raises(X2IInputError, match="comfyui"):
+        ivl.encode(EncodeRequest(text="x", videos=[[_image(1), _image(2)]]), preset="scripts")
 
 
 def test_family_is_read_from_config_not_folder_name(ivl_dir, tmp_path):

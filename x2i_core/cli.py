@@ -1,4 +1,4 @@
-"""``python -m x2i_core`` - generate, convert-alignnet, make-tiny-models, demo."""
+"""``python -m x2i_core`` - generate, convert-alignnet, convert-internvl, make-tiny-models, demo, training."""
 
 from __future__ import annotations
 
@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--config", default=None, help="config for a bare state dict: JSON file or preset name")
 
+    ci = sub.add_parser("convert-internvl", help="original InternVL2.5 folder (internvl_chat) -> transformers -hf "
+                        "folder, without running its code")
+    ci.add_argument("src", type=_existing_dir("InternVL"))
+    ci.add_argument("dst")
+    ci.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+
     t = sub.add_parser("make-tiny-models", help="write the tiny random model set (tests, demo)")
     t.add_argument("dir")
     t.add_argument("--seed", type=_seed, default=0)
@@ -206,6 +212,10 @@ def main(argv=None) -> int:
                 parser.error(f"output '{args.dst}' must end with .safetensors")
             net = convert_alignnet(args.src, args.dst, args.config)
             print(f"wrote {os.path.abspath(args.dst)} ({net.config.fusion} fusion, fits {net.fits})")
+        elif args.command == "convert-internvl":
+            from .convert_internvl import convert_internvl
+
+            print(f"wrote {os.path.abspath(convert_internvl(args.src, args.dst, args.force))}")
         elif args.command == "make-tiny-models":
             from .tiny import make_tiny_models
 
