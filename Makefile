@@ -11,7 +11,7 @@ REFSTACK   ?= .refstack
 REF_REQS   := requirements/reference-stack.txt
 REF_STAMP  := $(REFSTACK)/.x2i-ref-$(shell cat $(REF_REQS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: env refstack browser demo demo-cli test clean-env
+.PHONY: env refstack browser demo demo-cli test gpu-wheels clean-env
 
 env: $(STAMP)
 
@@ -52,6 +52,19 @@ demo-cli: env
 
 test: env refstack browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The fast dev loop lives beside `test` (see README, Development).
+
+# Wheels the lent GPU machine lacks (it reaches no registry): pass `carry: [".gpu-wheels"]` to the device run,
+# then `bash benchmarks/gpu_check.sh` there installs them into .gpu-deps/ and .gpu-refstack/.
+GPU_WHEELS = transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 diffusers==0.35.2 safetensors==0.8.0
+gpu-wheels: env
+	rm -rf .gpu-wheels && mkdir -p .gpu-wheels/refstack
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels $(GPU_WHEELS)
+	-$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels liger-kernel
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels/refstack -r requirements/reference-stack.txt
+	$(PY) -c "from tools.comfy_host import ensure_comfyui; import os, shutil; shutil.copytree(os.path.join(ensure_comfyui(), 'comfy', 'text_encoders', 'qwen25_tokenizer'), '.gpu-wheels/qwen25_tokenizer')"
+	du -sh .gpu-wheels
 
 clean-env:
 	rm -rf $(VENV) $(REFSTACK)

@@ -238,7 +238,9 @@ def run(job_file):
     _install_decord_stand_in()
     if job.get("mask", "cuda") == "cuda":
         _emulate_cuda_unmask()
+    device = job.get("device", "cpu")  # "cuda": 4.49 then takes its own CUDA mask path (use mask "native")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(job["model"], torch_dtype=torch.float32).eval()
+    model.to(device)
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     tensors, meta = {}, {}
     for case in job["cases"]:
@@ -252,10 +254,12 @@ def run(job_file):
         processor = AutoProcessor.from_pretrained(job["model"], **({"padding_side": "left"} if recipe == "training"
                                                                    else {}))
         inputs = RECIPES[recipe](processor, case)
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in dict(inputs).items()}
         out = model.generate(**inputs, max_new_tokens=1, output_hidden_states=True, return_dict_in_generate=True,
                              do_sample=False)
         key = case["id"]
-        tensors[f"{key}.hidden"] = torch.stack(out["hidden_states"][0], dim=1).contiguous()
+        tensors[f"{key}.hidden"] = torch.stack(out["hidden_states"][0], dim=1).cpu().contiguous()
+        inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         tensors[f"{key}.input_ids"] = inputs["input_ids"].contiguous()
         tensors[f"{key}.attention_mask"] = inputs["attention_mask"].contiguous()
         positions, _ = model.get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"),
@@ -270,7 +274,7 @@ def run(job_file):
                 tensors[f"{key}.{name}"] = value.contiguous()
         meta[key] = recipe
     save_file(tensors, job["out"], metadata={"versions": json.dumps(versions), "cases": json.dumps(meta),
-                                             "mask": job.get("mask", "cuda")})
+                                             "mask": job.get("mask", "cuda"), "device": str(device)})
 
 
 if __name__ == "__main__":
