@@ -92,8 +92,11 @@ def test_comfyui_preset_pads_to_1_3_times_length_when_long(encoder):
 
 @pytest.mark.parametrize("pad_rows", ["reference", "constant"])
 def test_exact_fill_skips_the_pads_and_equals_the_padded_forward(encoder, pad_rows):
-    """Left padding: the real tokens run (+ one pad query per prompt for the reference rows, + the 3-token
-    probe of the constant once); never the 512-token sequence (issue: exact savings)."""
+    """Left padding: the real tokens after the preset's fixed opening run (+ one pad query per prompt for the
+    reference rows, + the 3-token probe of the constant once); never the 512-token sequence (issue: exact
+    savings).  The opening itself runs once per model and preset (measured here before counting)."""
+    opening = len(encoder.prompt_prefix("training")[0])
+    encoder.encode_text("warm up the constant rows", preset="training", pad_rows=pad_rows)
     seen = []
     hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[:2].numel()),
@@ -112,9 +115,21 @@ def test_exact_fill_skips_the_pads_and_equals_the_padded_forward(encoder, pad_ro
     assert torch.equal(fast.attention_mask, slow.attention_mask)
     assert tokens_slow == 2 * 512
     longest = max(fast.lengths)
-    assert 2 * longest <= tokens_fast <= 2 * longest + 3  # one forward over the longest prompt (+2 pad queries
-    # for the reference rows, or +3 for the constant's probe when it is not cached yet)
-    assert tokens_fast < tokens_slow / 5
+    assert opening >= 10  # system message, template and the dict's opening
+    assert tokens_fast == 2 * (longest - opening + (pad_rows == "reference"))  # one forward over what follows it
+    assert tokens_fast < tokens_slow / 8
+    encoder.prefix_cache = False
+    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[:2].numel()),
+        with_kwargs=True)
+    try:
+        seen.clear()
+        plain = encoder.encode_text(texts, preset="training", pad_rows=pad_rows)
+        assert sum(seen) == 2 * (longest + (pad_rows == "reference"))
+    finally:
+        encoder.prefix_cache = True
+        hook.remove()
+    assert (plain.hidden - fast.hidden).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("preset", ["comfyui", "scripts"])
@@ -135,3 +150,23 @@ def test_right_padding_runs_one_pad_and_equals_the_padded_forward(encoder, prese
         hook.remove()
     assert (fast.hidden - slow.hidden).abs().max().item() <= TOL
     assert cols_slow == fast.hidden.shape[2] >= 512 and cols_fast == max(fast.lengths) + 1
+
+
+@pytest.mark.parametrize("preset", ["comfyui", "scripts"])
+def test_right_padded_text_runs_after_the_opening_and_equals_the_padded_forward(encoder, preset):
+    """Text prompts under the right-padded presets: the fixed opening runs once, then only what follows it
+    plus one pad per batch row."""
+    texts = ["a cat", "一只可爱的小猫坐在窗台上, watercolour", "(a parenthesis first) and then words"]
+    opening = len(encoder.prompt_prefix(preset)[0])
+    seen = []
+    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[1]),
+        with_kwargs=True)
+    try:
+        fast = encoder.encode_text(texts, preset=preset)
+        cols_fast = seen[-1]
+        slow = encoder.encode([EncodeRequest(text=t) for t in texts], preset=preset, exact_fill=False)
+    finally:
+        hook.remove()
+    assert (fast.hidden - slow.hidden).abs().max().item() <= TOL
+    assert cols_fast == max(fast.lengths) + 1 - opening

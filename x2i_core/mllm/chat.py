@@ -387,11 +387,12 @@ class ChatEncoder:
                 return HiddenStates(hit.to(self.device), mask, self.name, preset_name, lengths, self.family,
                                     pad_rows if left else None)
         if left and exact_fill and self.left_pad_exact and set(batch) == {"input_ids", "attention_mask"}:
-            hidden = self.forward_left_padded(batch, pad_rows)
+            hidden = self.forward_left_padded(batch, pad_rows, preset_name)
         elif left and pad_rows == "reference":
             hidden = self.forward_hidden(batch, unmask_pad_rows=True)
         elif exact_fill and right and self.right_pad_rows_shared:
-            hidden = self.forward_right_padded(batch)
+            hidden = self.forward_right_padded(batch, preset_name if set(batch) == {"input_ids", "attention_mask"}
+                                               else None)
         else:
             hidden = self.forward_hidden(batch)
         if key is not None and bool(torch.isfinite(hidden).all()):  # a damaged result is never served again
@@ -406,6 +407,7 @@ class ChatEncoder:
     left_pad_exact = False   # a family sets this once tests show its left-pad fill equals the padded forward
     right_pad_rows_shared = False  # ... and this once tests show a prompt's right-pad rows are all equal
     pad_rows = "reference"   # what left-pad rows hold by default (see PAD_ROWS)
+    prefix_cache = True      # reuse the fixed opening of each preset's text prompts (see :meth:`prompt_prefix`)
 
     def constant_pad_rows(self) -> torch.Tensor:
         """``[C, H]``: a left-pad row under ``pad_rows="constant"`` in every layer (a query whose keys are all
@@ -420,7 +422,8 @@ class ChatEncoder:
             cache[key] = self.forward_hidden(probe)[0, :, 0].clone()
         return cache[key]
 
-    def forward_left_padded(self, batch: dict[str, torch.Tensor], pad_rows: str = "reference") -> torch.Tensor:
+    def forward_left_padded(self, batch: dict[str, torch.Tensor], pad_rows: str = "reference",
+                            preset: str | None = None) -> torch.Tensor:
         """The left-padded forward without running the pads; equals :meth:`forward_hidden` on the full
         padded batch (with ``unmask_pad_rows`` for ``"reference"``) to fp32 round-off.
 
@@ -436,6 +439,9 @@ class ChatEncoder:
         lengths = mask.sum(dim=1)
         longest = int(lengths.max())
         total = ids.shape[1]
+        prefix = self._usable_prefix(ids, mask, preset)
+        if prefix is not None:
+            return self._left_padded_after_prefix(ids, mask, pad_rows, prefix)
         if pad_rows == "constant":
             h = self.forward_hidden({"input_ids": ids[:, -longest:], "attention_mask": mask[:, -longest:]})
             lead = total - longest
@@ -455,7 +461,7 @@ class ChatEncoder:
             out[b, :, :total - n] = h[b, :, longest, None, :]
         return out
 
-    def forward_right_padded(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_right_padded(self, batch: dict[str, torch.Tensor], preset: str | None = None) -> torch.Tensor:
         """The right-padded forward without running pads whose result is known.  A right-pad query sees only
         the prompt's real keys (pad keys are masked) at the one position every pad gets, so all pad rows of
         a prompt are the same vector in every layer - it depends on the prompt, so it is computed, once: the
@@ -465,11 +471,151 @@ class ChatEncoder:
         keep = int(mask.sum(dim=1).max()) + 1
         if keep >= ids.shape[1]:
             return self.forward_hidden(batch)
+        prefix = self._usable_prefix(ids, mask, preset, left=False)
+        if prefix is not None:
+            h = self._right_padded_after_prefix(ids[:, :keep], mask[:, :keep], prefix)
+            tail = h[:, :, -1:, :].expand(h.shape[0], h.shape[1], ids.shape[1] - keep, h.shape[3])
+            return torch.cat([h, tail], dim=2)
         cut = dict(batch)
         cut["input_ids"], cut["attention_mask"] = ids[:, :keep], mask[:, :keep]
         h = self.forward_hidden(cut)
         tail = h[:, :, -1:, :].expand(h.shape[0], h.shape[1], ids.shape[1] - keep, h.shape[3])
         return torch.cat([h, tail], dim=2)
+
+    # -- the preset's fixed opening ---------------------------------------------
+    PREFIX_PROBES = ("Ax", "zebra", "1x", "(x", "'s x", "一x", "éx", "-x", '"x', "x")
+
+    def prompt_prefix(self, preset: str):
+        """``(ids [P], hidden [1, C, P, H], per-layer (keys, values))`` of the tokens every text prompt of
+        ``preset`` starts with (system message, chat template, the dict's opening), computed once per
+        device/dtype - or None.  The opening is the longest common prefix of the token ids of prompts built
+        for very different texts (letters, digits, punctuation, CJK, a contraction), so no merge across the
+        boundary is assumed; each batch is checked to start with it before it is used.  Its rows and keys are
+        what the full forward computes for them: a real token sees only earlier real keys, and the opening
+        holds positions 0..P-1 whatever the padding."""
+        key = (preset, str(self.device), self.dtype)
+        store = self.__dict__.setdefault("_prefixes", {})
+        if key not in store:
+            rows = [self.processor_inputs(self.build_prompt(EncodeRequest(text=t), preset, None))["input_ids"][0]
+                    for t in self.PREFIX_PROBES]
+            n = 0
+            while n < min(len(r) for r in rows) and all(int(r[n]) == int(rows[0][n]) for r in rows):
+                n += 1
+            store[key] = None
+            if n >= 2:
+                ids = rows[0][:n]
+                inputs = self._to_device({"input_ids": ids[None], "attention_mask": torch.ones(1, n, dtype=torch.long)})
+                inputs.update(self.forward_inputs(inputs))
+                with torch.inference_mode():
+                    out = self.model(**inputs, use_cache=True, output_hidden_states=True, return_dict=True)
+                kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                store[key] = (ids, torch.stack(out.hidden_states, dim=1), kv)
+        return store[key]
+
+    def _usable_prefix(self, ids: torch.Tensor, mask: torch.Tensor, preset: str | None, left: bool = True):
+        """The preset's opening when every prompt of this batch starts with it (and goes on past it)."""
+        if not (self.prefix_cache and preset) or self._sparse_active():
+            return None
+        try:
+            found = self.prompt_prefix(preset)
+        except X2IInputError:  # a preset that cannot build a text-only probe
+            return None
+        if found is None:
+            return None
+        p_ids = found[0]
+        n_p = len(p_ids)
+        for row, m in zip(ids, mask):
+            real = row[m.bool()]
+            if len(real) <= n_p or not torch.equal(real[:n_p], p_ids):
+                return None
+        return found
+
+    def _sparse_active(self) -> bool:
+        from .critiprefill import NAME as SPARSE
+
+        cfg = self.text_config()
+        return getattr(cfg, "_attn_implementation", None) == SPARSE or getattr(
+            self.model.config, "_attn_implementation", None) == SPARSE
+
+    def _forward_after_prefix(self, chunk_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                              bias: torch.Tensor | None, prefix) -> torch.Tensor:
+        """The decoder over ``chunk_ids [B, L]`` after the cached opening: ``allowed [B, L, P + L]`` says which
+        keys each query sees (``bias``: an additive logit bias of the same shape, or None).  Returns the
+        chunk's hidden states ``[B, C, L, H]``."""
+        from transformers import DynamicCache
+
+        b = chunk_ids.shape[0]
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(prefix[2]):
+            cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+        additive = _additive(allowed, self.dtype)
+        if bias is not None:
+            additive = additive + bias[:, None].to(self.dtype)
+        inputs = self._to_device({"input_ids": chunk_ids})
+        inputs.update({k: v for k, v in self.forward_inputs(inputs).items() if k != "position_ids"})
+        FORWARD_CALLS[self.name] += 1
+        with torch.inference_mode(), given_mask(self, additive.to(self.device)):
+            out = self.model(**inputs, position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                             output_hidden_states=True, return_dict=True)
+        return torch.stack(out.hidden_states, dim=1)
+
+    def _left_padded_after_prefix(self, ids, mask, pad_rows: str, prefix) -> torch.Tensor:
+        """:meth:`forward_left_padded` without the opening: rows ``[fillers | real tokens after the opening |
+        one pad query]`` (no pad query for ``"constant"``) attend to the cached opening's keys too."""
+        n_p = len(prefix[0])
+        lengths = mask.sum(dim=1).tolist()
+        longest, total, b = max(lengths), ids.shape[1], ids.shape[0]
+        query = pad_rows == "reference"
+        width = longest - n_p + int(query)
+        pad_id = int(ids[mask == 0][0])
+        chunk = torch.full((b, width), pad_id, dtype=ids.dtype)
+        real = torch.zeros(b, width, dtype=torch.bool)
+        positions = torch.ones(b, width, dtype=torch.long)
+        for r, n in enumerate(lengths):
+            f = longest - n  # fillers
+            chunk[r, f:longest - n_p] = ids[r, total - n + n_p:]
+            real[r, f:longest - n_p] = True
+            positions[r, f:longest - n_p] = torch.arange(n_p, n)
+        idx = torch.arange(width)
+        causal = idx[None, :, None] >= idx[None, None, :]
+        own = (causal & real[:, None, :] & real[:, :, None]) | (idx[:, None] == idx[None, :])[None] & ~real[:, :, None]
+        sees_prefix = real.clone()
+        bias = None
+        if query:
+            own[:, -1, :] = real
+            own[:, -1, -1] = True
+            sees_prefix[:, -1] = True
+            bias = torch.zeros(b, width, n_p + width)
+            pads = torch.tensor([total - n for n in lengths], dtype=torch.float64)
+            bias[:, -1, -1] = torch.log(pads.clamp_min(1)).float()
+            own[:, -1, -1] = pads > 0
+        allowed = torch.cat([sees_prefix[:, :, None].expand(b, width, n_p), own], dim=2)
+        h = self._forward_after_prefix(chunk, positions, allowed, bias, prefix)
+        out = h.new_empty(b, h.shape[1], total, h.shape[3])
+        p_hidden = prefix[1].to(h.dtype)
+        for r, n in enumerate(lengths):
+            f = longest - n
+            out[r, :, total - n:total - n + n_p] = p_hidden[0]
+            out[r, :, total - n + n_p:] = h[r, :, f:longest - n_p]
+            if n < total:
+                fill = h[r, :, -1] if query else self.constant_pad_rows().to(h.dtype)
+                out[r, :, :total - n] = fill[:, None, :]
+        return out
+
+    def _right_padded_after_prefix(self, ids, mask, prefix) -> torch.Tensor:
+        """:meth:`forward_right_padded`'s cut batch ``[real | pads]`` without the opening."""
+        n_p = len(prefix[0])
+        b, keep = ids.shape
+        chunk, real = ids[:, n_p:], mask[:, n_p:].bool()
+        width = keep - n_p
+        positions = torch.ones(b, width, dtype=torch.long)
+        for r, n in enumerate(mask.sum(dim=1).tolist()):
+            positions[r, :n - n_p] = torch.arange(n_p, n)
+        idx = torch.arange(width)
+        causal = (idx[:, None] >= idx[None, :])[None]
+        allowed = torch.cat([torch.ones(b, width, n_p, dtype=torch.bool), causal & real[:, None, :]], dim=2)
+        h = self._forward_after_prefix(chunk, positions, allowed, None, prefix)
+        return torch.cat([prefix[1].to(h.dtype).expand(b, -1, -1, -1), h], dim=2)
 
     def encode_text(self, text: str | Sequence[str], preset: str | None = None, **options) -> HiddenStates:
         """Text prompts; ``options`` as for :meth:`encode` (``exact_fill``, ``prefill``, ``pad_rows``)."""
