@@ -341,19 +341,31 @@ class ChatEncoder:
         return out
 
     def forward_hidden(self, batch: dict[str, torch.Tensor], unmask_pad_rows: bool = False,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+                       mask: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
         """One forward pass over prepared inputs -> ``[B, layers + 1, S, H]``.  ``unmask_pad_rows``: a query
         row whose keys are all masked (a left pad) attends to every key, as transformers 4.49's SDPA path did
         on CUDA (the tensors the released AlignNets were trained on).  ``mask``: an explicit additive
-        attention mask ``[B, 1, S, S]`` for the text decoder."""
+        attention mask ``[B, 1, S, S]`` for the text decoder (``[B, 1, S, P + S]`` after a ``prefix``).
+        ``prefix``: a :meth:`prompt_prefix` whose cached keys/values come before these tokens (the batch
+        then carries its ``position_ids``)."""
         inputs = self._to_device(batch)
-        inputs.update(self.forward_inputs(inputs))
+        extra = self.forward_inputs(inputs)
+        inputs.update({k: v for k, v in extra.items() if k not in inputs})
         if unmask_pad_rows:
             mask = unmasked_causal_mask(inputs["attention_mask"], self.dtype)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if prefix is not None:
+            from transformers import DynamicCache
+
+            b = inputs["input_ids"].shape[0]
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(prefix[2]):
+                cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+            kwargs = {"use_cache": True, "past_key_values": cache}
         FORWARD_CALLS[self.name] += 1
         with torch.inference_mode(), (given_mask(self, mask.to(self.device)) if mask is not None
                                       else contextlib.nullcontext()):
-            out = self.model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
+            out = self.model(**inputs, output_hidden_states=True, return_dict=True, **kwargs)
         return torch.stack(out.hidden_states, dim=1)
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
@@ -542,22 +554,10 @@ class ChatEncoder:
         """The decoder over ``chunk_ids [B, L]`` after the cached opening: ``allowed [B, L, P + L]`` says which
         keys each query sees (``bias``: an additive logit bias of the same shape, or None).  Returns the
         chunk's hidden states ``[B, C, L, H]``."""
-        from transformers import DynamicCache
-
-        b = chunk_ids.shape[0]
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(prefix[2]):
-            cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
         additive = _additive(allowed, self.dtype)
         if bias is not None:
             additive = additive + bias[:, None].to(self.dtype)
-        inputs = self._to_device({"input_ids": chunk_ids})
-        inputs.update({k: v for k, v in self.forward_inputs(inputs).items() if k != "position_ids"})
-        FORWARD_CALLS[self.name] += 1
-        with torch.inference_mode(), given_mask(self, additive.to(self.device)):
-            out = self.model(**inputs, position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                             output_hidden_states=True, return_dict=True)
-        return torch.stack(out.hidden_states, dim=1)
+        return self.forward_hidden({"input_ids": chunk_ids, "position_ids": positions}, mask=additive, prefix=prefix)
 
     def _left_padded_after_prefix(self, ids, mask, pad_rows: str, prefix) -> torch.Tensor:
         """:meth:`forward_left_padded` without the opening: rows ``[fillers | real tokens after the opening |
