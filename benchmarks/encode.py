@@ -49,7 +49,7 @@ PROMPTS = {
 }
 
 
-def build(folder: str, shape: str) -> str:
+def build(folder: str, shape: str, layers: int | None = None) -> str:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, \
         Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -59,7 +59,9 @@ def build(folder: str, shape: str) -> str:
 
     tok = build_tokenizer(folder)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    s = SHAPES[shape]
+    s = dict(SHAPES[shape])
+    if layers:
+        s["num_hidden_layers"] = layers
     head_dim = s["hidden_size"] // s["num_attention_heads"]
     half = head_dim // 2
     cfg = Qwen2_5_VLConfig(
@@ -94,6 +96,19 @@ def long_text(enc, n_tokens: int) -> str:
     return text
 
 
+def user_text(enc, n_tokens: int) -> str:
+    """A caption of exactly ``n_tokens`` tokens of the model's tokenizer (words of a fixed caption, cycled)."""
+    words = ("a red fox jumps over a lazy dog in the snowy forest at dawn while soft golden light breaks through "
+             "the pine trees and a river winds past old stone walls under a pale winter sky").split()
+    tok = enc.processor.tokenizer
+    text, i = "", 0
+    while len(tok(text)["input_ids"]) < n_tokens:
+        text = (text + " " + words[i % len(words)]).strip()
+        i += 1
+    ids = tok(text)["input_ids"][:n_tokens]
+    return tok.decode(ids)
+
+
 def interleaved(fns, repeat, sync):
     """Run the functions round-robin (one warm-up each), so load on a noisy machine hits all alike;
     returns each one's last output and median time."""
@@ -109,6 +124,41 @@ def interleaved(fns, repeat, sync):
     return outs, [statistics.median(t) for t in times]
 
 
+def batch_section(args, enc, full, results, sync) -> None:
+    """Many short captions in one call: the reference's padded [N, 512] batch (as its trainer feeds it) vs
+    our encode of the same list (opening cache, one pad query per prompt, fillers to the batch's longest)."""
+    from x2i_core.mllm import EncodeRequest
+
+    lengths = [8 + (args.batch_max - 8) * i // max(1, args.batch - 1) for i in range(args.batch)]
+    texts = [user_text(enc, n) for n in lengths]
+    reqs = [EncodeRequest(text=t) for t in texts]
+    results["batch"] = []
+    for preset in args.presets.split(","):
+        batch, _, real = enc.prepare(reqs, preset)
+        inputs = {k: v.to(args.device) for k, v in batch.items()}
+
+        def reference():
+            with torch.inference_mode():
+                out = full.generate(**inputs, max_new_tokens=1, output_hidden_states=True,
+                                    return_dict_in_generate=True, do_sample=False)
+            return torch.stack(out.hidden_states[0], dim=1)
+
+        (ref, ours), (t_ref, t_ours) = interleaved([reference, lambda: enc.encode(reqs, preset).hidden],
+                                                   args.repeat, sync)
+        diff = (ours.float() - ref.float()).abs().max().item() if preset != "training" else None
+        row = {"preset": preset, "prompts": args.batch, "user_tokens": f"{min(lengths)}..{max(lengths)}",
+               "real_tokens": f"{min(real)}..{max(real)}", "padded_tokens": ref.shape[2], "reference_s": t_ref,
+               "ours_s": t_ours, "speedup_vs_reference": t_ref / t_ours, "max_abs_diff_vs_reference": diff}
+        if preset == "training":  # this stack's generate() has the constant pad rows: compare what both share
+            padded = enc.encode(reqs, preset, exact_fill=False).hidden
+            row["max_abs_diff_vs_padded"] = (ours.float() - padded.float()).abs().max().item()
+            row["real_rows_max_abs_diff_vs_reference"] = max(
+                (ours[i, :, -n:].float() - ref[i, :, -n:].float()).abs().max().item() for i, n in enumerate(real))
+        results["batch"].append(row)
+        print(f"batch {preset:9s} {args.batch} prompts, user tokens {row['user_tokens']}: ref {t_ref:.2f}s  ours "
+              f"{t_ours:.2f}s  x{row['speedup_vs_reference']:.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
@@ -116,6 +166,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--long", default="", help="extra prompts of about these many real tokens, comma separated")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder depth override (every layer has the shape's widths: per-layer work is the same, "
+                         "so the ratios are those of the full depth up to the embedding)")
+    ap.add_argument("--user-tokens", default="",
+                    help="instead of the short/medium captions: captions of exactly these many user tokens")
+    ap.add_argument("--presets", default="training,comfyui,scripts")
+    ap.add_argument("--no-quant", action="store_true", help="skip the quantisation section")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="also encode this many captions of 8..--batch-max user tokens in one call (dataset "
+                         "pre-encoding, distillation) against the reference recipe's padded batch")
+    ap.add_argument("--batch-max", type=int, default=40)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -127,18 +188,22 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, torch.device(args.device))
     results = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype, "rows": []}
+               "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype, "rows": [],
+               "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"],
+               "full_depth": SHAPES[args.shape]["num_hidden_layers"]}
     import transformers
 
     results["transformers"] = transformers.__version__
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build(os.path.join(tmp, "model"), args.shape)
+        folder = build(os.path.join(tmp, "model"), args.shape, args.layers)
         enc = load_mllm(folder, dtype=dtype, device=args.device)
         full = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         prompts = dict(PROMPTS)
+        if args.user_tokens:
+            prompts = {f"{n} user tokens": user_text(enc, int(n)) for n in args.user_tokens.split(",")}
         for n in [int(x) for x in args.long.split(",") if x.strip()]:
             prompts[f"long (~{n} real tokens)"] = long_text(enc, n)
-        for preset in ("training", "comfyui", "scripts"):
+        for preset in args.presets.split(","):
             for label, text in prompts.items():
                 req = EncodeRequest(text=text)
                 batch, _, lengths = enc.prepare([req], preset)
@@ -150,8 +215,15 @@ def main() -> None:
                                             return_dict_in_generate=True, do_sample=False)
                     return torch.stack(out.hidden_states[0], dim=1)
 
+                def without_opening_cache():
+                    enc.prefix_cache = False
+                    try:
+                        return enc.encode(req, preset).hidden
+                    finally:
+                        enc.prefix_cache = True
+
                 fns = [reference, lambda: enc.encode(req, preset, exact_fill=False).hidden,
-                       lambda: enc.encode(req, preset).hidden]
+                       lambda: enc.encode(req, preset).hidden, without_opening_cache]
                 if preset == "training":
                     fns.append(lambda: enc.encode(req, preset, pad_rows="constant").hidden)
                 outs, times = interleaved(fns, args.repeat, sync)
@@ -159,10 +231,12 @@ def main() -> None:
                 row = {"preset": preset, "prompt": label, "real_tokens": lengths[0], "padded_tokens": ref.shape[2],
                        "reference_s": t_ref, "padded_forward_s": t_pad, "ours_s": t_ours,
                        "speedup_vs_reference": t_ref / t_ours, "padded_forward_vs_reference": t_ref / t_pad,
-                       "max_abs_diff_vs_padded": (ours.float() - padded.float()).abs().max().item()}
+                       "max_abs_diff_vs_padded": (ours.float() - padded.float()).abs().max().item(),
+                       "no_opening_cache_s": times[3], "no_opening_cache_speedup_vs_reference": t_ref / times[3],
+                       "opening_tokens": len(enc.prompt_prefix(preset)[0]) if enc.prompt_prefix(preset) else 0}
                 if preset == "training":  # this stack's generate() has the constant rows
-                    row["constant_speedup_vs_reference"] = t_ref / times[3]
-                    row["max_abs_diff_vs_reference"] = (outs[3].float() - ref.float()).abs().max().item()
+                    row["constant_speedup_vs_reference"] = t_ref / times[4]
+                    row["max_abs_diff_vs_reference"] = (outs[4].float() - ref.float()).abs().max().item()
                 else:
                     row["max_abs_diff_vs_reference"] = (ours.float() - ref.float()).abs().max().item()
                 results["rows"].append(row)
@@ -170,44 +244,48 @@ def main() -> None:
                          else "")
                 print(f"{preset:9s} {label:26s} tokens {lengths[0]:4d}/{ref.shape[2]:4d}  ref {t_ref:7.3f}s  "
                       f"padded fwd x{row['padded_forward_vs_reference']:.2f}  ours x{row['speedup_vs_reference']:.2f}"
+                      f" (without the opening cache x{row['no_opening_cache_speedup_vs_reference']:.2f})"
                       f"{extra}  max|diff| vs ref {row['max_abs_diff_vs_reference']:.1e}, vs padded "
                       f"{row['max_abs_diff_vs_padded']:.1e}", flush=True)
-        # Quantisation: weight memory, time and agreement with fp32 (hidden states and a random AlignNet).
-        from x2i_core.mllm.quant import Int8Linear
-        from x2i_core.tiny import build_alignnet
+        if args.batch:
+            batch_section(args, enc, full, results, sync)
+        if not args.no_quant:
+            # Quantisation: weight memory, time and agreement with fp32 (hidden states and a random AlignNet).
+            from x2i_core.mllm.quant import Int8Linear
+            from x2i_core.tiny import build_alignnet
 
-        req = EncodeRequest(text=PROMPTS["medium (~64 real tokens)"])
-        base = enc.encode(req, "training").hidden.float()
-        net = build_alignnet(channels=enc.channels, hidden=enc.hidden_size, seed=1).to(args.device)
-        with torch.no_grad():
-            p0, s0 = net(base)
-        variants = [("fp32", "fp32", "none"), ("bf16", "bf16", "none"), ("int8 (fp32 compute)", "fp32", "int8"),
-                    ("int8 (bf16 compute)", "bf16", "int8")]
-        if args.device.startswith("cuda"):
-            variants += [("bnb8", "bf16", "bnb8"), ("bnb4", "bf16", "bnb4")]
-        encs = {}
-        for label, dt, q in variants:
-            try:
-                encs[label] = load_mllm(folder, dtype=dt, device=args.device, quant=q)
-            except Exception as exc:  # noqa: BLE001 - e.g. bitsandbytes missing: report, go on
-                print(f"{label}: not run ({exc})")
-        (outs, times) = interleaved([lambda e=e: e.encode(req, "training").hidden for e in encs.values()],
-                                    args.repeat, sync)
-        results["quant"] = []
-        for (label, e), h, t in zip(encs.items(), outs, times):
-            layers = e.decoder_layers
-            nbytes = sum(b.numel() * b.element_size() for b in list(layers.parameters()) + list(layers.buffers()))
+            req = EncodeRequest(text=PROMPTS["medium (~64 real tokens)"])
+            base = enc.encode(req, "training").hidden.float()
+            net = build_alignnet(channels=enc.channels, hidden=enc.hidden_size, seed=1).to(args.device)
             with torch.no_grad():
-                p1, s1 = net(h.float())
-            cos = torch.nn.functional.cosine_similarity
-            row = {"variant": label, "decoder_weight_bytes": nbytes, "time_s": t,
-                   "rel_err_vs_fp32": ((h.float() - base).norm() / base.norm()).item(),
-                   "alignnet_seq_cos": cos(s1.flatten(), s0.flatten(), dim=0).item(),
-                   "alignnet_pooled_cos": cos(p1.flatten(), p0.flatten(), dim=0).item(),
-                   "int8_layers": sum(isinstance(m, Int8Linear) for m in layers.modules())}
-            results["quant"].append(row)
-            print(f"{label:22s} decoder weights {nbytes / 2**20:8.1f} MiB  time {t:6.3f}s  rel err {row['rel_err_vs_fp32']:.2e}"
-                  f"  AlignNet cos seq {row['alignnet_seq_cos']:.6f} pooled {row['alignnet_pooled_cos']:.6f}", flush=True)
+                p0, s0 = net(base)
+            variants = [("fp32", "fp32", "none"), ("bf16", "bf16", "none"), ("int8 (fp32 compute)", "fp32", "int8"),
+                        ("int8 (bf16 compute)", "bf16", "int8")]
+            if args.device.startswith("cuda"):
+                variants += [("bnb8", "bf16", "bnb8"), ("bnb4", "bf16", "bnb4")]
+            encs = {}
+            for label, dt, q in variants:
+                try:
+                    encs[label] = load_mllm(folder, dtype=dt, device=args.device, quant=q)
+                except Exception as exc:  # noqa: BLE001 - e.g. bitsandbytes missing: report, go on
+                    print(f"{label}: not run ({exc})")
+            (outs, times) = interleaved([lambda e=e: e.encode(req, "training").hidden for e in encs.values()],
+                                        args.repeat, sync)
+            results["quant"] = []
+            for (label, e), h, t in zip(encs.items(), outs, times):
+                layers = e.decoder_layers
+                nbytes = sum(b.numel() * b.element_size() for b in list(layers.parameters()) + list(layers.buffers()))
+                with torch.no_grad():
+                    p1, s1 = net(h.float())
+                cos = torch.nn.functional.cosine_similarity
+                row = {"variant": label, "decoder_weight_bytes": nbytes, "time_s": t,
+                       "rel_err_vs_fp32": ((h.float() - base).norm() / base.norm()).item(),
+                       "alignnet_seq_cos": cos(s1.flatten(), s0.flatten(), dim=0).item(),
+                       "alignnet_pooled_cos": cos(p1.flatten(), p0.flatten(), dim=0).item(),
+                       "int8_layers": sum(isinstance(m, Int8Linear) for m in layers.modules())}
+                results["quant"].append(row)
+                print(f"{label:22s} decoder weights {nbytes / 2**20:8.1f} MiB  time {t:6.3f}s  rel err {row['rel_err_vs_fp32']:.2e}"
+                      f"  AlignNet cos seq {row['alignnet_seq_cos']:.6f} pooled {row['alignnet_pooled_cos']:.6f}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)
