@@ -5,13 +5,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 REQS   := requirements.txt requirements/dev.txt requirements/comfyui.txt requirements/constraints.txt pyproject.toml
-STAMP  := $(VENV)/.x2i-env-$(shell cat $(REQS) 2>/dev/null | sha1sum | cut -c1-12)
+# The environment's fingerprint; pyproject.toml's [tool.pytest*] / [tool.ruff*] tables (markers, lint) leave it alone.
+ENV_FILES := $(filter-out pyproject.toml,$(REQS))
+STAMP  := $(VENV)/.x2i-env-$(shell { cat $(ENV_FILES); awk '/^\[/ { skip = /^\[tool\.(pytest|ruff)/ } !skip' pyproject.toml; } 2>/dev/null | sha1sum | cut -c1-12)
 
 REFSTACK   ?= .refstack
 REF_REQS   := requirements/reference-stack.txt
 REF_STAMP  := $(REFSTACK)/.x2i-ref-$(shell cat $(REF_REQS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: env refstack browser demo demo-cli test gpu-wheels clean-env
+.PHONY: env refstack browser demo demo-cli test test-fast gpu-wheels clean-env
 
 env: $(STAMP)
 
@@ -26,7 +28,7 @@ $(REF_STAMP): $(REF_REQS) | $(STAMP)
 	mv $(REFSTACK).tmp $(REFSTACK)
 	touch $@
 
-$(STAMP): $(REQS)
+$(STAMP): $(ENV_FILES)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=64,<82" wheel
@@ -53,7 +55,10 @@ demo-cli: env
 test: env refstack browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The fast dev loop lives beside `test` (see README, Development).
+# The fast dev loop (see README, Development): the suite without the tests marked comfy (real ComfyUI host),
+# frontend (headless Chromium) or slow (pyproject.toml markers); needs neither .refstack nor chromium.
+test-fast: env
+	$(PY) -m pytest -q -m "not comfy and not frontend and not slow" $(PYTEST_ARGS)
 
 # Wheels the lent GPU machine lacks (it reaches no registry): pass `carry: [".gpu-wheels"]` to the device run,
 # then `bash benchmarks/gpu_check.sh` there installs them into .gpu-deps/ and .gpu-refstack/.

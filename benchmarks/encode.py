@@ -50,8 +50,12 @@ PROMPTS = {
 
 
 def build(folder: str, shape: str, layers: int | None = None) -> str:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, \
-        Qwen2VLImageProcessor
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from x2i_core.prompt import QWEN25VL_CHAT_TEMPLATE
@@ -284,7 +288,8 @@ def main() -> None:
                        "alignnet_pooled_cos": cos(p1.flatten(), p0.flatten(), dim=0).item(),
                        "int8_layers": sum(isinstance(m, Int8Linear) for m in layers.modules())}
                 results["quant"].append(row)
-                print(f"{label:22s} decoder weights {nbytes / 2**20:8.1f} MiB  time {t:6.3f}s  rel err {row['rel_err_vs_fp32']:.2e}"
+                print(f"{label:22s} decoder weights {nbytes / 2**20:8.1f} MiB  time {t:6.3f}s  "
+                      f"rel err {row['rel_err_vs_fp32']:.2e}"
                       f"  AlignNet cos seq {row['alignnet_seq_cos']:.6f} pooled {row['alignnet_pooled_cos']:.6f}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -67,7 +67,6 @@ def side_x2i(layers_list, captions, repeat):
                     return net(enc.encode_text(captions, preset="training").hidden)
 
             out[layers] = _timed(run, repeat)
-            del enc
     return out
 
 
@@ -89,7 +88,6 @@ def side_t5clip(layers_list, captions, repeat):
                 return t5(ids_t5).last_hidden_state, clip(ids_clip).pooler_output
 
         out[layers] = _timed(run, repeat)
-        del t5
     return out
 
 

@@ -341,7 +341,7 @@ def step_flux(ctx: Ctx) -> dict:
         return t5(ids_t5).last_hidden_state, clip(ids_clip).pooler_output
 
     times = {}
-    for name, enc in (("x2i", x2i), ("t5clip", t5clip)):
+    for enc in (x2i, t5clip):
         image(enc)  # warm-up
     for _ in range(1 if ctx.dry else 2):
         for name, enc in (("x2i", x2i), ("t5clip", t5clip)):

@@ -163,8 +163,7 @@ def _processor_for(tokenizer):
     (PIL) image processor, as the transformers path loads it (what transformers 4.49 ran for the reference)."""
     proc = _PROCESSORS.get(tokenizer)
     if proc is None:
-        from transformers import Qwen2_5_VLProcessor
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor as ImageProcessor
 
         kwargs = {}
         try:  # transformers >= 4.52 wants a video processor (this node passes no video)

@@ -18,8 +18,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..x2i_core.alignnet import load_alignnet
-from ..x2i_core.mllm import load_mllm
-from ..x2i_core.mllm import resolve_dtype
+from ..x2i_core.mllm import load_mllm, resolve_dtype
 from ..x2i_core.mllm.cache import EncodeCache
 
 log = logging.getLogger("x2i")

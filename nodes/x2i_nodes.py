@@ -12,11 +12,22 @@ import node_helpers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
-from ..x2i_core.registry import MLLMIdentity, check_fits
 from ..x2i_core.mllm.base import EncodeRequest
+from ..x2i_core.registry import MLLMIdentity, check_fits
 from . import paths
-from .common import (CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, has_any, image_resolution_input,
-                     media_inputs, node_media, pad_rows_input, run_mllm, user_errors)
+from .common import (
+    CATEGORY,
+    PRESET_OPTIONS,
+    PRESET_TOOLTIP,
+    NodeError,
+    has_any,
+    image_resolution_input,
+    media_inputs,
+    node_media,
+    pad_rows_input,
+    run_mllm,
+    user_errors,
+)
 from .models import load_managed_alignnet, load_managed_mllm
 from .types import ALIGNNET, CHAT, HIDDEN, MLLM
 

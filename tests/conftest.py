@@ -20,6 +20,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Safety net for the `comfy` marker (pyproject.toml): a test that requests the ComfyUI `host` fixture,
+    directly or through another fixture, starts the real server, so it is `comfy` even if its module forgot
+    the mark - `make test-fast` (-m "not comfy ...") must never start the host."""
+    for item in items:
+        if "host" in getattr(item, "fixturenames", ()) and item.get_closest_marker("comfy") is None:
+            item.add_marker(pytest.mark.comfy)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The tiny model set, built fresh once per test session (no ComfyUI files)."""

@@ -42,8 +42,7 @@ def _frames(frames, max_pixels):
     128*28*28 and the ceiling ``min(max_pixels, max(min(768*28*28, 0.9*128000*28*28 / T * 2), 1.05 x floor))``,
     bicubic with antialiasing, back to uint8; an odd count gets its last frame repeated."""
     import numpy as np
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
+    from torchvision.transforms import InterpolationMode, functional as TF
 
     video = torch.from_numpy(np.stack([np.asarray(f.convert("RGB")) for f in frames])).permute(0, 3, 1, 2)
     n, _, h, w = video.shape

@@ -82,6 +82,7 @@ def test_two_micro_batches_of_one_equal_one_batch_of_two(tiny, tmp_path, trainer
         assert worst <= (1e-5 if step == 0 else 1e-4), max(rel, key=rel.get)
 
 
+@pytest.mark.slow
 def test_lora_accumulates_checkpoints_and_resumes_exactly(tiny, tmp_path):
     data = lora_dataset(str(tmp_path / "data"))
     common = [f"mllm={tiny['mllm']}", f"alignnet={tiny['alignnet_safetensors']}", f"flux={tiny['flux']}",

@@ -63,7 +63,10 @@ def test_forward_matches_hand_written_computation():
     var = fused.var(-1, unbiased=False, keepdim=True)
     normed = (fused - mu) / torch.sqrt(var + 1e-6) * sd["mlp.layernorm.weight"] + sd["mlp.layernorm.bias"]
     h1 = normed @ sd["mlp.projector.0.weight"].T
-    gelu = lambda t: 0.5 * t * (1 + torch.erf(t / 2 ** 0.5))
+
+    def gelu(t):
+        return 0.5 * t * (1 + torch.erf(t / 2 ** 0.5))
+
     seq = gelu(h1) @ sd["mlp.projector.2.weight"].T
     pooled = (gelu(seq) @ sd["mlp.fc.1.weight"].T + sd["mlp.fc.1.bias"]).mean(dim=1)
     p, s = net(x)

@@ -386,7 +386,8 @@ def row_output_folder_read_only_trainer(ctx):
 ROWS = {
     "alignnet-missing": (row_alignnet_missing, X2IFileError, r"nope\.safetensors' does not exist"),
     "alignnet-empty": (row_alignnet_empty, X2IFileError, r"empty \(0 bytes\).*download it again"),
-    "alignnet-truncated-safetensors": (row_alignnet_truncated_safetensors, X2IFileError, r"cut\.safetensors.*corrupt or truncated"),
+    "alignnet-truncated-safetensors": (row_alignnet_truncated_safetensors, X2IFileError,
+                                       r"cut\.safetensors.*corrupt or truncated"),
     "alignnet-html-page": (row_alignnet_html_page, X2IFileError, r"neither safetensors nor a torch.*HTML"),
     "alignnet-truncated-pt": (row_alignnet_truncated_pt, X2IFileError, r"cut\.pt.*(truncated|corrupt|cannot be read)"),
     "alignnet-is-a-lora": (row_alignnet_is_a_lora, X2IFileError, r"lora\.safetensors.*not an AlignNet"),
@@ -396,7 +397,8 @@ ROWS = {
     "lightcontrol-code-pickle": (row_lightcontrol_code_pickle, X2IUnsafeFileError, r"evil\.bin' was refused"),
     "mllm-folder-missing": (row_mllm_folder_missing, X2IFileError, r"no-such-model' does not exist; expected a Hugging Face"),
     "mllm-config-corrupt": (row_mllm_config_corrupt, X2IFileError, r"config\.json' is not valid JSON"),
-    "mllm-no-tokenizer": (row_mllm_no_tokenizer, X2IFileError, r"mllm-copy' has no tokenizer files; expected tokenizer\.json"),
+    "mllm-no-tokenizer": (row_mllm_no_tokenizer, X2IFileError,
+                          r"mllm-copy' has no tokenizer files; expected tokenizer\.json"),
     "mllm-config-malformed": (row_mllm_config_malformed, X2IFileError,
                               r"mllm-copy': config\.json does not describe a usable Qwen2\.5-VL model"),
     "mllm-weights-truncated": (row_mllm_weights_truncated, X2IFileError, r"truncated or corrupt \.safetensors"),
@@ -406,7 +408,8 @@ ROWS = {
     "mllm-published-pickle-file": (row_mllm_published_pickle_file, X2IFileError, r"is a file.*pickle.*never opened"),
     "alignnet-for-another-mllm": (row_alignnet_for_another_mllm, X2IShapeError, r"C=29.*Qwen2.5-VL-tiny.*C=3"),
     "alignnet-for-another-flux": (row_alignnet_for_another_flux, X2IShapeError, r"width 4096.*expects 64"),
-    "lightcontrol-for-another-flux": (row_lightcontrol_for_another_flux, X2IInputError, r"width 3072.*FLUX transformer is \d+ wide"),
+    "lightcontrol-for-another-flux": (row_lightcontrol_for_another_flux, X2IInputError,
+                                      r"width 3072.*FLUX transformer is \d+ wide"),
     "prompt-empty": (row_prompt_empty, X2IInputError, r"empty"),
     "prompt-whitespace-only": (row_prompt_whitespace_only, X2IInputError, r"empty"),
     "prompt-only-special-tokens": (row_prompt_only_special_tokens, X2IInputError, r"only the MLLM's special tokens"),
@@ -496,7 +499,6 @@ def _node_prompt(host, row, index):
 @pytest.fixture(scope="module")
 def node_runs(host, tmp_path_factory):
     from test_comfy_host import node_of, tiny_api
-
     from x2i_core.tiny import build_alignnet
 
     x2i = os.path.join(host["base"], "models", "x2i")
@@ -528,6 +530,7 @@ def node_runs(host, tmp_path_factory):
     return facts
 
 
+@pytest.mark.comfy
 @pytest.mark.parametrize("row", sorted(NODE_ROWS))
 def test_node_row_in_the_real_executor(row, node_runs):
     _, _, status, needles = NODE_ROWS[row]
@@ -550,9 +553,9 @@ ESCAPES = ["../../etc", "../x2i/alignnet-tiny.safetensors", "/etc/passwd", "C:\\
            "secret.safetensors\x00.pt", "%2e%2e/secret.safetensors", "~/secret.safetensors", ""]
 
 
+@pytest.mark.comfy
 def test_model_names_cannot_escape_the_model_folders_through_prompt(host, tmp_path):
     from test_comfy_host import tiny_api
-
     from tools.comfy_host import execution_error
 
     s, base = host["server"], host["base"]

@@ -13,6 +13,8 @@ from PIL import Image
 
 from tools.comfy_host import ROOT, PromptRejected, execution_error, load_workflow, ui_to_api
 
+pytestmark = pytest.mark.comfy
+
 NODE_IDS = ["X2IMLLMLoader", "X2IMLLMEncode", "X2IAlignNetLoader", "X2IAlignNetProject", "X2ISampler",
             "X2ILightControlLoader", "X2IChatTurn", "X2IMLLMReason"]
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))

@@ -84,6 +84,7 @@ def test_atomic_writes_respect_the_umask(tmp_path):
         assert stat.S_IMODE(os.stat(r.stdout.strip()).st_mode) == 0o777 & ~mask
 
 
+@pytest.mark.slow
 def test_trained_and_converted_files_are_readable_by_others_under_umask_022(tiny, tmp_path):
     """The distill run spells mixed precision 'no' and checkpointing 'off' on the command line."""
     env = dict(os.environ, PYTHONPATH=ROOT)

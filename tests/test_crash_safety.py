@@ -257,6 +257,7 @@ def _damage(folder, kind):
     raise AssertionError(kind)
 
 
+@pytest.mark.slow  # with the reference run and a killed run per case: ~30 s on 2 cores
 @pytest.mark.parametrize("kind", ["truncate", "flip", "missing_file", "bad_manifest", "legacy_unreadable"])
 def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(setups, server, tmp_path, kind):
     ref = reference(setups, "distill")
@@ -274,6 +275,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(setups,
     assert_same_result(out, ref, "distill")
 
 
+@pytest.mark.slow
 def test_legacy_checkpoints_without_a_manifest_still_resume(setups, server, tmp_path):
     ref = reference(setups, "lora")
     out = tmp_path / "out"
@@ -289,6 +291,7 @@ def test_legacy_checkpoints_without_a_manifest_still_resume(setups, server, tmp_
     assert_same_result(out, ref, "lora")
 
 
+@pytest.mark.slow  # a killed training run (and the module's kill server and set-ups)
 def test_no_usable_checkpoint_is_a_clear_error_and_deletes_nothing(setups, server, tmp_path):
     out = tmp_path / "out"
     argv = setups["argv"]["lightcontrol"](out)

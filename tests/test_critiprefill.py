@@ -12,8 +12,14 @@ import torch.nn.functional as F
 
 from x2i_core.errors import X2IInputError
 from x2i_core.mllm import EncodeRequest, load_mllm
-from x2i_core.mllm.critiprefill import (NAME, CritiPrefillConfig, PrefillStats, attention_lse, sparse_attention,
-                                        sparse_prefill)
+from x2i_core.mllm.critiprefill import (
+    NAME,
+    CritiPrefillConfig,
+    PrefillStats,
+    attention_lse,
+    sparse_attention,
+    sparse_prefill,
+)
 from x2i_core.tiny import build_alignnet, build_qwen25vl
 
 TOL = 1e-5
@@ -194,10 +200,10 @@ def test_attention_lse_matches_the_maths():
         if m is not None:
             t = t.masked_fill(~m, float("-inf"))
         lse = torch.logsumexp(t, -1)
-        o, l = attention_lse(q, k, v, 0.25, causal=causal, mask=m)
+        o, got_lse = attention_lse(q, k, v, 0.25, causal=causal, mask=m)
         assert torch.allclose(o, torch.softmax(t, -1).nan_to_num(0) @ v, atol=1e-5)
-        assert torch.equal(torch.isfinite(l), torch.isfinite(lse))
-        assert torch.allclose(l[torch.isfinite(l)], lse[torch.isfinite(lse)], atol=1e-5)
+        assert torch.equal(torch.isfinite(got_lse), torch.isfinite(lse))
+        assert torch.allclose(got_lse[torch.isfinite(got_lse)], lse[torch.isfinite(lse)], atol=1e-5)
 
 
 def test_config_parsing_and_validation():

@@ -43,6 +43,7 @@ def losses(out):
     return [(int(r["step"]), r["loss"]) for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 def test_200_steps_cut_the_summed_kl_tenfold(tiny, captions, tmp_path):
     out = tmp_path / "run"
     distill(*base_args(tiny, captions, out, "train.steps=200", "checkpoint.every=100"))
@@ -58,6 +59,7 @@ def test_200_steps_cut_the_summed_kl_tenfold(tiny, captions, tmp_path):
     assert (net.config.in_channels, net.config.input_dim) == (3, 64)
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_then_resume_continues_identically(tiny, captions, tmp_path):
     common = ("train.steps=12", "checkpoint.every=4", "checkpoint.keep_last=2")
     ref = tmp_path / "ref"
@@ -76,6 +78,7 @@ def test_sigkill_during_checkpoint_write_then_resume_continues_identically(tiny,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise equal weights
 
 
+@pytest.mark.slow
 def test_sigkill_mid_step_then_resume_continues_identically(tiny, tmp_path):
     # over-long captions are skipped (data.skip_long): the resumed stream must skip exactly the same ones
     caps = tmp_path / "caps.txt"
@@ -102,6 +105,7 @@ def test_sigkill_mid_step_then_resume_continues_identically(tiny, tmp_path):
     assert losses(out) == losses(ref)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny, captions, tmp_path):
     # A small lr: Adam's first steps are ~lr * sign(grad), which magnifies round-off in near-zero gradients.
     common = ("train.steps=4", "checkpoint.every=0", "train.lr=1e-5")
@@ -125,13 +129,14 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny, c
         assert torch.allclose(w1[k], w2[k], atol=2e-6, rtol=1e-4), (k, (w1[k] - w2[k]).abs().max())
 
 
+@pytest.mark.slow
 def test_teacher_embedding_cache_gives_the_same_losses(tiny, captions, tmp_path):
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     distill(*base_args(tiny, captions, plain, "train.steps=3", "checkpoint.every=0"))
     distill(*base_args(tiny, captions, cached, "train.steps=3", "checkpoint.every=0",
                        "distill.cache_teacher_embeddings=true"))
     assert len(os.listdir(cached / "teacher_cache")) == 6
-    for (s1, a), (s2, b) in zip(losses(plain), losses(cached)):
+    for (_, a), (_, b) in zip(losses(plain), losses(cached)):
         assert abs(float(a) - float(b)) <= 1e-5 * max(1.0, abs(float(a)))
 
 
@@ -198,6 +203,7 @@ def test_shipped_configs_parse():
         assert cfg["distill"]["temperature"] == 3.0 and cfg["preset"] == "training"
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_distill.py"), "--rows", "64",
                         "--width", "128", "--repeat", "1", "--json", str(tmp_path / "b.json")],
@@ -212,6 +218,7 @@ def test_benchmark_script_runs(tmp_path):
     assert ck["held_ratio_on_vs_off"] < 0.5 and ck["loss_rel_diff"] <= 1e-5 and ck["grad_rel_diff"] <= 1e-5
 
 
+@pytest.mark.slow  # four trainers, two steps each: ~25 s on 2 cores
 @pytest.mark.parametrize("backend", ["rowwise", "reference"])
 def test_gradient_checkpointing_gives_the_same_first_step(tiny, captions, tmp_path, backend):
     # Under activation checkpointing FLUX's blocks run again in backward, with the loss hooks inside them.

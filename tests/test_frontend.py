@@ -9,6 +9,8 @@ import pytest
 from tools import frontend_check
 from tools.comfy_host import ROOT
 
+pytestmark = pytest.mark.frontend  # the browser tests also use the host (conftest adds `comfy` to those)
+
 WORKFLOW_DIR = os.path.join(ROOT, "workflows")
 WORKFLOWS = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
 SHOTS = os.path.join(ROOT, "out", "screenshots")

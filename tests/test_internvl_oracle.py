@@ -19,6 +19,8 @@ from test_reference_oracle import ROOT, TOL, refstack
 from x2i_core.errors import X2IFileError, X2IInputError
 from x2i_core.mllm import EncodeRequest
 
+pytestmark = pytest.mark.slow  # subprocesses on the 4.49 reference stack (.refstack)
+
 HELPER = os.path.join(ROOT, "tests", "helpers", "reference_internvl.py")
 TEXTS = ["A red fox jumps over a lazy dog in the snowy forest at dawn.", "一只可爱的小猫坐在窗台上",
          "An oil painting of a lighthouse on a rocky coast under a stormy sky. " * 30]  # > 512 tokens: truncated

@@ -73,6 +73,7 @@ def _image_inputs(tmp_path, h=4, w=6, tokens=24, seed=0):
     return inputs, str(path)
 
 
+@pytest.mark.comfy
 def test_comfyui_controlnet_matches_diffusers_injection(host, tmp_path):
     inputs, path = _image_inputs(tmp_path)
     spec = tmp_path / "spec.json"
@@ -113,6 +114,7 @@ def test_comfyui_controlnet_matches_diffusers_injection(host, tmp_path):
     assert diff <= 1e-4 * max(1.0, got["v_lc"].abs().max().item())
 
 
+@pytest.mark.comfy
 def test_edit_workflow_strength_zero_is_exact_and_one_changes(host):
     from test_comfy_host import tiny_api
     from tools.comfy_host import execution_error
@@ -156,6 +158,7 @@ def base_args(tiny, data, out, *extra):
             "data.resolution=64", "train.lr=1e-3", "train.warmup_steps=5", *extra]
 
 
+@pytest.mark.slow
 def test_trainer_loss_falls_and_resume_is_exact(tiny, tmp_path):
     data = make_triples(str(tmp_path / "data"))
     out = tmp_path / "out"
@@ -174,6 +177,7 @@ def test_trainer_loss_falls_and_resume_is_exact(tiny, tmp_path):
     assert [x["loss"] for x in read_metrics(killed)] == [x["loss"] for x in read_metrics(ref)]
 
 
+@pytest.mark.comfy
 def test_trained_lightcontrol_runs_in_the_node(host, tmp_path):
     """Train 1 step against the stock-loadable 3072-wide FLUX, then use the file in the edit workflow."""
     from test_comfy_host import tiny_api

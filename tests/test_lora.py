@@ -32,6 +32,7 @@ def small_args(tiny, data, out, *extra):
             "train.lr=1e-2", "train.warmup_steps=5", *extra]
 
 
+@pytest.mark.slow
 def test_loss_falls_on_image_and_text_data_and_file_layout(tiny, tmp_path):
     data = make_dataset(str(tmp_path / "data"), corrupt=True)
     out = tmp_path / "out"
@@ -50,6 +51,7 @@ def test_loss_falls_on_image_and_text_data_and_file_layout(tiny, tmp_path):
     assert float(sd["transformer.transformer_blocks.0.attn.to_q.alpha"]) == 4.0  # alpha != rank is stored
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(tiny, tmp_path):
     data = make_dataset(str(tmp_path / "data"))
     common = ("train.steps=12", "checkpoint.every=4")
@@ -124,6 +126,7 @@ def _probe(host, lora, strength, inputs, tmp_path, name):
     return load_file(out)["v"], json.loads(open(str(out) + ".json").read())
 
 
+@pytest.mark.comfy
 def test_comfyui_maps_every_key_and_matches_diffusers(host, big_lora, tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 4, 4, generator=g)
@@ -162,6 +165,7 @@ def test_comfyui_maps_every_key_and_matches_diffusers(host, big_lora, tmp_path):
     assert diff <= 1e-4 * max(1.0, scale)
 
 
+@pytest.mark.comfy
 def test_trained_lora_in_the_shipped_workflow_with_stock_loader(host, big_lora):
     import shutil
 

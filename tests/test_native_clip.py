@@ -25,6 +25,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.comfy  # all but the workflow-file check read the in-process executor's report
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TOL = 1e-5
@@ -210,13 +212,13 @@ def _tiny_clip(tiny_mllm: str, kind: str, model_options: dict | None = None):
             self.dtype = dtype
 
     class TinyClipModel(sd1_clip.SDClipModel):  # as qwen_image / omnigen2 configure theirs
-        def __init__(self, device="cpu", dtype=None, model_options={}):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's own signature)
             super().__init__(device=device, layer="last", layer_idx=None, textmodel_json_config={}, dtype=dtype,
                              special_tokens={"pad": pad_id}, layer_norm_hidden_state=False, model_class=TinyQwen,
                              enable_attention_masks=True, return_attention_masks=True, model_options=model_options)
 
     class TinyTokenizer(sd1_clip.SDTokenizer):  # the stock wrapper's settings, the tiny vocabulary
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 (ComfyUI's own signature)
             super().__init__(tiny_mllm, pad_with_end=False, embedding_size=fields["hidden_size"], embedding_key=name,
                              tokenizer_class=Qwen2Tokenizer, has_start_token=False, has_end_token=False,
                              pad_to_max_length=False, max_length=99999999, min_length=1, pad_token=pad_id,
@@ -359,7 +361,7 @@ def _worker(spec_path: str) -> None:
     # -- the shipped workflow through the real executor (Load CLIP's file read replaced by the tiny CLIP)
     calls = []
 
-    def tiny_load_clip(ckpt_paths, embedding_directory=None, clip_type=None, model_options={}):
+    def tiny_load_clip(ckpt_paths, embedding_directory=None, clip_type=None, model_options={}):  # noqa: B006 (ComfyUI's own signature)
         calls.append([os.path.basename(ckpt_paths[0]), clip_type.name])
         return _tiny_clip(tiny["mllm"], "7b", model_options)
 

@@ -25,6 +25,8 @@ from safetensors import safe_open
 from x2i_core.media import sample_frames
 from x2i_core.mllm import EncodeRequest
 
+pytestmark = pytest.mark.slow  # subprocesses on the 4.49 reference stack (.refstack, make refstack)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "helpers", "reference_stack.py")
 TEMPLATE = os.path.join(ROOT, "tests", "data", "qwen2.5-vl-chat-template.jinja")

@@ -26,7 +26,7 @@ from PIL import Image
 from test_comfy_host import tiny_api
 from tools.comfy_host import ROOT, ComfyServer, ensure_comfyui, execution_error, prepare_base
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 N_PROMPTS = 50
 RSS_GROWTH_LIMIT = 0.05

@@ -124,7 +124,7 @@ def write_sample_media(input_dir: str) -> dict[str, str]:
     os.makedirs(input_dir, exist_ok=True)
     rng = np.random.RandomState(0)
     out = {}
-    for i, name in enumerate(SAMPLE_IMAGES):
+    for name in SAMPLE_IMAGES:
         path = os.path.join(input_dir, name)
         if not os.path.exists(path):
             h, w = (80, 112) if name == "source.png" else (96, 128)  # subject/scene equal: Image Batch keeps them
@@ -376,7 +376,7 @@ def boot_in_process(spec_path: str, with_nodes: bool = True) -> dict:
         args.base_directory = spec["base"]
     if with_nodes:
         import utils.extra_config  # noqa: F401  (must precede nodes: 'utils' is ComfyUI's package)
-        import nodes
+        import nodes  # isort: skip
 
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     return spec
@@ -391,6 +391,7 @@ def _fault(kind: str | None):
         yield
         return
     import torch
+
     import comfy.model_management as mm
 
     (chat,) = [m for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.chat")]

@@ -292,7 +292,7 @@ def build(nodes, object_info, description):
     link_id = 0
     # first pass: inputs and links
     node_inputs = {}
-    for nid, ntype, pos, widgets, conns, title in nodes:
+    for nid, ntype, _pos, _widgets, conns, _title in nodes:
         info = object_info[ntype]
         ordered = list(info["input"].get("required", {}).items()) + list(info["input"].get("optional", {}).items())
         ins = []
@@ -314,7 +314,7 @@ def build(nodes, object_info, description):
         if missing:
             raise KeyError(f"{ntype}: no socket input(s) {missing}")
         node_inputs[nid] = ins
-    for nid, ntype, pos, widgets, conns, title in nodes:
+    for nid, ntype, pos, widgets, _conns, title in nodes:
         info = object_info[ntype]
         outs = []
         for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):

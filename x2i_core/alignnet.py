@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from .errors import X2IFileError, X2IInputError, X2IShapeError
 from .io import atomic_save_safetensors, load_weights_file
-from .registry import (Provenance, describe_dims, provenance_from_metadata, released_file, warn_if_ambiguous)
+from .registry import Provenance, describe_dims, provenance_from_metadata, released_file, warn_if_ambiguous
 
 log = logging.getLogger("x2i")
 

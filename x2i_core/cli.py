@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate an image from a text/image/video prompt")
-    g.add_argument("--mllm", required=True, type=_existing_dir("MLLM"), help="Hugging Face MLLM folder (Qwen2.5-VL, Qwen2.5-Omni, InternVL -hf, MiniCPM-o)")
-    g.add_argument("--alignnet", required=True, type=_existing_file("AlignNet"), help="AlignNet file (.safetensors or published .pt)")
+    g.add_argument("--mllm", required=True, type=_existing_dir("MLLM"),
+                   help="Hugging Face MLLM folder (Qwen2.5-VL, Qwen2.5-Omni, InternVL -hf, MiniCPM-o)")
+    g.add_argument("--alignnet", required=True, type=_existing_file("AlignNet"),
+                   help="AlignNet file (.safetensors or published .pt)")
     g.add_argument("--alignnet-config", default=None, help="config for a bare AlignNet state dict: JSON file or preset name")
     g.add_argument("--flux", required=True, type=_existing_dir("FLUX"), help="diffusers FLUX folder (e.g. FLUX.1-dev)")
     g.add_argument("--prompt", default=None, help="prompt text, any language")

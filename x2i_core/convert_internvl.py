@@ -107,7 +107,8 @@ def _weight_files(src: str) -> list[str]:
     files = [n for n in names if n.endswith(".safetensors")]
     if not files:
         pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
-        raise X2IFileError(f"'{src}' has no .safetensors weights{' (only torch pickles: ' + ', '.join(pickles) + ')' if pickles else ''}; "
+        found = f" (only torch pickles: {', '.join(pickles)})" if pickles else ""
+        raise X2IFileError(f"'{src}' has no .safetensors weights{found}; "
                            "convert-internvl reads safetensors only - download the model's .safetensors files")
     return files
 

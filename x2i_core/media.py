@@ -190,8 +190,9 @@ def sample_frames(frames: Any, source_fps: float, fps: float = VIDEO_FPS, max_fr
     """Pick frames uniformly at ``fps`` from a clip recorded at ``source_fps`` (qwen-vl-utils' rule).
 
     The count is ``duration x fps`` clamped to ``[min_frames, min(max_frames, total)]`` and rounded down to
-    an even number (as qwen-vl-utils 0.0.10, the reference's helper, does); a clip longer than ``max_frames / fps`` seconds is therefore subsampled uniformly to
-    ``max_frames`` frames over its whole length (not cut).  ``frames`` is a ``[T, H, W, C]`` tensor/array
+    an even number (as qwen-vl-utils 0.0.10, the reference's helper, does); a clip longer than
+    ``max_frames / fps`` seconds is therefore subsampled uniformly to ``max_frames`` frames over its whole
+    length (not cut).  ``frames`` is a ``[T, H, W, C]`` tensor/array
     or a list; the same kind is returned.
     """
     total = len(frames)

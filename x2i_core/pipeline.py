@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import torch
 
 from .alignnet import AlignNet, load_alignnet
-from .registry import check_fits, identity_of
 from .errors import X2IFileError, X2IInputError, X2IShapeError
 from .mllm import load_mllm
 from .mllm.base import EncodeRequest, HiddenStates
+from .registry import check_fits, identity_of
 
 log = logging.getLogger("x2i")
 

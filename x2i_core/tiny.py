@@ -117,7 +117,14 @@ def _bpe(special: list[str], vocab_size: int = 512):
 def build_teacher_text_encoders(seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768):
     """Tiny CLIP-L and T5-XXL stand-ins (2 layers) with their tokenizers: FLUX's teacher encoders."""
     from tokenizers import processors
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        PreTrainedTokenizerFast,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
     clip_tok = _bpe(["<|startoftext|>", "<|endoftext|>"])
     bos, eos = clip_tok.token_to_id("<|startoftext|>"), clip_tok.token_to_id("<|endoftext|>")
@@ -145,8 +152,12 @@ def build_teacher_text_encoders(seed: int = 0, joint_dim: int = 4096, pooled_dim
 
 def build_qwen25vl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64) -> str:
     """A tiny Qwen2.5-VL model folder at ``out_dir``."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = build_tokenizer(out_dir)

@@ -19,9 +19,8 @@ import os
 
 import torch
 
+from .mllm.qwen25omni import OMNI_SYSTEM_PROMPT
 from .tiny import _spread, _staging, build_tokenizer
-
-from .mllm.qwen25omni import OMNI_SYSTEM_PROMPT  # noqa: E402
 
 OMNI_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|box_end|>",
@@ -52,8 +51,13 @@ OMNI_CHAT_TEMPLATE = (
 
 
 def build_qwen25omni(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64) -> str:
-    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor,
-                              Qwen2VLImageProcessor, WhisperFeatureExtractor)
+    from transformers import (
+        Qwen2_5OmniConfig,
+        Qwen2_5OmniForConditionalGeneration,
+        Qwen2_5OmniProcessor,
+        Qwen2VLImageProcessor,
+        WhisperFeatureExtractor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = build_tokenizer(out_dir, special_tokens=OMNI_SPECIAL_TOKENS, chat_template=OMNI_CHAT_TEMPLATE,

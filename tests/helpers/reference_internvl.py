@@ -88,7 +88,7 @@ def build(out_dir, vocab_dir, seed=0, tile=56):
     g = torch.Generator().manual_seed(seed)
     lm = Qwen2ForCausalLM(Qwen2Config(**llm))
     with torch.no_grad():
-        for name, p in lm.named_parameters():
+        for p in lm.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05 if p.dim() >= 2 else 1 + 0.1 * torch.randn(p.shape, generator=g))
     tensors = {f"language_model.{k}": v.contiguous() for k, v in lm.state_dict().items()}
     d, inner, layers, grid = 32, 64, 2, tile // 14

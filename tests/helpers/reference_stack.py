@@ -64,8 +64,13 @@ def _check_versions():
 
 def build(out_dir, vocab_dir, template_file, seed=0):
     """A tiny random Qwen2.5-VL in the released layout (flat config), tokenizer = the real Qwen2.5 one."""
-    from transformers import (AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor)
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+    )
 
     _check_versions()
     with open(template_file, encoding="utf-8") as fh:

@@ -59,7 +59,8 @@ def bfl_flux_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for j in singles:
         p, q = f"single_blocks.{j}.", f"single_transformer_blocks.{j}."
         for end in ("weight", "bias"):
-            q_, k_, v_, mlp = sd[f"{p}linear1.{end}"].split([hidden, hidden, hidden, sd[f"{p}linear1.{end}"].shape[0] - 3 * hidden])
+            linear1 = sd[f"{p}linear1.{end}"]
+            q_, k_, v_, mlp = linear1.split([hidden, hidden, hidden, linear1.shape[0] - 3 * hidden])
             out[f"{q}attn.to_q.{end}"], out[f"{q}attn.to_k.{end}"], out[f"{q}attn.to_v.{end}"] = q_, k_, v_
             out[f"{q}proj_mlp.{end}"] = mlp
             for src, dst in _SINGLE.items():

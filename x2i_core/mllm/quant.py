@@ -55,7 +55,7 @@ class Int8Linear(nn.Module):
 def quantize_int8(layers: nn.Module) -> int:
     """Replace every ``nn.Linear`` under ``layers`` (the decoder's layer list) in place; returns the count."""
     count = 0
-    for name, module in list(layers.named_modules()):
+    for _name, module in list(layers.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear(child))

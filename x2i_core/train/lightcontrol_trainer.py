@@ -130,7 +130,8 @@ class LightControlTrainer:
             sd = load_weights_file(cfg["flux_transformer"], what="FLUX").tensors
             self.flux = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, self.weight_dtype)
         else:
-            self.flux = FluxTransformer2DModel.from_pretrained(cfg["flux"], subfolder="transformer", torch_dtype=self.weight_dtype)
+            self.flux = FluxTransformer2DModel.from_pretrained(cfg["flux"], subfolder="transformer",
+                                                               torch_dtype=self.weight_dtype)
         self.flux.to(self.device).requires_grad_(False).eval()
         width = self.flux.config.num_attention_heads * self.flux.config.attention_head_dim
         lcfg = cfg["lightcontrol"]
@@ -157,6 +158,10 @@ class LightControlTrainer:
         if res % 16:
             raise X2IInputError(f"data.resolution {res} must be a multiple of 16")
         scale, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor or 0.0
+
+        def to_px(im):
+            return torch.from_numpy(np.asarray(fit_to(im, (res, res)), dtype=np.float32) / 127.5 - 1.0)
+
         self.items, self.skipped = [], []
         for t in self.triples:
             try:
@@ -165,7 +170,6 @@ class LightControlTrainer:
             except (OSError, ValueError) as exc:
                 self.skipped.append((t["name"], str(exc)))
                 continue
-            to_px = lambda im: torch.from_numpy(np.asarray(fit_to(im, (res, res)), dtype=np.float32) / 127.5 - 1.0)
             hint = to_px(src).permute(2, 0, 1)
             with torch.no_grad():
                 lat = self.vae.encode(to_px(tgt).permute(2, 0, 1)[None].to(self.device, self.weight_dtype)).latent_dist.mode()
