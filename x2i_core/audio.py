@@ -103,23 +103,52 @@ def _sinc_kernels(orig: int, new: int, width_zeros: int = 6, rolloff: float = 0.
     return (sinc * window * (base / orig))[:, None, :], half
 
 
-def resample(samples: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
-    """Band-limited resampling of ``[..., T]`` from ``orig_rate`` to ``new_rate`` Hz."""
+def _resample_direct(flat: torch.Tensor, orig: int, new: int, target: int, width_zeros: int = 6,
+                     rolloff: float = 0.99, chunk: int = 1 << 16) -> torch.Tensor:
+    """The same windowed-sinc filter as :func:`_sinc_kernels`, evaluated at each output instant directly
+    (``2 * half + 2`` taps per output) - for rate pairs whose polyphase bank would hold ``new`` kernels of
+    ``orig`` taps each (a prime rate such as 7919 Hz)."""
+    base = min(orig, new) * rolloff
+    half = math.ceil(width_zeros * orig / base)
+    length = flat.shape[-1]
+    offsets = torch.arange(-half, half + 2)
+    out = flat.new_empty(flat.shape[0], target)
+    for lo in range(0, target, chunk):
+        n = torch.arange(lo, min(target, lo + chunk), dtype=torch.int64)
+        first = torch.div(n * orig, new, rounding_mode="floor")
+        idx = first[:, None] + offsets[None, :]
+        x = (idx.to(flat.dtype) / orig - n.to(flat.dtype)[:, None] / new) * base
+        x = x.clamp(-width_zeros, width_zeros)
+        window = torch.cos(x * math.pi / width_zeros / 2) ** 2
+        x = x * math.pi
+        sinc = torch.where(x == 0, torch.ones_like(x), torch.sin(x) / torch.where(x == 0, torch.ones_like(x), x))
+        weights = sinc * window * (base / orig) * ((idx >= 0) & (idx < length))
+        out[:, lo:lo + len(n)] = (flat[:, idx.clamp(0, length - 1)] * weights[None]).sum(-1)
+    return out
+
+
+def resample(samples: torch.Tensor, orig_rate: int, new_rate: int, direct: bool | None = None) -> torch.Tensor:
+    """Band-limited resampling of ``[..., T]`` from ``orig_rate`` to ``new_rate`` Hz (a Hann-windowed sinc,
+    as torchaudio's default).  Common rate pairs use a polyphase filter bank; pairs whose bank would be
+    large (``direct`` None: more than 4M taps, e.g. a prime rate) evaluate the filter per output sample."""
     if orig_rate == new_rate:
         return samples
+    if int(orig_rate) <= 0 or int(new_rate) <= 0:
+        raise X2IInputError(f"audio sample rate {orig_rate} Hz -> {new_rate} Hz: expected positive rates")
     g = math.gcd(int(orig_rate), int(new_rate))
     orig, new = int(orig_rate) // g, int(new_rate) // g
-    if orig > 50000 or new > 50000:
-        raise X2IInputError(f"audio sample rate {orig_rate} Hz cannot be converted to {new_rate} Hz exactly; "
-                            "expected a common rate (8000, 16000, 22050, 24000, 44100, 48000 ...)")
     shape = samples.shape
     flat = samples.reshape(-1, shape[-1]).to(torch.float64)
-    kernels, half = _sinc_kernels(orig, new)
     length = flat.shape[-1]
+    target = math.ceil(new * length / orig)
+    if direct is None:
+        direct = new * (orig + 2 * math.ceil(6 * orig / (min(orig, new) * 0.99))) > 4_000_000
+    if direct:
+        return _resample_direct(flat, orig, new, target).reshape(*shape[:-1], target).to(samples.dtype)
+    kernels, half = _sinc_kernels(orig, new)
     padded = torch.nn.functional.pad(flat[:, None, :], (half, half + orig))
     out = torch.nn.functional.conv1d(padded, kernels, stride=orig)  # [N, new, frames]
     out = out.transpose(1, 2).reshape(flat.shape[0], -1)
-    target = math.ceil(new * length / orig)
     return out[:, :target].reshape(*shape[:-1], target).to(samples.dtype)
 
 
