@@ -128,6 +128,17 @@ def interleaved(fns, repeat, sync):
     return outs, [statistics.median(t) for t in times]
 
 
+def reference_recipe(full, inputs):
+    """What the published scripts call: generate(max_new_tokens=1) over the padded prompt, prefill states kept."""
+    def run():
+        with torch.inference_mode():
+            out = full.generate(**inputs, max_new_tokens=1, output_hidden_states=True,
+                                return_dict_in_generate=True, do_sample=False)
+        return torch.stack(out.hidden_states[0], dim=1)
+
+    return run
+
+
 def batch_section(args, enc, full, results, sync) -> None:
     """Many short captions in one call: the reference's padded [N, 512] batch (as its trainer feeds it) vs
     our encode of the same list (opening cache, one pad query per prompt, fillers to the batch's longest)."""
@@ -141,12 +152,7 @@ def batch_section(args, enc, full, results, sync) -> None:
         batch, _, real = enc.prepare(reqs, preset)
         inputs = {k: v.to(args.device) for k, v in batch.items()}
 
-        def reference():
-            with torch.inference_mode():
-                out = full.generate(**inputs, max_new_tokens=1, output_hidden_states=True,
-                                    return_dict_in_generate=True, do_sample=False)
-            return torch.stack(out.hidden_states[0], dim=1)
-
+        reference = reference_recipe(full, inputs)
         (ref, ours), (t_ref, t_ours) = interleaved([reference, lambda: enc.encode(reqs, preset).hidden],
                                                    args.repeat, sync)
         diff = (ours.float() - ref.float()).abs().max().item() if preset != "training" else None
@@ -213,12 +219,7 @@ def main() -> None:
                 batch, _, lengths = enc.prepare([req], preset)
                 inputs = {k: v.to(args.device) for k, v in batch.items()}
 
-                def reference():
-                    with torch.inference_mode():
-                        out = full.generate(**inputs, max_new_tokens=1, output_hidden_states=True,
-                                            return_dict_in_generate=True, do_sample=False)
-                    return torch.stack(out.hidden_states[0], dim=1)
-
+                reference = reference_recipe(full, inputs)
                 def without_opening_cache():
                     enc.prefix_cache = False
                     try:

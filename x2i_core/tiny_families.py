@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from .convert_internvl import chat_template
 from .mllm.qwen25omni import OMNI_SYSTEM_PROMPT
 from .tiny import _spread, _staging, build_tokenizer
 
@@ -130,16 +131,7 @@ INTERNVL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>
                            "<video>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 
 # InternVL (-hf) chat template format: system message, <IMG_CONTEXT> / <video> per media item, ChatML turns.
-INTERNVL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + INTERNVL_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
-    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}{% elif content['type'] == 'text' %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+INTERNVL_CHAT_TEMPLATE = chat_template(INTERNVL_SYSTEM)
 
 
 def build_internvl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64, tile: int = 56) -> str:

@@ -32,6 +32,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from reference_stack import _check_versions, _emulate_cuda_unmask  # the same folder (run as a script)
 
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 ADDED = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
@@ -41,15 +42,6 @@ TRAP = '''import os
 open(os.environ.get("X2I_REMOTE_CODE_MARKER", "/tmp/x2i-internvl-remote-code-ran"), "a").write("imported\\n")
 raise ImportError("the original InternVL remote code must not be imported by the converter")
 '''
-
-
-def _check_versions():
-    import tokenizers
-    import transformers
-
-    if transformers.__version__ != "4.49.0":
-        raise SystemExit(f"reference stack expected transformers 4.49.0, found {transformers.__version__}")
-    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "torch": torch.__version__}
 
 
 def build(out_dir, vocab_dir, seed=0, tile=56):
@@ -206,22 +198,6 @@ def vit_features(w, cfg, pixel_values):
     return F.linear(F.gelu(F.linear(x, w["mlp1.1.weight"], w["mlp1.1.bias"])), w["mlp1.3.weight"], w["mlp1.3.bias"])
 
 
-def _emulate_cuda_unmask():
-    from transformers.modeling_attn_mask_utils import AttentionMaskConverter
-    from transformers.models.qwen2 import modeling_qwen2 as m
-
-    original = m.Qwen2Model._update_causal_mask
-
-    def update(self, attention_mask, input_tensor, cache_position, past_key_values, output_attentions=False):
-        mask = original(self, attention_mask, input_tensor, cache_position, past_key_values, output_attentions)
-        if (mask is not None and mask.dim() == 4 and self.config._attn_implementation == "sdpa"
-                and attention_mask is not None and not output_attentions):
-            mask = AttentionMaskConverter._unmask_unattended(mask, torch.finfo(input_tensor.dtype).min)
-        return mask
-
-    m.Qwen2Model._update_causal_mask = update
-
-
 def internvl25_query(question):
     """get_conv_template('internvl2_5') with the reference's system message, one question, assistant open."""
     sep = "<|im_end|>\n"
@@ -237,7 +213,9 @@ def run(job_file):
     versions = _check_versions()
     with open(job_file, encoding="utf-8") as fh:
         job = json.load(fh)
-    _emulate_cuda_unmask()
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    _emulate_cuda_unmask(Qwen2Model)
     folder = job["model"]
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
         cfg = json.load(fh)

@@ -119,12 +119,15 @@ def build(out_dir, vocab_dir, template_file, seed=0):
     return out_dir
 
 
-def _emulate_cuda_unmask():
-    """4.49 on CUDA: fully masked query rows of the SDPA 4-D mask attend to every key."""
+def _emulate_cuda_unmask(model_class=None):
+    """4.49 on CUDA: fully masked query rows of the SDPA 4-D mask attend to every key (``model_class``: the
+    decoder whose ``_update_causal_mask`` builds the mask; default Qwen2.5-VL's)."""
     from transformers.modeling_attn_mask_utils import AttentionMaskConverter
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
 
-    original = m.Qwen2_5_VLModel._update_causal_mask
+    if model_class is None:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel as model_class
+
+    original = model_class._update_causal_mask
 
     def update(self, attention_mask, input_tensor, cache_position, past_key_values, output_attentions=False):
         mask = original(self, attention_mask, input_tensor, cache_position, past_key_values, output_attentions)
@@ -133,7 +136,7 @@ def _emulate_cuda_unmask():
             mask = AttentionMaskConverter._unmask_unattended(mask, torch.finfo(input_tensor.dtype).min)
         return mask
 
-    m.Qwen2_5_VLModel._update_causal_mask = update
+    model_class._update_causal_mask = update
 
 
 def _media(case):
