@@ -508,6 +508,8 @@ class ChatEncoder:
         key = (preset, str(self.device), self.dtype)
         store = self.__dict__.setdefault("_prefixes", {})
         if key not in store:
+            for other in [k for k in store if k[1] != key[1]]:  # the model moved (e.g. offloaded): free the old copy
+                del store[other]
             rows = [self.processor_inputs(self.build_prompt(EncodeRequest(text=t), preset, None))["input_ids"][0]
                     for t in self.PREFIX_PROBES]
             n = 0
