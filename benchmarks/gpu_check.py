@@ -84,6 +84,14 @@ def _run(cmd, timeout):
     return r
 
 
+def _script_json(ctx: Ctx, script: str, args: list, timeout: int) -> dict:
+    """Run one of the benchmark scripts with ``--json`` on this device and read what it wrote."""
+    out = os.path.join(ctx.work, os.path.basename(script) + ".json")
+    _run([sys.executable, script, *args, "--device", str(ctx.device), "--json", out], timeout)
+    with open(out, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def _gb(n):
     return "—" if n is None else f"{n / 2 ** 30:.2f} GiB"
 
@@ -120,11 +128,8 @@ def step_loss(ctx: Ctx) -> dict:
 
 
 def step_encode(ctx: Ctx) -> dict:
-    out = os.path.join(ctx.work, "encode.json")
     args = ["--shape", "cpu", "--repeat", "1"] if ctx.dry else ["--shape", "3b", "--dtype", "bf16", "--repeat", "3"]
-    _run([sys.executable, "benchmarks/encode.py", *args, "--device", str(ctx.device), "--json", out], 1200)
-    with open(out, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = _script_json(ctx, "benchmarks/encode.py", args, 1200)
     rows = [f"| encode {r['preset']} {r['prompt']} | {r['real_tokens']}/{r['padded_tokens']} tokens | ours "
             f"×{r['speedup_vs_reference']:.2f} vs reference | max diff vs padded forward "
             f"{r['max_abs_diff_vs_padded']:.1e} |" for r in data.get("rows", [])]
@@ -165,13 +170,10 @@ def step_quant(ctx: Ctx) -> dict:
 
 
 def step_critiprefill(ctx: Ctx) -> dict:
-    out = os.path.join(ctx.work, "critiprefill.json")
     args = (["--shape", "cpu", "--layers", "2", "--lengths", "1024", "--budgets", "384", "--segment", "128",
              "--local", "128", "--block", "64", "--repeat", "1", "--no-alignnet"] if ctx.dry else
             ["--shape", "3b", "--lengths", "16384,32768", "--budgets", "2048,4096"])
-    _run([sys.executable, "benchmarks/bench_critiprefill.py", *args, "--device", str(ctx.device), "--json", out], 1800)
-    with open(out, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = _script_json(ctx, "benchmarks/bench_critiprefill.py", args, 1800)
     rows = [f"| critiprefill {r['length']} tokens, budget {r['budget']} | sparse ×{r['speedup_vs_dense']:.2f} vs dense "
             f"(exact path ×{r['dense_s'] / r['exact_s']:.2f}) | last-layer cosine mean {r['hidden_last_cos_mean']:.4f} | "
             f"kept {r['kept_fraction']:.2f} |" for r in data.get("rows", [])]

@@ -1,5 +1,7 @@
 """The encoder's hidden-state stack equals the reference recipe (processor -> generate prefill)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,19 @@ def test_comfyui_preset_pads_to_1_3_times_length_when_long(encoder):
     assert hs.attention_mask[0, :n].all() and not hs.attention_mask[0, n:].any()  # right padding
 
 
+@contextlib.contextmanager
+def layer0_inputs(encoder):
+    """Record the ``[batch, tokens]`` shape of every input to the text decoder's first layer."""
+    seen = []
+    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(tuple(kwargs.get("hidden_states", args[0] if args else None).shape[:2])),
+        with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("pad_rows", ["reference", "constant"])
 def test_exact_fill_skips_the_pads_and_equals_the_padded_forward(encoder, pad_rows):
     """Left padding: the real tokens after the preset's fixed opening run (+ one pad query per prompt for the
@@ -97,20 +112,14 @@ def test_exact_fill_skips_the_pads_and_equals_the_padded_forward(encoder, pad_ro
     savings).  The opening itself runs once per model and preset (measured here before counting)."""
     opening = len(encoder.prompt_prefix("training")[0])
     encoder.encode_text("warm up the constant rows", preset="training", pad_rows=pad_rows)
-    seen = []
-    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[:2].numel()),
-        with_kwargs=True)
-    try:
-        texts = ["a cat", "A red fox jumps over a lazy dog in the snowy forest."]
+    texts = ["a cat", "A red fox jumps over a lazy dog in the snowy forest."]
+    with layer0_inputs(encoder) as seen:
         fast = encoder.encode_text(texts, preset="training", pad_rows=pad_rows)
-        tokens_fast = sum(seen)
+        tokens_fast = sum(b * n for b, n in seen)
         seen.clear()
         slow = encoder.encode([EncodeRequest(text=t) for t in texts], preset="training", exact_fill=False,
                               pad_rows=pad_rows)
-        tokens_slow = sum(seen)
-    finally:
-        hook.remove()
+        tokens_slow = sum(b * n for b, n in seen)
     assert (fast.hidden - slow.hidden).abs().max().item() <= TOL
     assert torch.equal(fast.attention_mask, slow.attention_mask)
     assert tokens_slow == 2 * 512
@@ -119,16 +128,12 @@ def test_exact_fill_skips_the_pads_and_equals_the_padded_forward(encoder, pad_ro
     assert tokens_fast == 2 * (longest - opening + (pad_rows == "reference"))  # one forward over what follows it
     assert tokens_fast < tokens_slow / 8
     encoder.prefix_cache = False
-    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[:2].numel()),
-        with_kwargs=True)
     try:
-        seen.clear()
-        plain = encoder.encode_text(texts, preset="training", pad_rows=pad_rows)
-        assert sum(seen) == 2 * (longest + (pad_rows == "reference"))
+        with layer0_inputs(encoder) as seen:
+            plain = encoder.encode_text(texts, preset="training", pad_rows=pad_rows)
+        assert sum(b * n for b, n in seen) == 2 * (longest + (pad_rows == "reference"))
     finally:
         encoder.prefix_cache = True
-        hook.remove()
     assert (plain.hidden - fast.hidden).abs().max().item() <= TOL
 
 
@@ -137,17 +142,11 @@ def test_right_padding_runs_one_pad_and_equals_the_padded_forward(encoder, prese
     """Right padding: every pad row of a prompt is the same vector, so one pad runs and is repeated."""
     imgs = [_image(5, 120, 90)]
     reqs = [EncodeRequest(text="a cat", images=imgs), EncodeRequest(text="a red fox in the snowy forest", images=imgs)]
-    seen = []
-    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[1]),
-        with_kwargs=True)
-    try:
+    with layer0_inputs(encoder) as seen:
         fast = encoder.encode(reqs, preset=preset)
-        cols_fast = seen[-1]
+        cols_fast = seen[-1][1]
         slow = encoder.encode(reqs, preset=preset, exact_fill=False)
-        cols_slow = seen[-1]
-    finally:
-        hook.remove()
+        cols_slow = seen[-1][1]
     assert (fast.hidden - slow.hidden).abs().max().item() <= TOL
     assert cols_slow == fast.hidden.shape[2] >= 512 and cols_fast == max(fast.lengths) + 1
 
@@ -158,15 +157,9 @@ def test_right_padded_text_runs_after_the_opening_and_equals_the_padded_forward(
     plus one pad per batch row."""
     texts = ["a cat", "一只可爱的小猫坐在窗台上, watercolour", "(a parenthesis first) and then words"]
     opening = len(encoder.prompt_prefix(preset)[0])
-    seen = []
-    hook = encoder.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[1]),
-        with_kwargs=True)
-    try:
+    with layer0_inputs(encoder) as seen:
         fast = encoder.encode_text(texts, preset=preset)
-        cols_fast = seen[-1]
+        cols_fast = seen[-1][1]
         slow = encoder.encode([EncodeRequest(text=t) for t in texts], preset=preset, exact_fill=False)
-    finally:
-        hook.remove()
     assert (fast.hidden - slow.hidden).abs().max().item() <= TOL
     assert cols_fast == max(fast.lengths) + 1 - opening
