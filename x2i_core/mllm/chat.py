@@ -483,7 +483,7 @@ class ChatEncoder:
         keep = int(mask.sum(dim=1).max()) + 1
         if keep >= ids.shape[1]:
             return self.forward_hidden(batch)
-        prefix = self._usable_prefix(ids, mask, preset, left=False)
+        prefix = self._usable_prefix(ids, mask, preset)
         if prefix is not None:
             h = self._right_padded_after_prefix(ids[:, :keep], mask[:, :keep], prefix)
             tail = h[:, :, -1:, :].expand(h.shape[0], h.shape[1], ids.shape[1] - keep, h.shape[3])
@@ -526,7 +526,7 @@ class ChatEncoder:
                 store[key] = (ids, torch.stack(out.hidden_states, dim=1), kv)
         return store[key]
 
-    def _usable_prefix(self, ids: torch.Tensor, mask: torch.Tensor, preset: str | None, left: bool = True):
+    def _usable_prefix(self, ids: torch.Tensor, mask: torch.Tensor, preset: str | None):
         """The preset's opening when every prompt of this batch starts with it (and goes on past it)."""
         if not (self.prefix_cache and preset) or self._sparse_active():
             return None
