@@ -49,7 +49,25 @@ PROMPTS = {
 }
 
 
-def build(folder: str, shape: str, layers: int | None = None) -> str:
+REAL_VOCAB = 151936  # Qwen2.5-VL-3B/7B embedding rows (config.json vocab_size)
+
+
+def real_tokenizer(folder: str):
+    """Qwen2.5's real tokenizer (the copy ComfyUI ships in comfy/text_encoders/qwen25_tokenizer), saved to
+    ``folder``: prompts then have the released models' token counts (the tiny BPE splits the template into
+    more tokens)."""
+    from transformers import Qwen2TokenizerFast
+
+    from tools.comfy_host import ensure_comfyui
+
+    src = os.path.join(ensure_comfyui(), "comfy", "text_encoders", "qwen25_tokenizer")
+    tok = Qwen2TokenizerFast.from_pretrained(src)
+    tok.pad_token = "<|endoftext|>"
+    tok.save_pretrained(folder)
+    return tok
+
+
+def build(folder: str, shape: str, layers: int | None = None, tokenizer: str = "tiny") -> str:
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -61,7 +79,7 @@ def build(folder: str, shape: str, layers: int | None = None) -> str:
     from x2i_core.prompt import QWEN25VL_CHAT_TEMPLATE
     from x2i_core.tiny import QWEN_SPECIAL_TOKENS, build_tokenizer
 
-    tok = build_tokenizer(folder)
+    tok = real_tokenizer(folder) if tokenizer == "real" else build_tokenizer(folder)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     s = dict(SHAPES[shape])
     if layers:
@@ -69,7 +87,8 @@ def build(folder: str, shape: str, layers: int | None = None) -> str:
     head_dim = s["hidden_size"] // s["num_attention_heads"]
     half = head_dim // 2
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        text_config=dict(vocab_size=REAL_VOCAB if tokenizer == "real" else len(tok),
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                          rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
                          tie_word_embeddings=True, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          **s),
@@ -139,6 +158,20 @@ def reference_recipe(full, inputs):
     return run
 
 
+def full_logits(full, n_positions: int, dtype, device):
+    """What 4.49's generate() adds to this stack's: its Qwen2.5-VL forward has no ``logits_to_keep``, so the
+    prefill computes the LM head over every position (``lm_head(hidden_states)``, 4.49
+    modeling_qwen2_5_vl.py), where this stack's computes the last position only. Timed alone, in the same
+    round-robin; added to the reference time for the "vs 4.49" figures."""
+    hidden = torch.randn(1, n_positions - 1, full.lm_head.in_features, dtype=dtype, device=device)
+
+    def run():
+        with torch.inference_mode():
+            return full.lm_head(hidden)
+
+    return run
+
+
 def batch_section(args, enc, full, results, sync) -> None:
     """Many short captions in one call: the reference's padded [N, 512] batch (as its trainer feeds it) vs
     our encode of the same list (opening cache, one pad query per prompt, fillers to the batch's longest)."""
@@ -182,6 +215,9 @@ def main() -> None:
     ap.add_argument("--user-tokens", default="",
                     help="instead of the short/medium captions: captions of exactly these many user tokens")
     ap.add_argument("--presets", default="training,comfyui,scripts")
+    ap.add_argument("--tokenizer", choices=["tiny", "real"], default="tiny",
+                    help="real: Qwen2.5's own tokenizer (from ComfyUI's copy) and the released 151936-row "
+                         "embedding, so prompts have the real token counts")
     ap.add_argument("--no-quant", action="store_true", help="skip the quantisation section")
     ap.add_argument("--batch", type=int, default=0,
                     help="also encode this many captions of 8..--batch-max user tokens in one call (dataset "
@@ -200,14 +236,15 @@ def main() -> None:
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype, "rows": [],
                "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"],
-               "full_depth": SHAPES[args.shape]["num_hidden_layers"]}
+               "full_depth": SHAPES[args.shape]["num_hidden_layers"], "tokenizer": args.tokenizer}
     import transformers
 
     results["transformers"] = transformers.__version__
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build(os.path.join(tmp, "model"), args.shape, args.layers)
+        folder = build(os.path.join(tmp, "model"), args.shape, args.layers, args.tokenizer)
         enc = load_mllm(folder, dtype=dtype, device=args.device)
         full = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+        depth_k = results["full_depth"] / results["layers"]
         prompts = dict(PROMPTS)
         if args.user_tokens:
             prompts = {f"{n} user tokens": user_text(enc, int(n)) for n in args.user_tokens.split(",")}
@@ -231,14 +268,18 @@ def main() -> None:
                        lambda: enc.encode(req, preset).hidden, without_opening_cache]
                 if preset == "training":
                     fns.append(lambda: enc.encode(req, preset, pad_rows="constant").hidden)
+                fns.append(full_logits(full, inputs["input_ids"].shape[1], dtype, args.device))
                 outs, times = interleaved(fns, args.repeat, sync)
+                t_logits = times[-1]
                 (ref, padded, ours), (t_ref, t_pad, t_ours) = outs[:3], times[:3]
                 row = {"preset": preset, "prompt": label, "real_tokens": lengths[0], "padded_tokens": ref.shape[2],
                        "reference_s": t_ref, "padded_forward_s": t_pad, "ours_s": t_ours,
                        "speedup_vs_reference": t_ref / t_ours, "padded_forward_vs_reference": t_ref / t_pad,
                        "max_abs_diff_vs_padded": (ours.float() - padded.float()).abs().max().item(),
                        "no_opening_cache_s": times[3], "no_opening_cache_speedup_vs_reference": t_ref / times[3],
-                       "opening_tokens": len(enc.prompt_prefix(preset)[0]) if enc.prompt_prefix(preset) else 0}
+                       "opening_tokens": len(enc.prompt_prefix(preset)[0]) if enc.prompt_prefix(preset) else 0,
+                       "logits_449_s": t_logits, "speedup_vs_reference_449": (t_ref + t_logits) / t_ours,
+                       "full_depth_speedup_vs_reference_449": (depth_k * t_ref + t_logits) / (depth_k * t_ours)}
                 if preset == "training":  # this stack's generate() has the constant rows
                     row["constant_speedup_vs_reference"] = t_ref / times[4]
                     row["max_abs_diff_vs_reference"] = (outs[4].float() - ref.float()).abs().max().item()
@@ -247,6 +288,8 @@ def main() -> None:
                 results["rows"].append(row)
                 extra = (f"  constant rows x{row['constant_speedup_vs_reference']:.2f}" if preset == "training"
                          else "")
+                extra += (f"  vs 4.49 (+{t_logits:.3f}s full logits) x{row['speedup_vs_reference_449']:.2f}, full "
+                          f"depth x{row['full_depth_speedup_vs_reference_449']:.2f}")
                 print(f"{preset:9s} {label:26s} tokens {lengths[0]:4d}/{ref.shape[2]:4d}  ref {t_ref:7.3f}s  "
                       f"padded fwd x{row['padded_forward_vs_reference']:.2f}  ours x{row['speedup_vs_reference']:.2f}"
                       f" (without the opening cache x{row['no_opening_cache_speedup_vs_reference']:.2f})"

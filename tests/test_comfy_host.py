@@ -16,7 +16,7 @@ from tools.comfy_host import ROOT, PromptRejected, execution_error, load_workflo
 pytestmark = pytest.mark.comfy
 
 NODE_IDS = ["X2IMLLMLoader", "X2IMLLMEncode", "X2IAlignNetLoader", "X2IAlignNetProject", "X2ISampler",
-            "X2ILightControlLoader", "X2IChatTurn", "X2IMLLMReason"]
+            "X2ILightControlLoader", "X2IChatTurn", "X2IMLLMReason", "X2IBlendConditioning"]
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
 
 

@@ -412,6 +412,23 @@ def _fault(kind: str | None):
         chat.ChatEncoder.forward_hidden = original
 
 
+def _count_flux_calls() -> dict:
+    """Count the FLUX transformer's evaluations (calls of ``Flux.forward_orig``; ``rows`` = batch rows, so a
+    cond+uncond pair batched together is 1 call, 2 rows): what caching nodes such as EasyCache must save."""
+    import comfy.ldm.flux.model as flux_model
+
+    counter = {"calls": 0, "rows": 0}
+    original = flux_model.Flux.forward_orig
+
+    def counted(self, img, *args, **kwargs):
+        counter["calls"] += 1
+        counter["rows"] += int(img.shape[0])
+        return original(self, img, *args, **kwargs)
+
+    flux_model.Flux.forward_orig = counted
+    return counter
+
+
 def run_in_process(spec_path: str) -> None:
     """Run one API prompt with ComfyUI's PromptExecutor inside this process (call in a subprocess).
 
@@ -423,6 +440,8 @@ def run_in_process(spec_path: str) -> None:
     import asyncio
 
     spec = boot_in_process(spec_path)
+    import torch
+
     import comfy.model_management as mm
     import execution
 
@@ -440,16 +459,32 @@ def run_in_process(spec_path: str) -> None:
     captures = spec.get("capture", [])
     if not isinstance(captures, dict):
         captures = {"": captures}
+    if spec.get("test_nodes"):  # harness-only nodes (tools/comfy_test_nodes.py), never in the shipped pack
+        import nodes
+
+        sys.path.insert(0, ROOT)
+        from tools.comfy_test_nodes import NODE_CLASS_MAPPINGS as test_nodes
+
+        nodes.NODE_CLASS_MAPPINGS.update(test_nodes)
+    flux_calls = _count_flux_calls()
     executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
     facts = {"success": True, "messages": [], "errors": {}}
     tensors = {}
     faults = spec.get("faults", {})
-    for label, prompt in prompts.items():
+    checked = {}
+    for label, prompt in prompts.items():  # every prompt first: a typo fails before minutes of sampling
         valid = asyncio.run(execution.validate_prompt("inproc", prompt, None))
         if not valid[0]:
             raise SystemExit(f"invalid prompt {label}: {valid[1]} {valid[3]}")
+        checked[label] = valid
+    for label, prompt in prompts.items():
+        valid = checked[label]
+        flux_calls.update(calls=0, rows=0)
+        t0 = time.perf_counter()
         with _fault(faults.get(label)):
             executor.execute(prompt, f"inproc-{label}", {}, valid[2])
+        facts.setdefault("seconds", {})[label] = time.perf_counter() - t0
+        facts.setdefault("flux_calls", {})[label] = dict(flux_calls)
         facts["success"] = facts["success"] and executor.success
         facts["messages"].extend(m[0] for m in executor.status_messages)
         facts.setdefault("status", {})[label] = [m[0] for m in executor.status_messages]
@@ -467,16 +502,26 @@ def run_in_process(spec_path: str) -> None:
         for nid in captures.get(label, []):
             entry = executor.caches.outputs.get(nid)
             value = entry.outputs[0][0]
+            if isinstance(value, dict) and "samples" in value:  # LATENT
+                for key in ("samples", "noise_mask"):
+                    if key in value:
+                        tensors[f"{pre}{nid}.{key}"] = value[key].float().clone()
+                continue
+            if isinstance(value, torch.Tensor):  # IMAGE / MASK
+                tensors[f"{pre}{nid}.tensor"] = value.float().clone()
+                continue
             if hasattr(value, "hidden"):  # X2I_HIDDEN
-                tensors[f"{pre}{nid}.hidden"] = value.hidden.contiguous()
-                tensors[f"{pre}{nid}.mask"] = value.attention_mask.contiguous()
+                tensors[f"{pre}{nid}.hidden"] = value.hidden.clone()
+                tensors[f"{pre}{nid}.mask"] = value.attention_mask.clone()
                 if len(entry.outputs) > 1 and isinstance(entry.outputs[1][0], str):
                     facts[f"{pre}{nid}.answer"] = entry.outputs[1][0]
                 continue
             for i, (seq, extra) in enumerate(value):
-                tensors[f"{pre}{nid}.{i}.seq"] = seq.contiguous()
-                tensors[f"{pre}{nid}.{i}.pooled"] = extra["pooled_output"].contiguous()
+                tensors[f"{pre}{nid}.{i}.seq"] = seq.clone()
+                tensors[f"{pre}{nid}.{i}.pooled"] = extra["pooled_output"].clone()
                 facts[f"{pre}{nid}.{i}.guidance"] = extra.get("guidance")
+                facts[f"{pre}{nid}.{i}.extra"] = {k: v for k, v in extra.items()
+                                                  if isinstance(v, (int, float, str, bool, list, tuple))}
 
     def ours():
         return [type(lm.model.model).__name__ for lm in mm.current_loaded_models
