@@ -172,6 +172,24 @@ def full_logits(full, n_positions: int, dtype, device):
     return run
 
 
+def gemm_section(args, results) -> None:
+    """Why short prompts cannot reach the token ratio on a CPU: throughput of one MLP projection of the shape
+    (width x MLP width) at M tokens, per dtype - small M runs at a fraction of the 512-token throughput."""
+    s = SHAPES[args.shape]
+    results["gemm"] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(s["intermediate_size"], s["hidden_size"], dtype=dtype, device=args.device)
+        for m in (1, 8, 32, 40, 64, 128, 512):
+            x = torch.randn(m, s["hidden_size"], dtype=dtype, device=args.device)
+            fn = lambda x=x: torch.nn.functional.linear(x, w)  # noqa: E731
+            _, (t,) = interleaved([fn], max(args.repeat, 5), lambda: None)
+            row = {"dtype": str(dtype).split(".")[-1], "tokens": m, "ms": t * 1e3,
+                   "gflops": 2 * m * w.numel() / t / 1e9, "weight_gb_per_s": w.numel() * w.element_size() / t / 1e9}
+            results["gemm"].append(row)
+            print(f"gemm {row['dtype']:9s} M={m:4d} {row['ms']:7.2f} ms {row['gflops']:7.1f} GFLOP/s "
+                  f"{row['weight_gb_per_s']:6.1f} GB/s of weights", flush=True)
+
+
 def batch_section(args, enc, full, results, sync) -> None:
     """Many short captions in one call: the reference's padded [N, 512] batch (as its trainer feeds it) vs
     our encode of the same list (opening cache, one pad query per prompt, fillers to the batch's longest)."""
@@ -223,6 +241,7 @@ def main() -> None:
                     help="also encode this many captions of 8..--batch-max user tokens in one call (dataset "
                          "pre-encoding, distillation) against the reference recipe's padded batch")
     ap.add_argument("--batch-max", type=int, default=40)
+    ap.add_argument("--gemm", action="store_true", help="only the MLP-projection throughput table (per dtype, M)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -240,6 +259,12 @@ def main() -> None:
     import transformers
 
     results["transformers"] = transformers.__version__
+    if args.gemm:
+        gemm_section(args, results)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(results, fh, indent=2)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = build(os.path.join(tmp, "model"), args.shape, args.layers, args.tokenizer)
         enc = load_mllm(folder, dtype=dtype, device=args.device)

@@ -27,12 +27,22 @@ def tiny_mllm_name(names, model_name, family=None):
     return {"qwen25vl": names["mllm"], "omni": names.get("mllm_omni"), "internvl": names.get("mllm_internvl")}[family]
 
 
+def shipped_api(host, workflow_name):
+    """The shipped API-format copy (``workflows/api/``), checked to be the UI file's conversion against the
+    live server's schemas (``tools/make_workflows.py`` writes both)."""
+    with open(os.path.join(ROOT, "workflows", "api", workflow_name), encoding="utf-8") as fh:
+        api = json.load(fh)
+    assert api == ui_to_api(load_workflow(workflow_name), host["server"].object_info()), \
+        f"workflows/api/{workflow_name} is stale: regenerate with tools/make_workflows.py"
+    return api
+
+
 def tiny_api(host, workflow_name, family=None, **overrides):
     """A shipped workflow, converted to API format, pointed at the tiny models, sample media and sizes."""
     from tools.comfy_host import SAMPLE_IMAGES, point_at_tiny
 
-    s, n = host["server"], host["names"]
-    api = ui_to_api(load_workflow(workflow_name), s.object_info())
+    n = host["names"]
+    api = shipped_api(host, workflow_name)
     wanted = {k: v["inputs"]["model_name"] for k, v in api.items() if v["class_type"] == "X2IMLLMLoader"}
     point_at_tiny(api, n)
     for nid, node in api.items():
@@ -238,3 +248,29 @@ def test_distilled_alignnet_loads_and_runs_in_the_nodes(host, tmp_path):
     entry = host["server"].run(tiny_api(host, "x2i_sampler.json", X2IAlignNetLoader={"alignnet_name": "distilled.safetensors"}))
     assert execution_error(entry) is None, execution_error(entry)
     assert len(host["server"].output_images(entry)) == 1
+
+
+def test_readme_api_example_queues_a_shipped_api_workflow(host, tmp_path):
+    """The README's Python example, run as written against the real server (only the address and the file,
+    here the tiny-model version of the same API workflow, are swapped in)."""
+    import contextlib
+    import io
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    code = re.search(r"<!-- api-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    api = tiny_api(host, "x2i_sampler.json")
+    path = tmp_path / "x2i_sampler.json"
+    path.write_text(json.dumps(api))
+    assert code.count("workflows/api/x2i_sampler.json") == 1 and code.count("http://127.0.0.1:8188") == 1
+    code = code.replace("workflows/api/x2i_sampler.json", str(path)).replace("http://127.0.0.1:8188",
+                                                                              host["server"].url)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README api-example", "exec"), {})
+    entry = host["server"].wait(out.getvalue().strip())
+    assert execution_error(entry) is None, execution_error(entry)
+    (image,) = host["server"].output_images(entry)
+    assert np.asarray(Image.open(image)).shape == (48, 64, 3)
+    enc = node_of(api, "X2IMLLMEncode")
+    assert entry["prompt"][2][enc]["inputs"]["text"] == "a lighthouse on a cliff in a storm, oil painting"

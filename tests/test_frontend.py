@@ -30,6 +30,9 @@ def _load(name):
 def opened(host):
     os.makedirs(SHOTS, exist_ok=True)
     wfs = {name: _load(name) for name in WORKFLOWS}
+    for name in WORKFLOWS:  # the same graphs from the PNGs that carry them (dragged in as pictures)
+        with open(os.path.join(WORKFLOW_DIR, name.replace(".json", ".png")), "rb") as fh:
+            wfs[name.replace(".json", ".png")] = fh.read()
     # Negative controls: the same check must notice a missing node and a broken link.
     broken = copy.deepcopy(wfs[WORKFLOWS[0]])
     broken["nodes"][0]["type"] = "X2INoSuchNode"
@@ -57,6 +60,28 @@ def test_workflow_opens_without_missing_nodes_or_link_repairs(opened, name):
     assert len(nodes) == len(_load(name)["nodes"])
     assert r["state"]["links"] == len(_load(name)["links"])
     assert os.path.getsize(r["screenshot"]) > 10_000
+
+
+def test_workflow_pngs_carry_their_graph_as_comfyui_writes_it():
+    from PIL import Image
+
+    for name in WORKFLOWS:
+        text = Image.open(os.path.join(WORKFLOW_DIR, name.replace(".json", ".png"))).text
+        assert json.loads(text["workflow"]) == _load(name), name
+        with open(os.path.join(WORKFLOW_DIR, "api", name), encoding="utf-8") as fh:
+            assert json.loads(text["prompt"]) == json.load(fh), name
+
+
+@needs_browser
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_loads_from_its_png(opened, name):
+    r = opened[name.replace(".json", ".png")]
+    assert r["loaded"] is True, r
+    assert r["problems"] == [], r["state"]["dialogs"]
+    nodes = r["state"]["nodes"]
+    assert len(nodes) == len(_load(name)["nodes"]) and all(n["registered"] for n in nodes), nodes
+    assert sorted(n["type"] for n in nodes) == sorted(n["type"] for n in _load(name)["nodes"])
+    assert r["state"]["links"] == len(_load(name)["links"])
 
 
 @needs_browser

@@ -8,6 +8,7 @@ toasts, console) and save a screenshot.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -60,9 +61,17 @@ def open_workflows(url: str, workflows: dict[str, dict], shot_dir: str, timeout:
             time.sleep(1.0)
             driver.get_log("browser")  # drop start-up messages
             before = driver.execute_script("return document.body.innerText")
-            driver.execute_script("window.__x2i_done = false; window.app.loadGraphData(arguments[0]).then("
-                                  "() => { window.__x2i_done = true; }, e => { window.__x2i_done = 'ERR ' + e; });",
-                                  wf)
+            if isinstance(wf, bytes):  # a PNG: handed to the frontend as a dropped file would be
+                driver.execute_script(
+                    "window.__x2i_done = false; const b = atob(arguments[0]); const a = new Uint8Array(b.length);"
+                    "for (let i = 0; i < b.length; i++) a[i] = b.charCodeAt(i);"
+                    "const f = new File([a], arguments[1], {type: 'image/png'});"
+                    "Promise.resolve(window.app.handleFile(f)).then(() => { window.__x2i_done = true; },"
+                    " e => { window.__x2i_done = 'ERR ' + e; });", base64.b64encode(wf).decode(), name)
+            else:
+                driver.execute_script("window.__x2i_done = false; window.app.loadGraphData(arguments[0]).then("
+                                      "() => { window.__x2i_done = true; }, e => { window.__x2i_done = 'ERR ' + e; });",
+                                      wf)
             deadline = time.time() + 30
             while time.time() < deadline and driver.execute_script("return window.__x2i_done") is False:
                 time.sleep(0.2)
@@ -76,7 +85,8 @@ def open_workflows(url: str, workflows: dict[str, dict], shot_dir: str, timeout:
                 "links: Object.keys(g.links || {}).length, dialogs: Array.from(document.querySelectorAll("
                 "'.p-dialog, .p-toast-message')).map(e => e.innerText)}")
             logs = [e["message"] for e in driver.get_log("browser")]
-            shot = os.path.join(shot_dir, name.replace(".json", ".png"))
+            shot = os.path.join(shot_dir, name.replace(".json", ".png") if name.endswith(".json")
+                                else name.replace(".png", ".from-png.png"))
             driver.save_screenshot(shot)
             new_text = text.replace(before, "") if before and before in text else text
             results[name] = {

@@ -1,4 +1,5 @@
-"""Writes the drag-and-drop workflows in ``workflows/`` (UI format) and their thumbnails.
+"""Writes the drag-and-drop workflows in ``workflows/`` (UI format), their API-format copies in
+``workflows/api/`` (for ``POST /prompt``, converted from the UI files) and their thumbnails.
 
 The graphs are declared compactly below; input/output sockets and their types
 come from a real ComfyUI's ``/object_info`` (saved JSON or a running server),
@@ -14,6 +15,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from tools.comfy_host import ui_to_api  # noqa: E402
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # X2IMLLMEncode widgets after the text, in the frontend's order (required, then optional): preset, image
@@ -342,8 +346,11 @@ def build(nodes, object_info, description):
     }
 
 
-def thumbnail(path, title, steps):
+def thumbnail(path, title, steps, workflow=None, api=None):
+    """The template thumbnail; it also carries the graph as ComfyUI's SaveImage writes it (PNG text chunks
+    ``workflow`` = UI JSON, ``prompt`` = API JSON), so dropping the picture on the canvas loads the workflow."""
     from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
 
     img = Image.new("RGB", (512, 384), (30, 32, 40))
     d = ImageDraw.Draw(img)
@@ -353,7 +360,12 @@ def thumbnail(path, title, steps):
         d.rounded_rectangle([40, y, 472, y + 44], radius=8, fill=(60, 90, 140) if i % 2 == 0 else (90, 60, 140))
         d.text((56, y + 15), step, fill=(255, 255, 255))
         y += 58
-    img.save(path)
+    info = PngInfo()
+    if api is not None:
+        info.add_text("prompt", json.dumps(api))
+    if workflow is not None:
+        info.add_text("workflow", json.dumps(workflow))
+    img.save(path, pnginfo=info)
 
 
 THUMBS = {
@@ -378,13 +390,18 @@ def main(object_info_path: str) -> None:
         object_info = json.load(fh)
     out_dir = os.path.join(ROOT, "workflows")
     os.makedirs(out_dir, exist_ok=True)
+    api_dir = os.path.join(out_dir, "api")
+    os.makedirs(api_dir, exist_ok=True)
     for name, (description, nodes) in WORKFLOWS.items():
         wf = build(nodes, object_info, description)
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as fh:
-            json.dump(wf, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
+        # the UI file (drag onto the canvas) and its API-format copy (POST /prompt), converted from it
+        api = ui_to_api(wf, object_info)
+        for path, data in ((os.path.join(out_dir, name), wf), (os.path.join(api_dir, name), api)):
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=2, ensure_ascii=False)
+                fh.write("\n")
         title, steps = {**THUMBS, **TASK_THUMBS}[name]
-        thumbnail(os.path.join(out_dir, name.replace(".json", ".png")), title, steps)
+        thumbnail(os.path.join(out_dir, name.replace(".json", ".png")), title, steps, wf, api)
         print("wrote", name)
 
 
