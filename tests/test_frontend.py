@@ -93,3 +93,49 @@ def test_the_check_itself_notices_missing_nodes_and_bad_links(opened):
 def test_workflow_templates_are_served(host):
     listing = host["server"].get("/workflow_templates")
     assert any(sorted(v) == sorted(n[:-5] for n in WORKFLOWS) for v in listing.values()), listing
+
+
+RUNNABLE = [w for w in WORKFLOWS if w != "x2i_text2image_native_qwen.json"]  # stock Load CLIP needs a real 7B file
+
+
+@pytest.fixture(scope="module")
+def ran(host):
+    """Every runnable shipped workflow, run by pressing Run in the frontend (widgets set by name to the tiny
+    models, small sizes and steps); first one run cancelled from the UI."""
+    from test_comfy_host import tiny_api
+
+    runs = {}
+    for name in RUNNABLE:
+        api = tiny_api(host, name)
+        runs[name] = (_load(name), {nid: {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+                                    for nid, node in api.items()})
+    long = {nid: dict(values) for nid, values in runs["x2i_sampler.json"][1].items()}
+    for values in long.values():
+        if "steps" in values:
+            values["steps"] = 200  # the X2I Sampler's maximum: minutes on this machine
+    os.makedirs(SHOTS, exist_ok=True)
+    return frontend_check.run_workflows(host["server"].url, runs, SHOTS, host["server"].get,
+                                        cancel=("x2i_sampler.json", long))
+
+
+@needs_browser
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_workflow_runs_from_the_run_button(ran, host, name):
+    from PIL import Image
+
+    r = ran[name]
+    print(f"screenshot: {r['screenshot']}")
+    assert r["loaded"] is True and r["missing"] == [], r
+    assert r["status"].get("status_str") == "success", r["status"]
+    assert r["shown"]["drawn"] >= 1, r["shown"]  # the image is on its node in the UI
+    files = host["server"].output_images({"outputs": r["outputs"]})
+    assert files and all(Image.open(f).size == (64, 48) for f in files), files
+    assert not [d for d in r["dialogs"] if "error" in d.lower()], r["dialogs"]
+
+
+@needs_browser
+def test_a_run_cancelled_from_the_ui_stops_and_the_next_run_works(ran):
+    r = ran["cancel:x2i_sampler.json"]
+    events = [m[0] for m in r["status"].get("messages", [])]
+    assert "execution_interrupted" in events and "execution_success" not in events, r["status"]
+    assert ran["x2i_sampler.json"]["status"].get("status_str") == "success"  # the run after the cancel

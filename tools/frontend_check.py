@@ -30,7 +30,7 @@ def available() -> bool:
     return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
 
 
-def open_workflows(url: str, workflows: dict[str, dict], shot_dir: str, timeout: float = 90.0) -> dict[str, dict]:
+def _start_browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -42,48 +42,110 @@ def open_workflows(url: str, workflows: dict[str, dict], shot_dir: str, timeout:
                 "--disable-dev-shm-usage", "--window-size=1600,1000", f"--user-data-dir={profile}"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts), profile
+
+
+def _fresh_page(driver, url: str, timeout: float) -> list[str]:
+    """Load the frontend from a clean slate (it restores the last workflow from storage) and close what a
+    first visit opens (the Templates browser, announcement banners), so screenshots show the graph."""
+    driver.get(url + "/")
+    driver.execute_script("localStorage.clear(); sessionStorage.clear();")
+    driver.get(url + "/")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if driver.execute_script("return !!(window.app && window.app.graph && window.LiteGraph)"):
+            break
+        time.sleep(0.5)
+    else:
+        raise TimeoutError("the ComfyUI frontend did not start")
+    time.sleep(1.0)
+    # a fresh ComfyUI opens its Templates browser on the first visit only (the frontend then stores that)
+    first = not getattr(driver, "_x2i_visited", False)
+    driver._x2i_visited = True
+    return dismiss_first_run(driver, wait=8.0 if first else 0.5)
+
+
+_VISIBLE_DIALOGS = ("return Array.from(document.querySelectorAll('.p-dialog, [role=dialog]')).filter(e => {"
+                    "const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0; })"
+                    ".map(e => (e.innerText || '').split('\\n')[0])")
+
+
+def dismiss_first_run(driver, wait: float = 0.5) -> list[str]:
+    """Close what a first visit opens: dialogs (the Templates browser on a fresh ComfyUI) with Escape or
+    their top-right button, and the announcement banner. Waits up to ``wait`` s for a dialog to show up.
+    Returns the titles of the dialogs closed."""
+    from selenium.webdriver.common.keys import Keys
+
+    closed = []
+    deadline = time.time() + wait
+    while time.time() < deadline or driver.execute_script(_VISIBLE_DIALOGS):
+        titles = driver.execute_script(_VISIBLE_DIALOGS)
+        if not titles:
+            if closed:
+                break
+            time.sleep(0.3)
+            continue
+        if len(closed) > 8:
+            raise RuntimeError(f"dialogs do not close: {titles}")
+        closed.extend(titles)
+        driver.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+        time.sleep(0.5)
+        driver.execute_script(  # still open: its button nearest the top-right corner
+            "for (const d of document.querySelectorAll('.p-dialog, [role=dialog]')) {"
+            " const r = d.getBoundingClientRect(); if (!r.width) continue;"
+            " let best = null, dist = 1e9;"
+            " for (const b of d.querySelectorAll('button')) { const q = b.getBoundingClientRect();"
+            "  const k = (r.right - q.right) + (q.top - r.top); if (q.width && k < dist) { dist = k; best = b; } }"
+            " if (best) best.click(); }")
+        time.sleep(0.5)
+    driver.execute_script(  # the top announcement banner: its last button is the close cross
+        "const bar = Array.from(document.querySelectorAll('div.pointer-events-auto')).find(d =>"
+        " /Introducing/.test(d.innerText || '') && d.getBoundingClientRect().top < 5);"
+        "if (bar) { const bs = bar.querySelectorAll(':scope > button'); if (bs.length) bs[bs.length - 1].click(); }")
+    time.sleep(0.3)
+    return closed
+
+
+def _load_graph(driver, name: str, wf) -> object:
+    if isinstance(wf, bytes):  # a PNG: handed to the frontend as a dropped file would be
+        driver.execute_script(
+            "window.__x2i_done = false; const b = atob(arguments[0]); const a = new Uint8Array(b.length);"
+            "for (let i = 0; i < b.length; i++) a[i] = b.charCodeAt(i);"
+            "const f = new File([a], arguments[1], {type: 'image/png'});"
+            "Promise.resolve(window.app.handleFile(f)).then(() => { window.__x2i_done = true; },"
+            " e => { window.__x2i_done = 'ERR ' + e; });", base64.b64encode(wf).decode(), name)
+    else:
+        driver.execute_script("window.__x2i_done = false; window.app.loadGraphData(arguments[0]).then("
+                              "() => { window.__x2i_done = true; }, e => { window.__x2i_done = 'ERR ' + e; });",
+                              wf)
+    deadline = time.time() + 30
+    while time.time() < deadline and driver.execute_script("return window.__x2i_done") is False:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    return driver.execute_script("return window.__x2i_done")
+
+
+def _graph_state(driver) -> dict:
+    return driver.execute_script(
+        "const g = window.app.graph; return {nodes: g._nodes.map(n => ({type: n.type, "
+        "registered: !!LiteGraph.registered_node_types[n.type], inputs: (n.inputs||[]).length, "
+        "outputs: (n.outputs||[]).length, has_errors: !!n.has_errors})), "
+        "links: Object.keys(g.links || {}).length, dialogs: Array.from(document.querySelectorAll("
+        "'.p-dialog, .p-toast-message')).filter(e => e.offsetParent !== null).map(e => e.innerText)}")
+
+
+def open_workflows(url: str, workflows: dict[str, dict | bytes], shot_dir: str, timeout: float = 90.0) -> dict:
+    """Load each workflow (UI JSON, or PNG bytes carrying one) into a fresh page; what the frontend says."""
+    driver, profile = _start_browser()
     results = {}
     try:
         for name, wf in workflows.items():
-            driver.get(url + "/")
-            # Start from a clean slate: the frontend restores the last workflow from storage.
-            driver.execute_script("localStorage.clear(); sessionStorage.clear();")
-            driver.get(url + "/")
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                ready = driver.execute_script("return !!(window.app && window.app.graph && window.LiteGraph)")
-                if ready:
-                    break
-                time.sleep(0.5)
-            else:
-                raise TimeoutError("the ComfyUI frontend did not start")
-            time.sleep(1.0)
+            _fresh_page(driver, url, timeout)
             driver.get_log("browser")  # drop start-up messages
             before = driver.execute_script("return document.body.innerText")
-            if isinstance(wf, bytes):  # a PNG: handed to the frontend as a dropped file would be
-                driver.execute_script(
-                    "window.__x2i_done = false; const b = atob(arguments[0]); const a = new Uint8Array(b.length);"
-                    "for (let i = 0; i < b.length; i++) a[i] = b.charCodeAt(i);"
-                    "const f = new File([a], arguments[1], {type: 'image/png'});"
-                    "Promise.resolve(window.app.handleFile(f)).then(() => { window.__x2i_done = true; },"
-                    " e => { window.__x2i_done = 'ERR ' + e; });", base64.b64encode(wf).decode(), name)
-            else:
-                driver.execute_script("window.__x2i_done = false; window.app.loadGraphData(arguments[0]).then("
-                                      "() => { window.__x2i_done = true; }, e => { window.__x2i_done = 'ERR ' + e; });",
-                                      wf)
-            deadline = time.time() + 30
-            while time.time() < deadline and driver.execute_script("return window.__x2i_done") is False:
-                time.sleep(0.2)
-            time.sleep(2.0)
-            done = driver.execute_script("return window.__x2i_done")
+            done = _load_graph(driver, name, wf)
             text = driver.execute_script("return document.body.innerText")
-            state = driver.execute_script(
-                "const g = window.app.graph; return {nodes: g._nodes.map(n => ({type: n.type, "
-                "registered: !!LiteGraph.registered_node_types[n.type], inputs: (n.inputs||[]).length, "
-                "outputs: (n.outputs||[]).length, has_errors: !!n.has_errors})), "
-                "links: Object.keys(g.links || {}).length, dialogs: Array.from(document.querySelectorAll("
-                "'.p-dialog, .p-toast-message')).map(e => e.innerText)}")
+            state = _graph_state(driver)
             logs = [e["message"] for e in driver.get_log("browser")]
             shot = os.path.join(shot_dir, name.replace(".json", ".png") if name.endswith(".json")
                                 else name.replace(".png", ".from-png.png"))
@@ -94,6 +156,99 @@ def open_workflows(url: str, workflows: dict[str, dict], shot_dir: str, timeout:
                 "problems": [m for m in PROBLEM_MARKERS if m.lower() in " ".join(state["dialogs"]).lower()],
                 "text": new_text[-2000:],
             }
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    return results
+
+
+_SET_WIDGETS = """
+const missing = [];
+for (const [id, values] of Object.entries(arguments[0])) {
+  const node = window.app.graph.getNodeById(Number(id));
+  if (!node) { missing.push(id); continue; }
+  for (const [name, value] of Object.entries(values)) {
+    const w = (node.widgets || []).find(w => w.name === name);
+    if (!w) continue;  // a linked input
+    w.value = value;
+    if (w.callback) w.callback(value);
+  }
+}
+window.app.graph.setDirtyCanvas(true, true);
+return missing;
+"""
+
+_OUTPUT_SHOWN = """
+const outs = window.app.nodeOutputs || window.app._nodeOutputs || {};
+const withImages = Object.values(outs).filter(o => o && o.images && o.images.length).length;
+const drawn = window.app.graph._nodes.filter(n => n.imgs && n.imgs.length && n.imgs[0].complete
+                                                 && n.imgs[0].naturalWidth > 0).length;
+return {with_images: withImages, drawn: drawn};
+"""
+
+
+def _click(driver, label: str) -> None:
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    button = driver.find_element("css selector", f'button[aria-label="{label}"]')
+    try:
+        button.click()
+    except ElementClickInterceptedException:
+        driver.save_screenshot("/tmp/x2i-click-intercepted.png")
+        raise
+
+
+def run_workflows(url: str, runs: dict[str, tuple[dict, dict]], shot_dir: str, server_get, timeout: float = 300.0,
+                  cancel: tuple[str, dict] | None = None) -> dict:
+    """For each ``name: (UI workflow, {node id: {widget: value}})``: load it, set the widgets by name, press
+    the frontend's Run button, wait until the output image is shown on its node, screenshot the page.
+
+    ``server_get(path)`` reads the server's JSON (``/history``, ``/queue``). ``cancel = (name, widgets)``:
+    first run that workflow with widgets that make it long, press *Cancel current run* while it executes,
+    and report that prompt's outcome; the normal runs follow in the same browser."""
+    driver, profile = _start_browser()
+    results = {}
+
+    def new_prompts(seen):
+        return [k for k in server_get("/history") if k not in seen]
+
+    try:
+        jobs = list(runs.items())
+        if cancel:
+            jobs.insert(0, ("cancel:" + cancel[0], (runs[cancel[0]][0], cancel[1])))
+        for name, (wf, widgets) in jobs:
+            _fresh_page(driver, url, 90.0)
+            loaded = _load_graph(driver, name, wf)
+            missing = driver.execute_script(_SET_WIDGETS, widgets)
+            seen = set(server_get("/history"))
+            _click(driver, "Run")
+            deadline, new = time.time() + timeout, []
+            if name.startswith("cancel:"):
+                while (time.time() < deadline and not server_get("/queue")["queue_running"]
+                       and not new_prompts(seen)):  # (a prompt refused at validation never runs)
+                    time.sleep(0.2)
+                time.sleep(6.0)  # past loading and encoding, into the sampler's steps
+                _click(driver, "Cancel current run")
+                while time.time() < deadline and not (new := new_prompts(seen)):
+                    time.sleep(0.3)
+                entry = server_get("/history")[new[0]] if new else {}
+                results[name] = {"loaded": loaded, "missing": missing, "prompt_ids": new,
+                                 "status": entry.get("status", {}), "screenshot": None}
+                continue
+            shown = {}
+            while time.time() < deadline:
+                shown = driver.execute_script(_OUTPUT_SHOWN)
+                new = new_prompts(seen)
+                if shown["drawn"] and new:
+                    break
+                time.sleep(0.5)
+            time.sleep(1.0)
+            shot = os.path.join(shot_dir, name.replace(".json", ".run.png"))
+            driver.save_screenshot(shot)
+            entry = server_get("/history")[new[0]] if new else {}
+            results[name] = {"loaded": loaded, "missing": missing, "shown": shown, "prompt_ids": new,
+                             "status": entry.get("status", {}), "outputs": entry.get("outputs", {}),
+                             "screenshot": shot, "dialogs": _graph_state(driver)["dialogs"]}
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
