@@ -102,6 +102,8 @@ def dismiss_first_run(driver, wait: float = 0.5) -> list[str]:
         "const bar = Array.from(document.querySelectorAll('div.pointer-events-auto')).find(d =>"
         " /Introducing/.test(d.innerText || '') && d.getBoundingClientRect().top < 5);"
         "if (bar) { const bs = bar.querySelectorAll(':scope > button'); if (bs.length) bs[bs.length - 1].click(); }")
+    # the minimap overlay covers part of the graph in screenshots
+    driver.execute_script("const b = document.querySelector('button[aria-label^=\"Hide Minimap\"]'); if (b) b.click();")
     time.sleep(0.3)
     return closed
 

@@ -5,7 +5,10 @@ The graphs are declared compactly below; input/output sockets and their types
 come from a real ComfyUI's ``/object_info`` (saved JSON or a running server),
 so the files carry exactly the slots the frontend expects.
 
-    python tools/make_workflows.py OBJECT_INFO.json
+    python tools/make_workflows.py OBJECT_INFO.json [--shoot]
+
+``--shoot`` makes the thumbnails screenshots of the graphs in the real frontend (tiny models, headless
+Chromium); without it the existing thumbnails' pixels are kept (their embedded graph is rewritten).
 """
 
 from __future__ import annotations
@@ -346,12 +349,58 @@ def build(nodes, object_info, description):
     }
 
 
-def thumbnail(path, title, steps, workflow=None, api=None):
-    """The template thumbnail; it also carries the graph as ComfyUI's SaveImage writes it (PNG text chunks
-    ``workflow`` = UI JSON, ``prompt`` = API JSON), so dropping the picture on the canvas loads the workflow."""
+def screenshots(workflows: dict[str, dict]) -> dict[str, str]:
+    """Screenshots of the graphs in the real frontend: a ComfyUI server with the pack and the tiny models,
+    headless Chromium (tools/frontend_check.py). Returns {name: png path}."""
+    import tempfile
+
+    from tools import frontend_check
+    from tools.comfy_host import ComfyServer, cache_root, ensure_comfyui, prepare_base
+    from x2i_core.tiny import default_cache_dir, make_tiny_models
+
+    if not frontend_check.available():
+        raise SystemExit("--shoot needs chromium, chromium-driver and selenium (apt install chromium "
+                         "chromium-driver; pip install selenium)")
+    base = os.path.join(cache_root(), "thumbnail-base")
+    prepare_base(base, make_tiny_models(default_cache_dir(), comfy=True))
+    out = tempfile.mkdtemp(prefix="x2i-thumbs-")
+    with ComfyServer(ensure_comfyui(), base) as server:
+        results = frontend_check.open_workflows(server.url, workflows, out)
+    bad = {n: r["problems"] for n, r in results.items() if r["problems"] or r["loaded"] is not True}
+    if bad:
+        raise SystemExit(f"the frontend reported problems, no thumbnails written: {bad}")
+    return {n: r["screenshot"] for n, r in results.items()}
+
+
+def _canvas(shot: str):
+    """The graph part of a frontend screenshot (side bar, top bars and bottom tool bar cut), 800 px wide,
+    reduced to 128 colours (small files)."""
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    w, h = img.size
+    img = img.crop((60, 90, w, h - 70))
+    img = img.resize((800, round(800 * img.size[1] / img.size[0])), Image.LANCZOS)
+    return img.quantize(colors=128)
+
+
+def thumbnail(path, title, steps, workflow=None, api=None, shot=None):
+    """The template thumbnail: the graph as the frontend shows it (``shot``, from ``--shoot``), else the
+    pixels already there, else a diagram of ``steps``. It also carries the graph as ComfyUI's SaveImage writes
+    it (PNG text chunks ``workflow`` = UI JSON, ``prompt`` = API JSON), so dropping the picture on the canvas
+    loads the workflow."""
     from PIL import Image, ImageDraw
     from PIL.PngImagePlugin import PngInfo
 
+    info = PngInfo()
+    if api is not None:
+        info.add_text("prompt", json.dumps(api))
+    if workflow is not None:
+        info.add_text("workflow", json.dumps(workflow))
+    if shot or os.path.exists(path):
+        img = _canvas(shot) if shot else Image.open(path)
+        img.save(path, pnginfo=info)
+        return
     img = Image.new("RGB", (512, 384), (30, 32, 40))
     d = ImageDraw.Draw(img)
     d.text((24, 24), title, fill=(240, 240, 240))
@@ -360,11 +409,6 @@ def thumbnail(path, title, steps, workflow=None, api=None):
         d.rounded_rectangle([40, y, 472, y + 44], radius=8, fill=(60, 90, 140) if i % 2 == 0 else (90, 60, 140))
         d.text((56, y + 15), step, fill=(255, 255, 255))
         y += 58
-    info = PngInfo()
-    if api is not None:
-        info.add_text("prompt", json.dumps(api))
-    if workflow is not None:
-        info.add_text("workflow", json.dumps(workflow))
     img.save(path, pnginfo=info)
 
 
@@ -385,15 +429,16 @@ THUMBS = {
 }
 
 
-def main(object_info_path: str) -> None:
+def main(object_info_path: str, shoot: bool = False) -> None:
     with open(object_info_path, encoding="utf-8") as fh:
         object_info = json.load(fh)
     out_dir = os.path.join(ROOT, "workflows")
     os.makedirs(out_dir, exist_ok=True)
     api_dir = os.path.join(out_dir, "api")
     os.makedirs(api_dir, exist_ok=True)
-    for name, (description, nodes) in WORKFLOWS.items():
-        wf = build(nodes, object_info, description)
+    built = {name: build(nodes, object_info, description) for name, (description, nodes) in WORKFLOWS.items()}
+    shots = screenshots(built) if shoot else {}
+    for name, wf in built.items():
         # the UI file (drag onto the canvas) and its API-format copy (POST /prompt), converted from it
         api = ui_to_api(wf, object_info)
         for path, data in ((os.path.join(out_dir, name), wf), (os.path.join(api_dir, name), api)):
@@ -401,9 +446,16 @@ def main(object_info_path: str) -> None:
                 json.dump(data, fh, indent=2, ensure_ascii=False)
                 fh.write("\n")
         title, steps = {**THUMBS, **TASK_THUMBS}[name]
-        thumbnail(os.path.join(out_dir, name.replace(".json", ".png")), title, steps, wf, api)
+        thumbnail(os.path.join(out_dir, name.replace(".json", ".png")), title, steps, wf, api, shots.get(name))
         print("wrote", name)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write workflows/*.json, workflows/api/*.json and the thumbnails.")
+    ap.add_argument("object_info", help="a saved /object_info (python tools/comfy_host.py object-info OUT.json)")
+    ap.add_argument("--shoot", action="store_true",
+                    help="thumbnails = screenshots of each graph in the real frontend (needs chromium)")
+    args = ap.parse_args()
+    main(args.object_info, args.shoot)
