@@ -22,11 +22,14 @@ def matrix(host, tmp_path_factory):
     from safetensors.torch import load_file
 
     tmp = tmp_path_factory.mktemp("matrix")
-    prompts, capture = cell_prompts(host["names"])
+    names = {**host["names"], "controlnet": "tiny-flux-controlnet-xlabs.safetensors"}
+    prompts, capture = cell_prompts(names)
     out = str(tmp / "matrix.safetensors")
     spec = tmp / "spec.json"
-    spec.write_text(json.dumps({"comfy_dir": host["comfy_dir"], "base": host["base"], "prompts": prompts,
-                                "capture": capture, "out": out, "test_nodes": True}))
+    spec.write_text(json.dumps({
+        "comfy_dir": host["comfy_dir"], "base": host["base"], "prompts": prompts, "capture": capture, "out": out,
+        "test_nodes": True, "controlnet": {"path": os.path.join(host["base"], "models", "controlnet", names["controlnet"]),
+                                          "flux": host["tiny"]["comfy_flux"]}}))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "comfy_host.py"), "inprocess", str(spec)],
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -49,6 +52,10 @@ def cond(m, label, node, i=0):
     return m["t"][f"{key}.seq"], m["t"][f"{key}.pooled"], m["facts"].get(f"{key}.extra", {})
 
 
+def calls_rows(m, label):
+    return m["calls"][label]["calls"], m["calls"][label]["rows"]
+
+
 def differs(a, b, at_least=1e-3):
     return (a - b).abs().max().item() > at_least
 
@@ -61,8 +68,8 @@ def test_matrix_covers_every_cell_and_the_readme_lists_it(matrix):
 
 
 def test_baseline_one_flux_call_per_step(matrix):
-    assert matrix["calls"]["baseline"] == {"calls": STEPS, "rows": STEPS}
-    assert matrix["calls"]["baseline_8"] == {"calls": CACHE_STEPS, "rows": CACHE_STEPS}
+    assert calls_rows(matrix, "baseline") == (STEPS, STEPS)
+    assert calls_rows(matrix, "baseline_8") == (CACHE_STEPS, CACHE_STEPS)
     assert torch.isfinite(latent(matrix, "baseline")).all()
 
 
@@ -103,7 +110,7 @@ def test_beta_scheduler(matrix):
 
 def test_batch_of_two(matrix):
     out = latent(matrix, "batch")
-    assert out.shape[0] == 2 and matrix["calls"]["batch"] == {"calls": STEPS, "rows": 2 * STEPS}
+    assert out.shape[0] == 2 and calls_rows(matrix, "batch") == (STEPS, 2 * STEPS)
     assert (out[:1] - latent(matrix, "baseline")).abs().max().item() <= 1e-4  # same seed, same first noise
     assert differs(out[0], out[1])
 
@@ -181,6 +188,16 @@ def test_mixed_x2i_and_stock_conditioning(matrix):
     assert seqs[0].shape[1] != seqs[1].shape[1]
     out = latent(matrix, "mixed_combine")
     assert differs(out, latent(matrix, "baseline")) and differs(out, latent(matrix, "only_T"))
+
+
+def test_lightcontrol_chained_with_a_stock_controlnet_and_a_lora(matrix):
+    calls = matrix["calls"]
+    assert calls["control_chain"]["controlnet_calls"] == STEPS == calls["controlnet_only"]["controlnet_calls"]
+    assert calls["lightcontrol_only"]["controlnet_calls"] == 0 and calls["control_chain"]["calls"] == STEPS
+    chain = latent(matrix, "control_chain")
+    for other in ("lightcontrol_only", "controlnet_only", "lora_only", "control_chain_no_lora"):
+        assert differs(chain, latent(matrix, other)), other
+    assert differs(latent(matrix, "lightcontrol_only"), latent(matrix, "lora_only"))
 
 
 def test_blend_node_mixes_predictions_by_weight(matrix):

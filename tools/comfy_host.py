@@ -414,18 +414,26 @@ def _fault(kind: str | None):
 
 def _count_flux_calls() -> dict:
     """Count the FLUX transformer's evaluations (calls of ``Flux.forward_orig``; ``rows`` = batch rows, so a
-    cond+uncond pair batched together is 1 call, 2 rows): what caching nodes such as EasyCache must save."""
+    cond+uncond pair batched together is 1 call, 2 rows): what caching nodes such as EasyCache must save; and
+    the stock FLUX ControlNet's (``ControlNetFlux.forward``)."""
+    import comfy.ldm.flux.controlnet as flux_controlnet
     import comfy.ldm.flux.model as flux_model
 
-    counter = {"calls": 0, "rows": 0}
+    counter = {"calls": 0, "rows": 0, "controlnet_calls": 0}
     original = flux_model.Flux.forward_orig
+    original_cn = flux_controlnet.ControlNetFlux.forward
 
     def counted(self, img, *args, **kwargs):
         counter["calls"] += 1
         counter["rows"] += int(img.shape[0])
         return original(self, img, *args, **kwargs)
 
+    def counted_cn(self, *args, **kwargs):
+        counter["controlnet_calls"] += 1
+        return original_cn(self, *args, **kwargs)
+
     flux_model.Flux.forward_orig = counted
+    flux_controlnet.ControlNetFlux.forward = counted_cn
     return counter
 
 
@@ -466,6 +474,12 @@ def run_in_process(spec_path: str) -> None:
         from tools.comfy_test_nodes import NODE_CLASS_MAPPINGS as test_nodes
 
         nodes.NODE_CLASS_MAPPINGS.update(test_nodes)
+    if spec.get("controlnet"):  # {"path", "flux"}: a tiny stock FLUX ControlNet file, made before the prompts run
+        sys.path.insert(0, ROOT)
+        from tools.comfy_test_nodes import write_tiny_flux_controlnet
+
+        if not os.path.exists(spec["controlnet"]["path"]):
+            write_tiny_flux_controlnet(spec["controlnet"]["path"], spec["controlnet"]["flux"])
     flux_calls = _count_flux_calls()
     executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
     facts = {"success": True, "messages": [], "errors": {}}
@@ -479,7 +493,7 @@ def run_in_process(spec_path: str) -> None:
         checked[label] = valid
     for label, prompt in prompts.items():
         valid = checked[label]
-        flux_calls.update(calls=0, rows=0)
+        flux_calls.update(calls=0, rows=0, controlnet_calls=0)
         t0 = time.perf_counter()
         with _fault(faults.get(label)):
             executor.execute(prompt, f"inproc-{label}", {}, valid[2])

@@ -57,3 +57,35 @@ class X2ITestTinyFluxTextEncoders:
 
 
 NODE_CLASS_MAPPINGS = {"X2ITestTinyFluxTextEncoders": X2ITestTinyFluxTextEncoders}
+
+
+def write_tiny_flux_controlnet(path: str, flux_path: str, seed: int = 0) -> None:
+    """A stock-loadable FLUX ControlNet in XLabs' layout (``ControlNetLoader`` detects it by
+    ``controlnet_blocks.0.weight``), one double block deep, for the tiny FLUX at ``flux_path``: built with
+    ComfyUI's own ``ControlNetFlux`` from the config ComfyUI detects on that FLUX, random seeded weights.
+    Runs inside a booted ComfyUI (``tools/comfy_host.py inprocess``)."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import comfy.ldm.flux.controlnet as flux_controlnet
+    import comfy.model_detection
+    import comfy.ops
+
+    config = comfy.model_detection.detect_unet_config(load_file(flux_path), "")
+    torch.manual_seed(seed)
+    net = flux_controlnet.ControlNetFlux(operations=comfy.ops.manual_cast, dtype=torch.float32, **config)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, value in net.state_dict().items():
+        if key.endswith(".scale"):
+            sd[key] = torch.ones_like(value)
+        elif value.dim() < 2:
+            sd[key] = torch.zeros_like(value)
+        else:
+            fan_in = value[0].numel()
+            sd[key] = torch.randn(value.shape, generator=g) * (0.5 / fan_in ** 0.5)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)

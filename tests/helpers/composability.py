@@ -45,6 +45,8 @@ CELLS = [
     ("zero_out", "conditioning", "ConditioningZeroOut negative, KSampler cfg 3", "2 rows per step; latent differs"),
     ("mixed_combine", "mixed", "ConditioningCombine (X2I + stock CLIPTextEncodeFlux)",
      "runs with different lengths; latent differs from either alone"),
+    ("control_chain", "control", "X2I LightControl → stock ControlNet (FLUX, XLabs layout) → KSampler, LoRA on FLUX",
+     "the ControlNet runs every step; the latent differs from each control alone and from the chain without the LoRA"),
     ("x2i_blend", "mixed", "X2I Blend Conditioning (X2I + T5+CLIP, 0.7)",
      "one-step latent = 0.7 × X2I's + 0.3 × T5+CLIP's (a weighted blend of predictions, lengths differ); "
      "conditioning of another width refused on the node"),
@@ -186,6 +188,25 @@ def cell_prompts(names: dict) -> tuple[dict, dict]:
     add("only_T", {"ks": ks() | {"inputs": {**ks()["inputs"], "positive": ["T", 0]}}}, ["ks"])
     add("mixed_combine", {"c": _n("ConditioningCombine", conditioning_1=["A", 0], conditioning_2=["T", 0]),
                           "ks": ksampler(["unet", 0], ["c", 0], ["negA", 0], ["empty", 0])}, ["c", "ks"])
+    # Control: X2I LightControl and a stock FLUX ControlNet chained on the X2I conditioning, a LoRA on FLUX.
+    lora = _n("LoraLoaderModelOnly", model=["unet", 0], lora_name=names["lora"], strength_model=1.0)
+    lightcontrol = _n("X2ILightControlLoader", lightcontrol_name=names["lightcontrol"])
+    controlnet = _n("ControlNetLoader", control_net_name=names["controlnet"])
+
+    def apply(pos, neg, net):
+        return _n("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=[net, 0], image=["photo64", 0],
+                  strength=1.0, start_percent=0.0, end_percent=1.0)
+
+    for label, nets, model in (("control_chain", ("lc", "cn"), "lora"), ("control_chain_no_lora", ("lc", "cn"), None),
+                               ("lightcontrol_only", ("lc",), "lora"), ("controlnet_only", ("cn",), "lora"),
+                               ("lora_only", (), "lora")):
+        nodes = {"lora": lora, "lc": lightcontrol, "cn": controlnet}
+        pos, neg = ["A", 0], ["negA", 0]
+        for i, net in enumerate(nets):
+            nodes[f"apply{i}"] = apply(pos, neg, net)
+            pos, neg = [f"apply{i}", 0], [f"apply{i}", 1]
+        nodes["ks"] = ksampler([model, 0] if model else ["unet", 0], pos, neg, ["empty", 0])
+        add(label, nodes, ["ks"])
     # One Euler step is affine in the prediction, so the blend's latent is the weighted mean of the two alone.
     add("x2i_blend", {"b": _n("X2IBlendConditioning", x2i=["A", 0], other=["T", 0], x2i_weight=0.7),
                       "ks": ksampler(["unet", 0], ["b", 0], ["negA", 0], ["empty", 0], steps=1)}, ["b", "ks"])
