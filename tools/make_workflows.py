@@ -279,8 +279,46 @@ SIZES = {"X2IMLLMEncode": 420, "X2IMLLMReason": 440, "X2IChatTurn": 300, "LoadIm
          "LoadAudio": 160, "PreviewAny": 160, "X2ISampler": 360}
 
 
+NODE_WIDTH = 340
+NOTE_BOX = (420, 40, 380, 220)  # x, y, width, height of the workflow's note
+
+
+def _height(ntype: str, object_info: dict) -> int:
+    """About the height the frontend gives a node: title, socket rows, widgets (multiline text taller, a
+    seed's control-after-generate widget counts)."""
+    info = object_info[ntype]
+    ordered = list(info["input"].get("required", {}).items()) + list(info["input"].get("optional", {}).items())
+    widgets = [spec for _, spec in ordered if _is_widget(spec)]
+    sockets = len(ordered) - len(widgets)
+    multiline = sum(1 for spec in widgets if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline"))
+    extra = sum(1 for spec in widgets if len(spec) > 1 and isinstance(spec[1], dict)
+                and spec[1].get("control_after_generate"))
+    rows = max(sockets, len(info["output"]))
+    return max(SIZES.get(ntype, 130), 30 + 20 * rows + 24 * (len(widgets) + extra) + 66 * multiline)
+
+
+def _without_overlaps(nodes, object_info) -> dict:
+    """Positions with no two nodes (or a node and the note) overlapping: top to bottom, a node that would
+    overlap one placed above it in the same column moves below it."""
+    placed = [NOTE_BOX]
+    positions = {}
+    for nid, ntype, pos, *_ in sorted(nodes, key=lambda n: (n[2][1], n[2][0])):
+        x, y = pos
+        h = _height(ntype, object_info)
+        moved = True
+        while moved:
+            moved = False
+            for px, py, pw, ph in placed:
+                if x < px + pw and px < x + NODE_WIDTH and y < py + ph + 20 and py < y + h + 20:
+                    y, moved = py + ph + 30, True
+        placed.append((x, y, NODE_WIDTH, h))
+        positions[nid] = ([x, y], h)
+    return positions
+
+
 def build(nodes, object_info, description):
     by_id = {n[0]: n for n in nodes}
+    layout = _without_overlaps(nodes, object_info)
     # topological order for the "order" field
     order, seen = [], set()
 
@@ -321,13 +359,13 @@ def build(nodes, object_info, description):
         if missing:
             raise KeyError(f"{ntype}: no socket input(s) {missing}")
         node_inputs[nid] = ins
-    for nid, ntype, pos, widgets, _conns, title in nodes:
+    for nid, ntype, _pos, widgets, _conns, title in nodes:
         info = object_info[ntype]
         outs = []
         for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
             outs.append({"name": oname, "type": otype, "links": out_links.get((nid, slot), []), "slot_index": slot})
         node = {
-            "id": nid, "type": ntype, "pos": list(pos), "size": [340, SIZES.get(ntype, 130)],
+            "id": nid, "type": ntype, "pos": layout[nid][0], "size": [NODE_WIDTH, layout[nid][1]],
             "flags": {}, "order": order.index(nid), "mode": 0, "inputs": node_inputs[nid], "outputs": outs,
             "properties": {"Node name for S&R": ntype}, "widgets_values": widgets,
         }
@@ -336,7 +374,8 @@ def build(nodes, object_info, description):
         ui_nodes.append(node)
     note_id = max(by_id) + 1
     ui_nodes.append({
-        "id": note_id, "type": "Note", "pos": [420, 40], "size": [380, 220], "flags": {}, "order": len(nodes),
+        "id": note_id, "type": "Note", "pos": list(NOTE_BOX[:2]), "size": list(NOTE_BOX[2:]), "flags": {},
+        "order": len(nodes),
         "mode": 0, "inputs": [], "outputs": [], "properties": {},
         "widgets_values": [description + ("" if "Models:" in description else
                            "\n\nModels: put a Qwen2.5-VL-Instruct folder in models/mllm, the matching X2I AlignNet "
