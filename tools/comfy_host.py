@@ -453,13 +453,16 @@ def run_in_process(spec_path: str) -> None:
     import comfy.model_management as mm
     import execution
 
+    executing = []  # (time, node id) of the executor's "executing" events: per-node wall time
+
     class _Server:
         client_id = None
         last_node_id = None
         last_prompt_id = None
 
-        def send_sync(self, *a, **k):
-            pass
+        def send_sync(self, event, data=None, *a, **k):
+            if event == "executing" and isinstance(data, dict):
+                executing.append((time.perf_counter(), data.get("node")))
 
     # One prompt ("prompt", "capture": [ids]) or several ("prompts": {label: prompt}, "capture": {label: [ids]}),
     # run one after another by one executor (its caches carry over, as in a server).
@@ -494,10 +497,17 @@ def run_in_process(spec_path: str) -> None:
     for label, prompt in prompts.items():
         valid = checked[label]
         flux_calls.update(calls=0, rows=0, controlnet_calls=0)
+        executing.clear()
         t0 = time.perf_counter()
         with _fault(faults.get(label)):
             executor.execute(prompt, f"inproc-{label}", {}, valid[2])
         facts.setdefault("seconds", {})[label] = time.perf_counter() - t0
+        node_seconds = {}
+        for (t_a, node), (t_b, _) in zip(executing, executing[1:] + [(time.perf_counter(), None)]):
+            if node is not None:
+                node_seconds[node] = node_seconds.get(node, 0.0) + (t_b - t_a)
+        facts.setdefault("node_seconds", {})[label] = node_seconds
+        executing.clear()
         facts.setdefault("flux_calls", {})[label] = dict(flux_calls)
         facts["success"] = facts["success"] and executor.success
         facts["messages"].extend(m[0] for m in executor.status_messages)

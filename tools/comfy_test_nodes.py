@@ -2,7 +2,8 @@
 ``"test_nodes": true``; never part of the shipped pack).
 
 ``X2ITestTinyFluxTextEncoders`` returns a stock ComfyUI ``CLIP`` object of FLUX's own text-encoder pair
-(``comfy.text_encoders.flux.flux_clip``: CLIP-L + T5-XXL, with ComfyUI's tokenizers), but one layer deep:
+(``comfy.text_encoders.flux.flux_clip``: CLIP-L + T5-XXL, with ComfyUI's tokenizers), but one layer deep
+(``real_widths`` + ``t5_layers`` / ``clip_layers``: every real width at a chosen depth, for benchmarks):
 the stock ``DualCLIPLoader`` always builds the full 4.8 B-parameter T5-XXL from ComfyUI's config, which a
 2-core test machine cannot run. The output widths are the real ones (T5 4096, CLIP-L pooled 768), so
 the conditioning from the stock ``CLIPTextEncodeFlux`` feeds the same FLUX as X2I's (``t5_width`` other
@@ -16,13 +17,16 @@ class X2ITestTinyFluxTextEncoders:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                             "t5_width": ("INT", {"default": 4096, "min": 64, "max": 8192})}}
+                             "t5_width": ("INT", {"default": 4096, "min": 64, "max": 8192})},
+                "optional": {"real_widths": ("BOOLEAN", {"default": False}),
+                             "t5_layers": ("INT", {"default": 1, "min": 1, "max": 24}),
+                             "clip_layers": ("INT", {"default": 1, "min": 1, "max": 12})}}
 
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
     CATEGORY = "testing"
 
-    def load(self, seed, t5_width=4096):
+    def load(self, seed, t5_width=4096, real_widths=False, t5_layers=1, clip_layers=1):
         import torch
 
         import comfy.sd
@@ -33,9 +37,11 @@ class X2ITestTinyFluxTextEncoders:
             clip = flux.flux_clip()
             tokenizer = flux.FluxTokenizer
 
-        clip_l = {"hidden_size": 768, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 12,
-                  "projection_dim": 768}
-        t5 = {"d_model": t5_width, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 8}
+        # real_widths: every width of CLIP-L and T5-XXL (MLP 3072 / 10240, 12 / 64 heads), only fewer layers
+        clip_l = {"hidden_size": 768, "intermediate_size": 3072 if real_widths else 64,
+                  "num_hidden_layers": clip_layers, "num_attention_heads": 12, "projection_dim": 768}
+        t5 = {"d_model": t5_width, "d_ff": 10240 if real_widths else 64, "num_layers": t5_layers,
+              "num_heads": 64 if real_widths else 2, "d_kv": 64 if real_widths else 8}
         clip = comfy.sd.CLIP(Target, model_options={"dtype": torch.float32, "clip_l_model_config": clip_l,
                                                     "t5xxl_model_config": t5})
         g = torch.Generator().manual_seed(seed)
