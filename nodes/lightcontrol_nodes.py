@@ -20,8 +20,8 @@ from comfy_api.latest import io
 
 from ..x2i_core.lightcontrol import load_lightcontrol
 from . import paths
+from .common import CATEGORY, NodeError, user_errors as _user_errors
 from .models import managed
-from .x2i_nodes import CATEGORY, NodeError, _user_errors
 
 log = logging.getLogger("x2i")
 

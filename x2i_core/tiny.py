@@ -31,88 +31,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import Any
 
 import torch
 
-from .io import atomic_save_safetensors, atomic_write_json, make_temp_dir
+from .io import atomic_save_safetensors, atomic_write_json
 from .prompt import QWEN25VL_CHAT_TEMPLATE  # the published template, reproduced
+from .tiny_parts import (  # noqa: F401  (re-exported: the tokenizer and helpers are part of this module's API)
+    _CORPUS,
+    QWEN_SPECIAL_TOKENS,
+    _bpe,
+    _spread,
+    _staging,
+    build_tokenizer,
+)
 
 log = logging.getLogger("x2i")
 
 TINY_VERSION = 7
-
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
-
-# Qwen2's pre-tokenizer split pattern (part of the tokenizer format).
-_QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-_CORPUS = [
-    "A red fox jumps over a lazy dog in the snowy forest at dawn.",
-    "A photo of a cat sitting on a wooden table next to a cup of coffee.",
-    "An oil painting of a lighthouse on a rocky coast under a stormy sky.",
-    "A futuristic city skyline at night with neon lights and flying cars.",
-    "Text input Instruction editing description image input yes no",
-    "{'Text input': 'a dog', 'Instruction editing description': 'no', 'image input': 'no'}",
-    "You are a helpful assistant. user assistant system Picture Video",
-    "Render the text on the screenshot; describe the image; combine these pictures.",
-    "一只可爱的小猫坐在窗台上，阳光明媚。 Un chat mignon assis sur le rebord de la fenêtre.",
-    "Ein Hund läuft am Strand. Un perro corre en la playa. 海辺を走る犬。",
-    "0123456789 , . ! ? : ; ' \" ( ) [ ] { } - _ + = / \\ * & % $ # @",
-]
-
-
-def build_tokenizer(out_dir: str, vocab_size: int = 1024, special_tokens: list[str] | None = None,
-                    chat_template: str | None = None, extra_special_tokens: dict[str, str] | None = None,
-                    eos_token: str = "<|im_end|>", pad_token: str = "<|endoftext|>"):
-    """Train a byte-level BPE on the built-in corpus and wrap it as a Qwen2 fast tokenizer."""
-    special_tokens = special_tokens or QWEN_SPECIAL_TOKENS
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    kwargs = {"extra_special_tokens": extra_special_tokens} if extra_special_tokens else {}
-    fast = Qwen2TokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token=eos_token, pad_token=pad_token,
-        unk_token=None, errors="replace", clean_up_tokenization_spaces=False,
-        additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)], **kwargs,
-    )
-    fast.add_special_tokens({"additional_special_tokens": special_tokens}, replace_additional_special_tokens=True)
-    fast.model_max_length = 32768
-    fast.chat_template = chat_template or QWEN25VL_CHAT_TEMPLATE
-    return fast
-
-
-def _bpe(special: list[str], vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=special)
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return tok
-
 
 def build_teacher_text_encoders(seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768):
     """Tiny CLIP-L and T5-XXL stand-ins (2 layers) with their tokenizers: FLUX's teacher encoders."""
@@ -199,15 +135,6 @@ def build_qwen25vl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return out_dir
-
-
-def _spread(model, seed: int, std: float = 0.05) -> None:
-    """Random init with a larger spread so layers differ visibly in tests."""
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for _, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def build_alignnet(channels: int, hidden: int, seed: int = 0, fusion: str = "conv", use_t5: bool = False,
@@ -360,28 +287,6 @@ def taesd_flux_state_dict(seed: int = 0, latent_channels: int = 16) -> dict[str,
     sd["vae_scale"] = torch.tensor(0.3611)
     sd["vae_shift"] = torch.tensor(0.1159)
     return {k: v.contiguous() for k, v in sd.items()}
-
-
-class _staging:
-    """Build a folder in a temporary sibling and rename it into place when complete."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir = os.path.abspath(out_dir)
-
-    def __enter__(self) -> str:
-        parent = os.path.dirname(self.out_dir)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = make_temp_dir(".tmp-" + os.path.basename(self.out_dir) + "-", parent)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.exists(self.out_dir):
-            shutil.rmtree(self.out_dir)
-        os.replace(self.tmp, self.out_dir)
-        return False
 
 
 def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool = False) -> dict[str, Any]:

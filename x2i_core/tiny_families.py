@@ -21,7 +21,7 @@ import torch
 
 from .convert_internvl import chat_template
 from .mllm.qwen25omni import OMNI_SYSTEM_PROMPT
-from .tiny import _spread, _staging, build_tokenizer
+from .tiny_parts import _spread, _staging, build_tokenizer
 
 OMNI_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|box_end|>",
