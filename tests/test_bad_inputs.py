@@ -480,7 +480,7 @@ NODE_ROWS = {
 
 
 def _node_prompt(host, row, index):
-    from test_comfy_host import node_of, tiny_api
+    from helpers.comfy import node_of, tiny_api
 
     fault, change, _, _ = NODE_ROWS[row]
     api = tiny_api(host, "x2i_sampler.json", **(change if isinstance(change, dict) else {}))
@@ -498,7 +498,7 @@ def _node_prompt(host, row, index):
 
 @pytest.fixture(scope="module")
 def node_runs(host, tmp_path_factory):
-    from test_comfy_host import node_of, tiny_api
+    from helpers.comfy import node_of, tiny_api
     from x2i_core.tiny import build_alignnet
 
     x2i = os.path.join(host["base"], "models", "x2i")
@@ -555,7 +555,7 @@ ESCAPES = ["../../etc", "../x2i/alignnet-tiny.safetensors", "/etc/passwd", "C:\\
 
 @pytest.mark.comfy
 def test_model_names_cannot_escape_the_model_folders_through_prompt(host, tmp_path):
-    from test_comfy_host import tiny_api
+    from helpers.comfy import tiny_api
     from tools.comfy_host import execution_error
 
     s, base = host["server"], host["base"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.comfy_host import ROOT, PromptRejected, execution_error, load_workflow, ui_to_api
+from helpers.comfy import _expect_node_error, node_of, tiny_api
+from tools.comfy_host import ROOT, execution_error
 
 pytestmark = pytest.mark.comfy
 
@@ -20,55 +21,8 @@ NODE_IDS = ["X2IMLLMLoader", "X2IMLLMEncode", "X2IAlignNetLoader", "X2IAlignNetP
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
 
 
-def tiny_mllm_name(names, model_name, family=None):
-    """The tiny model standing in for a workflow's MLLM (same family unless ``family`` says otherwise)."""
-    if family is None:
-        family = "omni" if "Omni" in model_name else "internvl" if "InternVL" in model_name else "qwen25vl"
-    return {"qwen25vl": names["mllm"], "omni": names.get("mllm_omni"), "internvl": names.get("mllm_internvl")}[family]
 
 
-def shipped_api(host, workflow_name):
-    """The shipped API-format copy (``workflows/api/``), checked to be the UI file's conversion against the
-    live server's schemas (``tools/make_workflows.py`` writes both)."""
-    with open(os.path.join(ROOT, "workflows", "api", workflow_name), encoding="utf-8") as fh:
-        api = json.load(fh)
-    assert api == ui_to_api(load_workflow(workflow_name), host["server"].object_info()), \
-        f"workflows/api/{workflow_name} is stale: regenerate with tools/make_workflows.py"
-    return api
-
-
-def tiny_api(host, workflow_name, family=None, **overrides):
-    """A shipped workflow, converted to API format, pointed at the tiny models, sample media and sizes."""
-    from tools.comfy_host import SAMPLE_IMAGES, point_at_tiny
-
-    n = host["names"]
-    api = shipped_api(host, workflow_name)
-    wanted = {k: v["inputs"]["model_name"] for k, v in api.items() if v["class_type"] == "X2IMLLMLoader"}
-    point_at_tiny(api, n)
-    for nid, node in api.items():
-        ins = node["inputs"]
-        ct = node["class_type"]
-        if ct == "X2IMLLMLoader":  # the tiny model of the workflow's MLLM family (or the one asked for)
-            ins["model_name"] = tiny_mllm_name(n, wanted[nid], family)
-        elif ct == "LoadVideo":
-            ins["file"] = "clip.mp4"
-        elif ct == "LoadAudio":
-            ins["audio"] = "sound.wav"
-        elif ct == "X2IMLLMReason":
-            ins["max_new_tokens"] = 6
-        elif ct == "LoraLoaderModelOnly":
-            ins["lora_name"] = n["lora"]
-        elif ct == "X2ILightControlLoader":
-            ins["lightcontrol_name"] = n["lightcontrol"]
-        elif ct == "LoadImage" and ins.get("image") not in SAMPLE_IMAGES:
-            ins["image"] = "photo.png"
-        for key, value in overrides.get(ct, {}).items():
-            ins[key] = value
-    return api
-
-
-def node_of(api, class_type):
-    return next(k for k, v in api.items() if v["class_type"] == class_type)
 
 
 def test_quick_test_for_ci_imports_the_pack_without_failures(host, tmp_path):
@@ -147,21 +101,6 @@ def test_image_batch_enters_as_comfy_image_tensors(host):
     assert execution_error(entry) is None, execution_error(entry)
     assert len(s.output_images(entry)) == 1
 
-
-def _expect_node_error(host, api, node_class, *needles):
-    s = host["server"]
-    try:
-        entry = s.run(api)
-    except PromptRejected as exc:  # refused at validation: fine if it names the problem
-        body = json.dumps(exc.body)
-        assert all(n in body for n in needles[:1]), body
-        return
-    err = execution_error(entry)
-    assert err is not None, "expected an execution error"
-    assert err["node_type"] == node_class
-    for needle in needles:
-        assert needle in err["exception_message"], err["exception_message"]
-    assert "Traceback" not in err["exception_message"]
 
 
 def test_bad_inputs_give_clear_node_errors_and_the_host_keeps_working(host):

@@ -81,7 +81,7 @@ def test_bitsandbytes_needs_cuda_and_says_so(tiny):
 
 @pytest.mark.comfy
 def test_comfyui_reencodes_nothing_when_only_the_sampler_changes_and_offloads_after_encode(host, tmp_path):
-    from test_comfy_host import tiny_api
+    from helpers.comfy import tiny_api
     from tools.comfy_host import ROOT
 
     def variant(text, seed, offload=False):

@@ -102,7 +102,7 @@ RUNNABLE = [w for w in WORKFLOWS if w != "x2i_text2image_native_qwen.json"]  # s
 def ran(host):
     """Every runnable shipped workflow, run by pressing Run in the frontend (widgets set by name to the tiny
     models, small sizes and steps); first one run cancelled from the UI."""
-    from test_comfy_host import tiny_api
+    from helpers.comfy import tiny_api
 
     runs = {}
     for name in RUNNABLE:

@@ -6,8 +6,6 @@ to the tensors the reference computes (transformers 4.49.0, its recipes; see
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from test_reference_oracle import ROOT, TOL, refstack
+from helpers.oracle import ROOT, TOL, run_on_refstack
 from x2i_core.errors import X2IFileError, X2IInputError
 from x2i_core.mllm import EncodeRequest
 
@@ -27,9 +25,7 @@ TEXTS = ["A red fox jumps over a lazy dog in the snowy forest at dawn.", "一只
 
 
 def _oracle(*args):
-    env = dict(os.environ, PYTHONPATH=refstack(), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, HELPER, *args], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
+    run_on_refstack(HELPER, *args)
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ def test_comfyui_controlnet_matches_diffusers_injection(host, tmp_path):
 
 @pytest.mark.comfy
 def test_edit_workflow_strength_zero_is_exact_and_one_changes(host):
-    from test_comfy_host import tiny_api
+    from helpers.comfy import tiny_api
     from tools.comfy_host import execution_error
 
     s = host["server"]
@@ -180,7 +180,7 @@ def test_trainer_loss_falls_and_resume_is_exact(tiny, tmp_path):
 @pytest.mark.comfy
 def test_trained_lightcontrol_runs_in_the_node(host, tmp_path):
     """Train 1 step against the stock-loadable 3072-wide FLUX, then use the file in the edit workflow."""
-    from test_comfy_host import tiny_api
+    from helpers.comfy import tiny_api
     from tools.comfy_host import execution_error
 
     data = make_triples(str(tmp_path / "data"), n=1)

@@ -169,7 +169,7 @@ def test_comfyui_maps_every_key_and_matches_diffusers(host, big_lora, tmp_path):
 def test_trained_lora_in_the_shipped_workflow_with_stock_loader(host, big_lora):
     import shutil
 
-    from test_comfy_host import tiny_api
+    from helpers.comfy import tiny_api
     from tools.comfy_host import execution_error
 
     shutil.copy(big_lora, os.path.join(host["base"], "models", "loras", "trained_x2i_lora.safetensors"))

@@ -81,7 +81,7 @@ def test_distilled_alignnet_records_its_mllm_and_pad_rows(tiny, tmp_path):
 
 @pytest.mark.comfy
 def test_the_project_node_refuses_another_family_in_the_real_executor(host):
-    from test_comfy_host import _expect_node_error, tiny_api
+    from helpers.comfy import _expect_node_error, tiny_api
     from tools.comfy_host import execution_error
 
     folder = os.path.join(host["base"], "models", "x2i")

@@ -13,8 +13,6 @@ must give the same tensors, fp32, to 1e-5.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,33 +20,21 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from helpers.oracle import ROOT, TOL, run_on_refstack
 from x2i_core.media import sample_frames
 from x2i_core.mllm import EncodeRequest
 
 pytestmark = pytest.mark.slow  # subprocesses on the 4.49 reference stack (.refstack, make refstack)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "helpers", "reference_stack.py")
 TEMPLATE = os.path.join(ROOT, "tests", "data", "qwen2.5-vl-chat-template.jinja")
-TOL = 1e-5
 
 TEXTS = ["A red fox jumps over a lazy dog in the snowy forest at dawn.", "一只可爱的小猫坐在窗台上",
          "An oil painting of a lighthouse on a rocky coast under a stormy sky."]
 
 
-def refstack() -> str:
-    folder = os.path.join(ROOT, ".refstack")
-    if not any(n.startswith(".x2i-ref-") for n in (os.listdir(folder) if os.path.isdir(folder) else [])):
-        subprocess.run(["make", "-C", ROOT, "refstack", f"PY={sys.executable}"], check=True)
-    return folder
-
-
 def oracle(*args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=refstack(), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, HELPER, *args], capture_output=True, text=True, env=env, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r
+    return run_on_refstack(HELPER, *args, timeout=timeout)
 
 
 def _image(seed, w, h):

@@ -23,7 +23,7 @@ import types
 import pytest
 from PIL import Image
 
-from test_comfy_host import tiny_api
+from helpers.comfy import tiny_api
 from tools.comfy_host import ROOT, ComfyServer, ensure_comfyui, execution_error, prepare_base
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]

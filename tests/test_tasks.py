@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_comfy_host import _expect_node_error, node_of, tiny_api
+from helpers.comfy import _expect_node_error, node_of, tiny_api
 from tools.comfy_host import ROOT, execution_error
 
 pytestmark = pytest.mark.comfy  # all but test_core_chat_errors run in the host
