@@ -25,9 +25,8 @@ import time
 import pytest
 import torch
 
-import test_distill_trainer as td
-import test_lightcontrol as tlc
-import test_lora as tlr
+from helpers.datasets import CAPTIONS, edit_triples, lora_dataset
+from helpers.trainers import distill_args, lightcontrol_args, lora_args, run_cli
 from x2i_core.train.runtime import CheckpointManager, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,30 +121,25 @@ def server():
 def setups(tiny, tmp_path_factory):
     """name -> (argv builder for an output folder, reference output folder of one uninterrupted run)."""
     d = tmp_path_factory.mktemp("crash-data")
-    (d / "caps.txt").write_text("\n".join(td.CAPTIONS) + "\n", encoding="utf-8")
-    triples = tlc.make_triples(str(d / "triples"))
-    images = tlr.make_dataset(str(d / "images"))
+    (d / "caps.txt").write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
+    triples = edit_triples(str(d / "triples"))
+    images = lora_dataset(str(d / "images"))
     argv = {
-        "distill": lambda out, *x: td.base_args(tiny, str(d / "caps.txt"), out, *COMMON, *x),
-        "lightcontrol": lambda out, *x: ["train-lightcontrol", *tlc.base_args(tiny, triples, out, *COMMON, *x)],
-        "lora": lambda out, *x: ["train-lora", *tlr.small_args(tiny, images, out, *COMMON, *x)],
+        "distill": lambda out, *x: distill_args(tiny, str(d / "caps.txt"), out, *COMMON, *x),
+        "lightcontrol": lambda out, *x: ["train-lightcontrol", *lightcontrol_args(tiny, triples, out, *COMMON, *x)],
+        "lora": lambda out, *x: ["train-lora", *lora_args(tiny, images, out, *COMMON, *x)],
     }
     return {"argv": argv, "root": d, "refs": {}}
 
 
 def reference(setups, name):
-    """One uninterrupted run as an ordinary process (the trainers' own test helpers), made once per module."""
+    """One uninterrupted run as an ordinary process (through the CLI, as the trainers' tests run it), made once
+    per module."""
     refs = setups["refs"]
     if name not in refs:
         out = setups["root"] / f"ref-{name}"
         t0 = time.time()
-        args = setups["argv"][name](out)
-        if name == "distill":
-            td.distill(*args, env=THREADS)
-        elif name == "lightcontrol":
-            tlc.train(*args[1:], env=THREADS)
-        else:
-            tlr.train(*args[1:], env=THREADS)
+        run_cli(*setups["argv"][name](out), env=THREADS)
         print(f"reference {name}: {time.time() - t0:.1f} s")
         refs[name] = out
     return refs[name]

@@ -10,14 +10,12 @@ import time
 import pytest
 import torch
 
+from helpers.datasets import CAPTIONS
+from helpers.trainers import distill_args, run_cli
 from x2i_core.train.data import CaptionStream, write_tar_shard
 from x2i_core.train.runtime import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAPTIONS = ["a red fox in the snow", "a cat on a wooden table", "an oil painting of a lighthouse",
-            "a futuristic city at night", "一只可爱的小猫", "a dog running on the beach"]
-
-
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory):
     d = tmp_path_factory.mktemp("captions")
@@ -25,18 +23,11 @@ def captions(tmp_path_factory):
     return str(d / "caps.txt")
 
 
-def base_args(tiny, captions, out, *extra, flux="flux_small"):
-    return ["distill", f"mllm={tiny['mllm']}", f"flux={tiny[flux]}", f"output_dir={out}", f"data.paths=[{captions}]",
-            "distill.resolution=64", "train.batch_size=2", "train.lr=1e-3", "train.warmup_steps=5", *extra]
+base_args = distill_args
 
 
 def distill(*args, env=None, timeout=600, check=True):
-    e = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-    r = subprocess.run([sys.executable, "-m", "x2i_core", *args], capture_output=True, text=True, env=e,
-                       timeout=timeout, cwd=ROOT)
-    if check:
-        assert r.returncode == 0, r.stderr[-4000:]
-    return r
+    return run_cli(*args, env=env, timeout=timeout, check=check)
 
 
 def losses(out):

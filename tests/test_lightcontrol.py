@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from helpers.datasets import edit_triples as make_triples
+from helpers.trainers import lightcontrol_args, run_cli
 from x2i_core.errors import X2IFileError, X2IInputError
 from x2i_core.lightcontrol import LightControl, LightControlConfig, inject, load_lightcontrol, pixels_to_hint
 from x2i_core.train.runtime import read_metrics
@@ -145,17 +146,10 @@ def test_edit_workflow_strength_zero_is_exact_and_one_changes(host):
 
 
 def train(*args, env=None, check=True):
-    r = subprocess.run([sys.executable, "-m", "x2i_core", "train-lightcontrol", *args], capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})), cwd=ROOT)
-    if check:
-        assert r.returncode == 0, r.stderr[-4000:]
-    return r
+    return run_cli("train-lightcontrol", *args, env=env, check=check)
 
 
-def base_args(tiny, data, out, *extra):
-    return [f"mllm={tiny['mllm']}", f"alignnet={tiny['alignnet_safetensors']}", f"flux={tiny['flux']}",
-            f"lightcontrol.init={tiny['lightcontrol']}", f"output_dir={out}", f"data.path={data}",
-            "data.resolution=64", "train.lr=1e-3", "train.warmup_steps=5", *extra]
+base_args = lightcontrol_args
 
 
 @pytest.mark.slow

@@ -13,23 +13,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from helpers.datasets import lora_dataset as make_dataset
+from helpers.trainers import lora_args, run_cli
 from x2i_core.train.runtime import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train(*args, env=None, check=True, timeout=900):
-    r = subprocess.run([sys.executable, "-m", "x2i_core", "train-lora", *args], capture_output=True, text=True,
-                       timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})), cwd=ROOT)
-    if check:
-        assert r.returncode == 0, r.stderr[-4000:]
-    return r
+    return run_cli("train-lora", *args, env=env, check=check, timeout=timeout)
 
 
-def small_args(tiny, data, out, *extra):
-    return [f"mllm={tiny['mllm']}", f"alignnet={tiny['alignnet_safetensors']}", f"flux={tiny['flux']}",
-            f"output_dir={out}", f"data.path={data}", "data.resolution=64", "data.bucket_step=16", "lora.rank=8",
-            "train.lr=1e-2", "train.warmup_steps=5", *extra]
+small_args = lora_args
 
 
 @pytest.mark.slow
