@@ -236,3 +236,28 @@ def test_encode_prefill_option_and_cache_keep_dense_and_sparse_apart():
                                                  "gather_all=True").hidden
     assert (full - dense).abs().max().item() <= 1e-5
     assert len(enc.cache) == 2  # the sparse run has its own cache entry
+
+
+def test_importing_registers_nothing_with_transformers():
+    """Registration happens on first use (sparse_prefill), not at import."""
+    import subprocess
+    import sys
+
+    code = ("import x2i_core.mllm.critiprefill as c\n"
+            "from transformers import AttentionInterface\n"
+            "assert c.NAME not in AttentionInterface._global_mapping, 'registered at import'\n"
+            "c.register()\n"
+            "assert c.NAME in AttentionInterface._global_mapping\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_encode_cache_size_is_read_when_a_cache_is_made(monkeypatch):
+    from x2i_core.errors import X2IInputError
+    from x2i_core.mllm.cache import EncodeCache
+
+    monkeypatch.setenv("X2I_ENCODE_CACHE_MB", "2")
+    assert EncodeCache().max_bytes == 2 * 2**20
+    monkeypatch.setenv("X2I_ENCODE_CACHE_MB", "lots")
+    with pytest.raises(X2IInputError, match="X2I_ENCODE_CACHE_MB"):
+        EncodeCache()

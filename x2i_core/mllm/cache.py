@@ -17,7 +17,17 @@ from typing import Any
 
 import torch
 
-DEFAULT_MAX_MB = int(os.environ.get("X2I_ENCODE_CACHE_MB", "1024"))
+from ..errors import X2IInputError
+
+DEFAULT_MAX_MB = 1024  # X2I_ENCODE_CACHE_MB overrides it, read when a cache is made (not at import)
+
+
+def default_max_bytes() -> int:
+    raw = os.environ.get("X2I_ENCODE_CACHE_MB", str(DEFAULT_MAX_MB))
+    try:
+        return int(float(raw) * 2**20)
+    except ValueError:
+        raise X2IInputError(f"X2I_ENCODE_CACHE_MB must be a number of megabytes, got {raw!r}") from None
 
 # Forward passes per encoder name (tests and benchmarks read it to prove a cache hit ran nothing).
 FORWARD_CALLS: collections.Counter = collections.Counter()
@@ -40,7 +50,7 @@ def digest(batch: dict[str, Any], *extra: Any) -> str:
 
 class EncodeCache:
     def __init__(self, max_bytes: int | None = None):
-        self.max_bytes = DEFAULT_MAX_MB * 2**20 if max_bytes is None else int(max_bytes)
+        self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self._items: collections.OrderedDict[str, tuple[torch.Tensor, int]] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()

@@ -273,15 +273,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 def register() -> None:
-    """Register the attention and mask functions under ``NAME`` (idempotent; done on import)."""
+    """Register the attention and mask functions under ``NAME`` with transformers (idempotent). Done on first
+    use (:func:`sparse_prefill`), not at import: importing this module changes nothing in transformers."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, _mask_fn)
-
-
-register()
 
 
 # -- the attention itself -------------------------------------------------------------------------------------------
