@@ -19,7 +19,7 @@ def _collect_nodes() -> list:
     found = []
     # (module, what it provides); a group whose import fails is skipped with the reason logged.
     groups = [("x2i_nodes", "core nodes"), ("lightcontrol_nodes", "LightControl nodes"),
-              ("media_nodes", "media / chat / reasoning nodes"), ("clip_nodes", "native-CLIP encode node"),
+              ("chat_nodes", "chat and reasoning nodes"), ("clip_nodes", "native-CLIP encode node"),
               ("conditioning_nodes", "conditioning blend node")]
     import importlib
 

@@ -20,7 +20,7 @@ from comfy_api.latest import io
 
 from ..x2i_core.lightcontrol import load_lightcontrol
 from . import paths
-from .common import CATEGORY, NodeError, user_errors as _user_errors
+from .common import CATEGORY, NodeError, user_errors
 from .models import managed
 
 log = logging.getLogger("x2i")
@@ -73,7 +73,7 @@ class LightControlNet(comfy.controlnet.ControlBase):
 
 
 def load_lightcontrol_net(path: str, name: str) -> LightControlNet:
-    with _user_errors("X2I LightControl Loader"):
+    with user_errors("X2I LightControl Loader"):
         module = load_lightcontrol(path)
     return LightControlNet(managed(module, mm.get_torch_device(), mm.unet_offload_device()), name)
 

@@ -33,7 +33,6 @@ from .types import ALIGNNET, CHAT, HIDDEN, MLLM
 
 log = logging.getLogger("x2i")
 
-_user_errors = user_errors  # older name, used by the LightControl nodes
 DEFAULT_PRESET = PRESET_OPTIONS[0]
 
 
@@ -79,7 +78,7 @@ class X2IMLLMLoader(io.ComfyNode):
             path = paths.resolve_mllm_dir(model_name)
         except ValueError as exc:
             raise NodeError(f"X2I MLLM Loader: {exc}") from None
-        with _user_errors("X2I MLLM Loader"):
+        with user_errors("X2I MLLM Loader"):
             return io.NodeOutput(load_managed_mllm(path, model_name, dtype, device, trust_remote_code, quantization,
                                                    offload_after_encode))
 
@@ -170,7 +169,7 @@ class X2IAlignNetLoader(io.ComfyNode):
             path = paths.resolve_x2i_file(alignnet_name)
         except ValueError as exc:
             raise NodeError(f"X2I AlignNet Loader: {exc}") from None
-        with _user_errors("X2I AlignNet Loader"):
+        with user_errors("X2I AlignNet Loader"):
             return io.NodeOutput(load_managed_alignnet(path, alignnet_name))
 
 
@@ -223,7 +222,7 @@ class X2IAlignNetProject(io.ComfyNode):
 
     @classmethod
     def execute(cls, hidden, alignnet, guidance=3.5) -> io.NodeOutput:
-        with _user_errors("X2I AlignNet Project"):
+        with user_errors("X2I AlignNet Project"):
             return io.NodeOutput(project(hidden, alignnet, guidance))
 
 
