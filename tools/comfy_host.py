@@ -437,23 +437,81 @@ def _count_flux_calls() -> dict:
     return counter
 
 
-def run_in_process(spec_path: str) -> None:
-    """Run one API prompt with ComfyUI's PromptExecutor inside this process (call in a subprocess).
+def _harness_setup(spec: dict) -> None:
+    """What a spec asks for besides the prompts: harness-only nodes (tools/comfy_test_nodes.py, never in the
+    shipped pack) and a tiny stock FLUX ControlNet file, made before the prompts are validated."""
+    if spec.get("test_nodes"):
+        import nodes
 
-    ``spec``: {"comfy_dir", "base", "prompt", "capture": [node ids], "out": path}.  Writes
-    ``out`` (safetensors) with the captured CONDITIONING tensors and ``out + ".json"`` with
-    facts about ComfyUI's model management before and after ``unload_all_models()`` (what
-    ``/free`` calls).
+        sys.path.insert(0, ROOT)
+        from tools.comfy_test_nodes import NODE_CLASS_MAPPINGS as test_nodes
+
+        nodes.NODE_CLASS_MAPPINGS.update(test_nodes)
+    if spec.get("controlnet"):  # {"path", "flux"}
+        sys.path.insert(0, ROOT)
+        from tools.comfy_test_nodes import write_tiny_flux_controlnet
+
+        if not os.path.exists(spec["controlnet"]["path"]):
+            write_tiny_flux_controlnet(spec["controlnet"]["path"], spec["controlnet"]["flux"])
+
+
+def _node_seconds(executing: list) -> dict:
+    """Per-node wall time from the executor's ``executing`` events (each node runs until the next event)."""
+    seconds = {}
+    for (t_a, node), (t_b, _) in zip(executing, executing[1:] + [(time.perf_counter(), None)]):
+        if node is not None:
+            seconds[node] = seconds.get(node, 0.0) + (t_b - t_a)
+    return seconds
+
+
+def _capture(value, entry, key: str, tensors: dict, facts: dict) -> None:
+    """Store one node output: LATENT, IMAGE/MASK, X2I_HIDDEN or CONDITIONING (tensors copied: outputs share
+    storage, which safetensors refuses)."""
+    import torch
+
+    if isinstance(value, dict) and "samples" in value:  # LATENT
+        for name in ("samples", "noise_mask"):
+            if name in value:
+                tensors[f"{key}.{name}"] = value[name].float().clone()
+    elif isinstance(value, torch.Tensor):  # IMAGE / MASK
+        tensors[f"{key}.tensor"] = value.float().clone()
+    elif hasattr(value, "hidden"):  # X2I_HIDDEN
+        tensors[f"{key}.hidden"] = value.hidden.clone()
+        tensors[f"{key}.mask"] = value.attention_mask.clone()
+        if len(entry.outputs) > 1 and isinstance(entry.outputs[1][0], str):
+            facts[f"{key}.answer"] = entry.outputs[1][0]
+    else:  # CONDITIONING
+        for i, (seq, extra) in enumerate(value):
+            tensors[f"{key}.{i}.seq"] = seq.clone()
+            tensors[f"{key}.{i}.pooled"] = extra["pooled_output"].clone()
+            facts[f"{key}.{i}.guidance"] = extra.get("guidance")
+            facts[f"{key}.{i}.extra"] = {k: v for k, v in extra.items()
+                                         if isinstance(v, (int, float, str, bool, list, tuple))}
+
+
+def _managed_models(mm, inner: bool = False) -> list[str]:
+    """The pack's models in ComfyUI's loaded list (held in a ``_Holder``; ``inner``: what each holds)."""
+    return [type(lm.model.model.inner if inner else lm.model.model).__name__ for lm in mm.current_loaded_models
+            if type(lm.model.model).__name__ == "_Holder"]
+
+
+def run_in_process(spec_path: str) -> None:
+    """Run API prompts with ComfyUI's PromptExecutor inside this process (call in a subprocess).
+
+    ``spec``: {"comfy_dir", "base", "prompt", "capture": [node ids], "out": path}, or several prompts
+    (``"prompts": {label: prompt}``, ``"capture": {label: [ids]}``) run one after another by one executor
+    (its caches carry over, as in a server); optional ``faults``, ``test_nodes``, ``controlnet``. Writes
+    ``out`` (safetensors) with the captured outputs and ``out + ".json"`` with facts: per prompt its time,
+    per-node times, FLUX calls, status and errors, and ComfyUI's model management before and after
+    ``unload_all_models()`` (what ``/free`` calls).
     """
     import asyncio
 
     spec = boot_in_process(spec_path)
-    import torch
-
     import comfy.model_management as mm
     import execution
 
-    executing = []  # (time, node id) of the executor's "executing" events: per-node wall time
+    executing = []  # (time, node id) of the executor's "executing" events
 
     class _Server:
         client_id = None
@@ -464,30 +522,15 @@ def run_in_process(spec_path: str) -> None:
             if event == "executing" and isinstance(data, dict):
                 executing.append((time.perf_counter(), data.get("node")))
 
-    # One prompt ("prompt", "capture": [ids]) or several ("prompts": {label: prompt}, "capture": {label: [ids]}),
-    # run one after another by one executor (its caches carry over, as in a server).
     prompts = spec.get("prompts") or {"": spec["prompt"]}
     captures = spec.get("capture", [])
     if not isinstance(captures, dict):
         captures = {"": captures}
-    if spec.get("test_nodes"):  # harness-only nodes (tools/comfy_test_nodes.py), never in the shipped pack
-        import nodes
-
-        sys.path.insert(0, ROOT)
-        from tools.comfy_test_nodes import NODE_CLASS_MAPPINGS as test_nodes
-
-        nodes.NODE_CLASS_MAPPINGS.update(test_nodes)
-    if spec.get("controlnet"):  # {"path", "flux"}: a tiny stock FLUX ControlNet file, made before the prompts run
-        sys.path.insert(0, ROOT)
-        from tools.comfy_test_nodes import write_tiny_flux_controlnet
-
-        if not os.path.exists(spec["controlnet"]["path"]):
-            write_tiny_flux_controlnet(spec["controlnet"]["path"], spec["controlnet"]["flux"])
+    _harness_setup(spec)
     flux_calls = _count_flux_calls()
     executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
     facts = {"success": True, "messages": [], "errors": {}}
     tensors = {}
-    faults = spec.get("faults", {})
     checked = {}
     for label, prompt in prompts.items():  # every prompt first: a typo fails before minutes of sampling
         valid = asyncio.run(execution.validate_prompt("inproc", prompt, None))
@@ -495,19 +538,13 @@ def run_in_process(spec_path: str) -> None:
             raise SystemExit(f"invalid prompt {label}: {valid[1]} {valid[3]}")
         checked[label] = valid
     for label, prompt in prompts.items():
-        valid = checked[label]
         flux_calls.update(calls=0, rows=0, controlnet_calls=0)
         executing.clear()
         t0 = time.perf_counter()
-        with _fault(faults.get(label)):
-            executor.execute(prompt, f"inproc-{label}", {}, valid[2])
+        with _fault(spec.get("faults", {}).get(label)):
+            executor.execute(prompt, f"inproc-{label}", {}, checked[label][2])
         facts.setdefault("seconds", {})[label] = time.perf_counter() - t0
-        node_seconds = {}
-        for (t_a, node), (t_b, _) in zip(executing, executing[1:] + [(time.perf_counter(), None)]):
-            if node is not None:
-                node_seconds[node] = node_seconds.get(node, 0.0) + (t_b - t_a)
-        facts.setdefault("node_seconds", {})[label] = node_seconds
-        executing.clear()
+        facts.setdefault("node_seconds", {})[label] = _node_seconds(executing)
         facts.setdefault("flux_calls", {})[label] = dict(flux_calls)
         facts["success"] = facts["success"] and executor.success
         facts["messages"].extend(m[0] for m in executor.status_messages)
@@ -515,45 +552,17 @@ def run_in_process(spec_path: str) -> None:
         # what ran and what stays loaded after this prompt (the pack's modules live under its folder name)
         counters = [m.FORWARD_CALLS for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.cache")]
         facts.setdefault("forward_calls", {})[label] = sum(sum(c.values()) for c in counters)
-        facts.setdefault("loaded_after", {})[label] = [
-            type(lm.model.model.inner).__name__ for lm in mm.current_loaded_models
-            if type(lm.model.model).__name__ == "_Holder"]
+        facts.setdefault("loaded_after", {})[label] = _managed_models(mm, inner=True)
         if not executor.success:
             facts["errors"][label] = [m[1].get("exception_message") for m in executor.status_messages
                                       if m[0] == "execution_error"]
             continue
-        pre = f"{label}:" if label else ""
         for nid in captures.get(label, []):
             entry = executor.caches.outputs.get(nid)
-            value = entry.outputs[0][0]
-            if isinstance(value, dict) and "samples" in value:  # LATENT
-                for key in ("samples", "noise_mask"):
-                    if key in value:
-                        tensors[f"{pre}{nid}.{key}"] = value[key].float().clone()
-                continue
-            if isinstance(value, torch.Tensor):  # IMAGE / MASK
-                tensors[f"{pre}{nid}.tensor"] = value.float().clone()
-                continue
-            if hasattr(value, "hidden"):  # X2I_HIDDEN
-                tensors[f"{pre}{nid}.hidden"] = value.hidden.clone()
-                tensors[f"{pre}{nid}.mask"] = value.attention_mask.clone()
-                if len(entry.outputs) > 1 and isinstance(entry.outputs[1][0], str):
-                    facts[f"{pre}{nid}.answer"] = entry.outputs[1][0]
-                continue
-            for i, (seq, extra) in enumerate(value):
-                tensors[f"{pre}{nid}.{i}.seq"] = seq.clone()
-                tensors[f"{pre}{nid}.{i}.pooled"] = extra["pooled_output"].clone()
-                facts[f"{pre}{nid}.{i}.guidance"] = extra.get("guidance")
-                facts[f"{pre}{nid}.{i}.extra"] = {k: v for k, v in extra.items()
-                                                  if isinstance(v, (int, float, str, bool, list, tuple))}
-
-    def ours():
-        return [type(lm.model.model).__name__ for lm in mm.current_loaded_models
-                if type(lm.model.model).__name__ == "_Holder"]
-
-    facts["managed_before"] = ours()
+            _capture(entry.outputs[0][0], entry, f"{label}:{nid}" if label else nid, tensors, facts)
+    facts["managed_before"] = _managed_models(mm)
     mm.unload_all_models()
-    facts["managed_after"] = ours()
+    facts["managed_after"] = _managed_models(mm)
     from safetensors.torch import save_file
 
     if tensors:
