@@ -455,12 +455,16 @@ def _harness_setup(spec: dict) -> None:
             write_tiny_flux_controlnet(spec["controlnet"]["path"], spec["controlnet"]["flux"])
 
 
-def _node_seconds(executing: list) -> dict:
-    """Per-node wall time from the executor's ``executing`` events (each node runs until the next event)."""
-    seconds = {}
-    for (t_a, node), (t_b, _) in zip(executing, executing[1:] + [(time.perf_counter(), None)]):
-        if node is not None:
-            seconds[node] = seconds.get(node, 0.0) + (t_b - t_a)
+def _node_seconds(events: list) -> dict:
+    """Per-node wall time from the executor's events: from a node's ``executing`` to its ``executed`` (or to
+    the next node's start, for nodes without UI output, which send no ``executed``)."""
+    seconds, start = {}, None
+    for t, event, node in events + [(time.perf_counter(), "executing", None)]:
+        if start is not None and (event == "executing" or node == start[1]):
+            seconds[start[1]] = seconds.get(start[1], 0.0) + (t - start[0])
+            start = None
+        if event == "executing" and node is not None:
+            start = (t, node)
     return seconds
 
 
@@ -511,16 +515,16 @@ def run_in_process(spec_path: str) -> None:
     import comfy.model_management as mm
     import execution
 
-    executing = []  # (time, node id) of the executor's "executing" events
+    executing = []  # (time, event, node id) of the executor's "executing" / "executed" events
 
     class _Server:
-        client_id = None
+        client_id = None  # set from the extra data of each execute() call: node events go only to a client
         last_node_id = None
         last_prompt_id = None
 
         def send_sync(self, event, data=None, *a, **k):
-            if event == "executing" and isinstance(data, dict):
-                executing.append((time.perf_counter(), data.get("node")))
+            if event in ("executing", "executed") and isinstance(data, dict):
+                executing.append((time.perf_counter(), event, data.get("node")))
 
     prompts = spec.get("prompts") or {"": spec["prompt"]}
     captures = spec.get("capture", [])
@@ -542,7 +546,7 @@ def run_in_process(spec_path: str) -> None:
         executing.clear()
         t0 = time.perf_counter()
         with _fault(spec.get("faults", {}).get(label)):
-            executor.execute(prompt, f"inproc-{label}", {}, checked[label][2])
+            executor.execute(prompt, f"inproc-{label}", {"client_id": "inproc"}, checked[label][2])
         facts.setdefault("seconds", {})[label] = time.perf_counter() - t0
         facts.setdefault("node_seconds", {})[label] = _node_seconds(executing)
         facts.setdefault("flux_calls", {})[label] = dict(flux_calls)
