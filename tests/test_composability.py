@@ -18,7 +18,7 @@ pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
-def matrix(host, tmp_path_factory):
+def matrix(host, tmp_path_factory, pytestconfig):
     from safetensors.torch import load_file
 
     tmp = tmp_path_factory.mktemp("matrix")
@@ -37,10 +37,21 @@ def matrix(host, tmp_path_factory):
     unexpected = {k: v for k, v in facts["errors"].items() if k not in EXPECTED_ERRORS}
     assert not unexpected and set(facts["errors"]) == set(EXPECTED_ERRORS), facts["errors"]
     calls = facts["flux_calls"]
-    print("\nFLUX calls (rows) per cell:",
-          ", ".join(f"{k} {v['calls']} ({v['rows']})" for k, v in calls.items()))
-    print("seconds per cell:", ", ".join(f"{k} {v:.1f}" for k, v in facts["seconds"].items()))
+    _report(pytestconfig, "FLUX calls (batch rows) per cell: " +
+            ", ".join(f"{k} {v['calls']} ({v['rows']})" for k, v in calls.items()))
+    _report(pytestconfig, "seconds per cell: " + ", ".join(f"{k} {v:.1f}" for k, v in facts["seconds"].items()))
     return {"t": load_file(out), "facts": facts, "calls": calls}
+
+
+def _report(pytestconfig, line: str) -> None:
+    """A line in the test output even under output capture (the call counts the issue asks to see)."""
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("\n" + line)
 
 
 def latent(m, label, node="ks"):
