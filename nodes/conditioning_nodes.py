@@ -24,7 +24,7 @@ def _entries(name: str, conditioning) -> list:
     return list(conditioning)
 
 
-def _widths(name: str, entries: list) -> tuple[int, int | None]:
+def _widths(entries: list) -> tuple[int, int | None]:
     seq, extra = entries[0]
     pooled = extra.get("pooled_output")
     return seq.shape[-1], (pooled.shape[-1] if isinstance(pooled, torch.Tensor) else None)
@@ -36,7 +36,7 @@ def blend(x2i, other, x2i_weight: float) -> list:
     averages the conditionings' model outputs weighted by strength, so the step's prediction is
     ``w * pred(x2i) + (1 - w) * pred(other)``. A side with weight 0 is dropped (nothing to evaluate)."""
     a, b = _entries("x2i", x2i), _entries("other", other)
-    (wa, pa), (wb, pb) = _widths("x2i", a), _widths("other", b)
+    (wa, pa), (wb, pb) = _widths(a), _widths(b)
     if wa != wb or (pa is not None and pb is not None and pa != pb):
         raise NodeError(f"{BLEND}: 'x2i' has token width {wa} and pooled width {pa}, 'other' has {wb} and {pb}; "
                         "both must be conditioning for the same FLUX model (tokens 4096, pooled 768)")

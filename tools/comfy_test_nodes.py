@@ -80,7 +80,6 @@ def write_tiny_flux_controlnet(path: str, flux_path: str, seed: int = 0) -> None
     import comfy.ops
 
     config = comfy.model_detection.detect_unet_config(load_file(flux_path), "")
-    torch.manual_seed(seed)
     net = flux_controlnet.ControlNetFlux(operations=comfy.ops.manual_cast, dtype=torch.float32, **config)
     g = torch.Generator().manual_seed(seed)
     sd = {}
