@@ -38,7 +38,6 @@ import torch
 from .io import atomic_save_safetensors, atomic_write_json
 from .prompt import QWEN25VL_CHAT_TEMPLATE  # the published template, reproduced
 from .tiny_parts import (  # noqa: F401  (re-exported: the tokenizer and helpers are part of this module's API)
-    _CORPUS,
     QWEN_SPECIAL_TOKENS,
     _bpe,
     _spread,

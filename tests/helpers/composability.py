@@ -165,7 +165,7 @@ def cell_prompts(names: dict) -> tuple[dict, dict]:
                                operation="add"),
                     "lat": _n("SetLatentNoiseMask", samples=["source", 0], mask=["mask", 0]),
                     "ks": ksampler(["unet", 0], ["A", 0], ["negA", 0], ["lat", 0])}, ["ks", "source"])
-    add("only_B", {"ks": ks() | {"inputs": {**ks()["inputs"], "positive": ["B", 0]}}}, ["ks"])
+    add("only_B", {"ks": ksampler(["unet", 0], ["B", 0], ["negA", 0], ["empty", 0])}, ["ks"])
     add("combine", {"c": _n("ConditioningCombine", conditioning_1=["A", 0], conditioning_2=["B", 0]),
                     "ks": ksampler(["unet", 0], ["c", 0], ["negA", 0], ["empty", 0])}, ["c", "ks"])
     add("average", {"c": _n("ConditioningAverage", conditioning_to=["A", 0], conditioning_from=["B", 0],
@@ -185,7 +185,7 @@ def cell_prompts(names: dict) -> tuple[dict, dict]:
                      "c": _n("ConditioningCombine", conditioning_1=["A", 0], conditioning_2=["area", 0]),
                      "ks": ksampler(["unet", 0], ["c", 0], ["negA", 0], ["empty", 0])}, ["area", "ks"])
     add("zero_out", {"ks": ks(cfg=3.0)}, ["ks"])
-    add("only_T", {"ks": ks() | {"inputs": {**ks()["inputs"], "positive": ["T", 0]}}}, ["ks"])
+    add("only_T", {"ks": ksampler(["unet", 0], ["T", 0], ["negA", 0], ["empty", 0])}, ["ks"])
     add("mixed_combine", {"c": _n("ConditioningCombine", conditioning_1=["A", 0], conditioning_2=["T", 0]),
                           "ks": ksampler(["unet", 0], ["c", 0], ["negA", 0], ["empty", 0])}, ["c", "ks"])
     # Control: X2I LightControl and a stock FLUX ControlNet chained on the X2I conditioning, a LoRA on FLUX.
