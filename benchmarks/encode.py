@@ -177,17 +177,54 @@ def gemm_section(args, results) -> None:
     (width x MLP width) at M tokens, per dtype - small M runs at a fraction of the 512-token throughput."""
     s = SHAPES[args.shape]
     results["gemm"] = []
+    from x2i_core.mllm.packed import PackedLinear, onednn_available
+
     for dtype in (torch.float32, torch.bfloat16):
-        w = torch.randn(s["intermediate_size"], s["hidden_size"], dtype=dtype, device=args.device)
+        lin = torch.nn.Linear(s["hidden_size"], s["intermediate_size"], bias=False).to(dtype=dtype, device=args.device)
+        w = lin.weight.detach()
+        packed = PackedLinear(lin) if args.device == "cpu" and onednn_available(dtype) else None
         for m in (1, 8, 32, 40, 64, 128, 512):
             x = torch.randn(m, s["hidden_size"], dtype=dtype, device=args.device)
-            fn = lambda x=x: torch.nn.functional.linear(x, w)  # noqa: E731
-            _, (t,) = interleaved([fn], max(args.repeat, 5), lambda: None)
+            fns = [lambda x=x: torch.nn.functional.linear(x, w)]
+            if packed is not None:  # cpu_matmul='onednn', timed in the same round-robin
+                fns.append(lambda x=x: packed(x))
+            with torch.inference_mode():
+                outs, times = interleaved(fns, max(args.repeat, 5), lambda: None)
+            t = times[0]
             row = {"dtype": str(dtype).split(".")[-1], "tokens": m, "ms": t * 1e3,
                    "gflops": 2 * m * w.numel() / t / 1e9, "weight_gb_per_s": w.numel() * w.element_size() / t / 1e9}
+            extra = ""
+            if packed is not None:
+                row["onednn_ms"] = times[1] * 1e3
+                row["onednn_gflops"] = 2 * m * w.numel() / times[1] / 1e9
+                row["onednn_max_abs_diff"] = (outs[1].float() - outs[0].float()).abs().max().item()
+                extra = (f"   onednn {row['onednn_ms']:7.2f} ms {row['onednn_gflops']:7.1f} GFLOP/s "
+                         f"(x{t / times[1]:.2f}, max|diff| {row['onednn_max_abs_diff']:.1e})")
             results["gemm"].append(row)
             print(f"gemm {row['dtype']:9s} M={m:4d} {row['ms']:7.2f} ms {row['gflops']:7.1f} GFLOP/s "
-                  f"{row['weight_gb_per_s']:6.1f} GB/s of weights", flush=True)
+                  f"{row['weight_gb_per_s']:6.1f} GB/s of weights{extra}", flush=True)
+
+
+def roundoff_section(args, folder, prompts, results) -> None:
+    """Is the packed path's difference fp32 round-off? Both fp32 kernels (torch's nn.Linear, oneDNN packed) against
+    the same encode in float64 (torch kernels), every preset and prompt of the run: the error of each to the fp64
+    result, max abs and relative to the largest |value|."""
+    from x2i_core.mllm import EncodeRequest, load_mllm
+
+    truth_enc = load_mllm(folder, dtype=torch.float64, device=args.device, cpu_matmul="torch")
+    encs = {k: load_mllm(folder, dtype=torch.float32, device=args.device, cpu_matmul=k) for k in ("torch", "onednn")}
+    results["roundoff"] = []
+    for preset in args.presets.split(","):
+        for label, text in prompts.items():
+            req = EncodeRequest(text=text)
+            truth = truth_enc.encode(req, preset).hidden
+            row = {"preset": preset, "prompt": label, "max_abs": truth.abs().max().item()}
+            for k, e in encs.items():
+                row[f"{k}_max_abs_err"] = (e.encode(req, preset).hidden.double() - truth).abs().max().item()
+            results["roundoff"].append(row)
+            print(f"fp64 check {preset:9s} {label:24s} |h|max {row['max_abs']:.2f}  fp32 torch err "
+                  f"{row['torch_max_abs_err']:.1e}  fp32 onednn err {row['onednn_max_abs_err']:.1e}", flush=True)
+    del truth_enc, encs
 
 
 def batch_section(args, enc, full, results, sync) -> None:
@@ -220,7 +257,114 @@ def batch_section(args, enc, full, results, sync) -> None:
               f"{t_ours:.2f}s  x{row['speedup_vs_reference']:.2f}", flush=True)
 
 
-def main() -> None:
+def rows_section(args, enc, full, full_same, prompts, results, sync, dtype) -> None:
+    """Each preset x prompt: the reference recipe, the padded forward and ours (with and without the opening
+    cache), round-robin; the 4.49 logits and (packed kernels) the reference on our kernels."""
+    from x2i_core.mllm import EncodeRequest
+
+    depth_k = results["full_depth"] / results["layers"]
+    for preset in args.presets.split(","):
+        for label, text in prompts.items():
+            req = EncodeRequest(text=text)
+            batch, _, lengths = enc.prepare([req], preset)
+            inputs = {k: v.to(args.device) for k, v in batch.items()}
+
+            reference = reference_recipe(full, inputs)
+            def without_opening_cache():
+                enc.prefix_cache = False
+                try:
+                    return enc.encode(req, preset).hidden
+                finally:
+                    enc.prefix_cache = True
+
+            fns = [reference, lambda: enc.encode(req, preset, exact_fill=False).hidden,
+                   lambda: enc.encode(req, preset).hidden, without_opening_cache]
+            if preset == "training":
+                fns.append(lambda: enc.encode(req, preset, pad_rows="constant").hidden)
+            if full_same is not None:
+                fns.append(reference_recipe(full_same, inputs))
+            fns.append(full_logits(full, inputs["input_ids"].shape[1], dtype, args.device))
+            outs, times = interleaved(fns, args.repeat, sync)
+            t_logits = times[-1]
+            (ref, padded, ours), (t_ref, t_pad, t_ours) = outs[:3], times[:3]
+            row = {"preset": preset, "prompt": label, "real_tokens": lengths[0], "padded_tokens": ref.shape[2],
+                   "reference_s": t_ref, "padded_forward_s": t_pad, "ours_s": t_ours,
+                   "speedup_vs_reference": t_ref / t_ours, "padded_forward_vs_reference": t_ref / t_pad,
+                   "max_abs_diff_vs_padded": (ours.float() - padded.float()).abs().max().item(),
+                   "no_opening_cache_s": times[3], "no_opening_cache_speedup_vs_reference": t_ref / times[3],
+                   "opening_tokens": len(enc.prompt_prefix(preset)[0]) if enc.prompt_prefix(preset) else 0,
+                   "logits_449_s": t_logits, "speedup_vs_reference_449": (t_ref + t_logits) / t_ours,
+                   "full_depth_speedup_vs_reference_449": (depth_k * t_ref + t_logits) / (depth_k * t_ours)}
+            if full_same is not None:
+                t_same = times[-2]
+                row["reference_same_kernels_s"] = t_same
+                row["speedup_vs_reference_same_kernels"] = t_same / t_ours
+                row["full_depth_speedup_vs_reference_449_same_kernels"] = (
+                    (depth_k * t_same + t_logits) / (depth_k * t_ours))
+                row["reference_same_kernels_max_abs_diff"] = (outs[-2].float() - ref.float()).abs().max().item()
+            if preset == "training":  # this stack's generate() has the constant rows
+                row["constant_speedup_vs_reference"] = t_ref / times[4]
+                row["max_abs_diff_vs_reference"] = (outs[4].float() - ref.float()).abs().max().item()
+            else:
+                row["max_abs_diff_vs_reference"] = (ours.float() - ref.float()).abs().max().item()
+            results["rows"].append(row)
+            extra = (f"  constant rows x{row['constant_speedup_vs_reference']:.2f}" if preset == "training"
+                     else "")
+            extra += (f"  vs 4.49 (+{t_logits:.3f}s full logits) x{row['speedup_vs_reference_449']:.2f}, full "
+                      f"depth x{row['full_depth_speedup_vs_reference_449']:.2f}")
+            if full_same is not None:
+                extra += (f"  [reference on the same kernels {row['reference_same_kernels_s']:.3f}s: "
+                          f"x{row['speedup_vs_reference_same_kernels']:.2f}, full depth vs 4.49 "
+                          f"x{row['full_depth_speedup_vs_reference_449_same_kernels']:.2f}]")
+            print(f"{preset:9s} {label:26s} tokens {lengths[0]:4d}/{ref.shape[2]:4d}  ref {t_ref:7.3f}s  "
+                  f"padded fwd x{row['padded_forward_vs_reference']:.2f}  ours x{row['speedup_vs_reference']:.2f}"
+                  f" (without the opening cache x{row['no_opening_cache_speedup_vs_reference']:.2f})"
+                  f"{extra}  max|diff| vs ref {row['max_abs_diff_vs_reference']:.1e}, vs padded "
+                  f"{row['max_abs_diff_vs_padded']:.1e}", flush=True)
+
+
+def quant_section(args, folder, enc, results, sync) -> None:
+    """Quantisation: weight memory, time and agreement with fp32 (hidden states and a random AlignNet)."""
+    from x2i_core.mllm import EncodeRequest, load_mllm
+    from x2i_core.mllm.quant import Int8Linear
+    from x2i_core.tiny import build_alignnet
+
+    req = EncodeRequest(text=PROMPTS["medium (~64 real tokens)"])
+    base = enc.encode(req, "training").hidden.float()
+    net = build_alignnet(channels=enc.channels, hidden=enc.hidden_size, seed=1).to(args.device)
+    with torch.no_grad():
+        p0, s0 = net(base)
+    variants = [("fp32", "fp32", "none"), ("bf16", "bf16", "none"), ("int8 (fp32 compute)", "fp32", "int8"),
+                ("int8 (bf16 compute)", "bf16", "int8")]
+    if args.device.startswith("cuda"):
+        variants += [("bnb8", "bf16", "bnb8"), ("bnb4", "bf16", "bnb4")]
+    encs = {}
+    for label, dt, q in variants:
+        try:
+            encs[label] = load_mllm(folder, dtype=dt, device=args.device, quant=q)
+        except Exception as exc:  # noqa: BLE001 - e.g. bitsandbytes missing: report, go on
+            print(f"{label}: not run ({exc})")
+    (outs, times) = interleaved([lambda e=e: e.encode(req, "training").hidden for e in encs.values()],
+                                args.repeat, sync)
+    results["quant"] = []
+    for (label, e), h, t in zip(encs.items(), outs, times):
+        layers = e.decoder_layers
+        nbytes = sum(b.numel() * b.element_size() for b in list(layers.parameters()) + list(layers.buffers()))
+        with torch.no_grad():
+            p1, s1 = net(h.float())
+        cos = torch.nn.functional.cosine_similarity
+        row = {"variant": label, "decoder_weight_bytes": nbytes, "time_s": t,
+               "rel_err_vs_fp32": ((h.float() - base).norm() / base.norm()).item(),
+               "alignnet_seq_cos": cos(s1.flatten(), s0.flatten(), dim=0).item(),
+               "alignnet_pooled_cos": cos(p1.flatten(), p0.flatten(), dim=0).item(),
+               "int8_layers": sum(isinstance(m, Int8Linear) for m in layers.modules())}
+        results["quant"].append(row)
+        print(f"{label:22s} decoder weights {nbytes / 2**20:8.1f} MiB  time {t:6.3f}s  "
+              f"rel err {row['rel_err_vs_fp32']:.2e}"
+              f"  AlignNet cos seq {row['alignnet_seq_cos']:.6f} pooled {row['alignnet_pooled_cos']:.6f}", flush=True)
+
+
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -242,11 +386,20 @@ def main() -> None:
                          "pre-encoding, distillation) against the reference recipe's padded batch")
     ap.add_argument("--batch-max", type=int, default=40)
     ap.add_argument("--gemm", action="store_true", help="only the MLP-projection throughput table (per dtype, M)")
+    ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "torch", "onednn"],
+                    help="our encoder's decoder products (x2i_core.mllm.packed); when that is onednn the reference "
+                         "recipe is also timed with the same packed kernels (the 'same kernels' columns)")
+    ap.add_argument("--fp64-check", action="store_true",
+                    help="also compare the fp32 encodes (torch and onednn kernels) with a float64 encode")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from x2i_core.mllm import EncodeRequest, load_mllm
+    from x2i_core.mllm import load_mllm
     from x2i_core.mllm.chat import resolve_dtype
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -267,99 +420,27 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = build(os.path.join(tmp, "model"), args.shape, args.layers, args.tokenizer)
-        enc = load_mllm(folder, dtype=dtype, device=args.device)
+        enc = load_mllm(folder, dtype=dtype, device=args.device, cpu_matmul=args.cpu_matmul)
+        results["cpu_matmul"] = enc.cpu_matmul
         full = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-        depth_k = results["full_depth"] / results["layers"]
+        full_same = None
+        if enc.cpu_matmul == "onednn":  # the reference recipe on our kernels: what the kernel alone gives it
+            from x2i_core.mllm.packed import pack_linears
+
+            full_same = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+            pack_linears(full_same.model.language_model.layers)
         prompts = dict(PROMPTS)
         if args.user_tokens:
             prompts = {f"{n} user tokens": user_text(enc, int(n)) for n in args.user_tokens.split(",")}
         for n in [int(x) for x in args.long.split(",") if x.strip()]:
             prompts[f"long (~{n} real tokens)"] = long_text(enc, n)
-        for preset in args.presets.split(","):
-            for label, text in prompts.items():
-                req = EncodeRequest(text=text)
-                batch, _, lengths = enc.prepare([req], preset)
-                inputs = {k: v.to(args.device) for k, v in batch.items()}
-
-                reference = reference_recipe(full, inputs)
-                def without_opening_cache():
-                    enc.prefix_cache = False
-                    try:
-                        return enc.encode(req, preset).hidden
-                    finally:
-                        enc.prefix_cache = True
-
-                fns = [reference, lambda: enc.encode(req, preset, exact_fill=False).hidden,
-                       lambda: enc.encode(req, preset).hidden, without_opening_cache]
-                if preset == "training":
-                    fns.append(lambda: enc.encode(req, preset, pad_rows="constant").hidden)
-                fns.append(full_logits(full, inputs["input_ids"].shape[1], dtype, args.device))
-                outs, times = interleaved(fns, args.repeat, sync)
-                t_logits = times[-1]
-                (ref, padded, ours), (t_ref, t_pad, t_ours) = outs[:3], times[:3]
-                row = {"preset": preset, "prompt": label, "real_tokens": lengths[0], "padded_tokens": ref.shape[2],
-                       "reference_s": t_ref, "padded_forward_s": t_pad, "ours_s": t_ours,
-                       "speedup_vs_reference": t_ref / t_ours, "padded_forward_vs_reference": t_ref / t_pad,
-                       "max_abs_diff_vs_padded": (ours.float() - padded.float()).abs().max().item(),
-                       "no_opening_cache_s": times[3], "no_opening_cache_speedup_vs_reference": t_ref / times[3],
-                       "opening_tokens": len(enc.prompt_prefix(preset)[0]) if enc.prompt_prefix(preset) else 0,
-                       "logits_449_s": t_logits, "speedup_vs_reference_449": (t_ref + t_logits) / t_ours,
-                       "full_depth_speedup_vs_reference_449": (depth_k * t_ref + t_logits) / (depth_k * t_ours)}
-                if preset == "training":  # this stack's generate() has the constant rows
-                    row["constant_speedup_vs_reference"] = t_ref / times[4]
-                    row["max_abs_diff_vs_reference"] = (outs[4].float() - ref.float()).abs().max().item()
-                else:
-                    row["max_abs_diff_vs_reference"] = (ours.float() - ref.float()).abs().max().item()
-                results["rows"].append(row)
-                extra = (f"  constant rows x{row['constant_speedup_vs_reference']:.2f}" if preset == "training"
-                         else "")
-                extra += (f"  vs 4.49 (+{t_logits:.3f}s full logits) x{row['speedup_vs_reference_449']:.2f}, full "
-                          f"depth x{row['full_depth_speedup_vs_reference_449']:.2f}")
-                print(f"{preset:9s} {label:26s} tokens {lengths[0]:4d}/{ref.shape[2]:4d}  ref {t_ref:7.3f}s  "
-                      f"padded fwd x{row['padded_forward_vs_reference']:.2f}  ours x{row['speedup_vs_reference']:.2f}"
-                      f" (without the opening cache x{row['no_opening_cache_speedup_vs_reference']:.2f})"
-                      f"{extra}  max|diff| vs ref {row['max_abs_diff_vs_reference']:.1e}, vs padded "
-                      f"{row['max_abs_diff_vs_padded']:.1e}", flush=True)
+        rows_section(args, enc, full, full_same, prompts, results, sync, dtype)
+        if args.fp64_check:
+            roundoff_section(args, folder, prompts, results)
         if args.batch:
             batch_section(args, enc, full, results, sync)
         if not args.no_quant:
-            # Quantisation: weight memory, time and agreement with fp32 (hidden states and a random AlignNet).
-            from x2i_core.mllm.quant import Int8Linear
-            from x2i_core.tiny import build_alignnet
-
-            req = EncodeRequest(text=PROMPTS["medium (~64 real tokens)"])
-            base = enc.encode(req, "training").hidden.float()
-            net = build_alignnet(channels=enc.channels, hidden=enc.hidden_size, seed=1).to(args.device)
-            with torch.no_grad():
-                p0, s0 = net(base)
-            variants = [("fp32", "fp32", "none"), ("bf16", "bf16", "none"), ("int8 (fp32 compute)", "fp32", "int8"),
-                        ("int8 (bf16 compute)", "bf16", "int8")]
-            if args.device.startswith("cuda"):
-                variants += [("bnb8", "bf16", "bnb8"), ("bnb4", "bf16", "bnb4")]
-            encs = {}
-            for label, dt, q in variants:
-                try:
-                    encs[label] = load_mllm(folder, dtype=dt, device=args.device, quant=q)
-                except Exception as exc:  # noqa: BLE001 - e.g. bitsandbytes missing: report, go on
-                    print(f"{label}: not run ({exc})")
-            (outs, times) = interleaved([lambda e=e: e.encode(req, "training").hidden for e in encs.values()],
-                                        args.repeat, sync)
-            results["quant"] = []
-            for (label, e), h, t in zip(encs.items(), outs, times):
-                layers = e.decoder_layers
-                nbytes = sum(b.numel() * b.element_size() for b in list(layers.parameters()) + list(layers.buffers()))
-                with torch.no_grad():
-                    p1, s1 = net(h.float())
-                cos = torch.nn.functional.cosine_similarity
-                row = {"variant": label, "decoder_weight_bytes": nbytes, "time_s": t,
-                       "rel_err_vs_fp32": ((h.float() - base).norm() / base.norm()).item(),
-                       "alignnet_seq_cos": cos(s1.flatten(), s0.flatten(), dim=0).item(),
-                       "alignnet_pooled_cos": cos(p1.flatten(), p0.flatten(), dim=0).item(),
-                       "int8_layers": sum(isinstance(m, Int8Linear) for m in layers.modules())}
-                results["quant"].append(row)
-                print(f"{label:22s} decoder weights {nbytes / 2**20:8.1f} MiB  time {t:6.3f}s  "
-                      f"rel err {row['rel_err_vs_fp32']:.2e}"
-                      f"  AlignNet cos seq {row['alignnet_seq_cos']:.6f} pooled {row['alignnet_pooled_cos']:.6f}", flush=True)
+            quant_section(args, folder, enc, results, sync)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)

@@ -20,6 +20,7 @@ import comfy.model_patcher
 from ..x2i_core.alignnet import load_alignnet
 from ..x2i_core.mllm import load_mllm, resolve_dtype
 from ..x2i_core.mllm.cache import EncodeCache
+from ..x2i_core.mllm.packed import resolve_cpu_matmul
 
 log = logging.getLogger("x2i")
 
@@ -92,18 +93,23 @@ def _devices(device_choice: str):
 
 def load_managed_mllm(path: str, name: str, dtype: str = "auto", device: str = "default",
                       trust_remote_code: bool = False, quant: str = "none",
-                      offload_after_encode: bool = False) -> ManagedMLLM:
+                      offload_after_encode: bool = False, cpu_matmul: str = "auto") -> ManagedMLLM:
     load_device, offload_device = _devices(device)
     torch_dtype = resolve_dtype(dtype, load_device)
+    if load_device.type != "cpu" or offload_device.type != "cpu":
+        # packed weights cannot move: only an MLLM that always runs on the CPU packs ('onednn' is refused)
+        cpu_matmul = resolve_cpu_matmul(cpu_matmul, load_device if load_device.type != "cpu" else offload_device,
+                                        torch_dtype, quant)
     if quant in ("bnb8", "bnb4"):
         offload_device = load_device  # bitsandbytes weights cannot move between devices
     with _LOCK:
         encoder = load_mllm(path, dtype=torch_dtype, device=offload_device if quant not in ("bnb8", "bnb4")
-                            else load_device, trust_remote_code=trust_remote_code, quant=quant)
+                            else load_device, trust_remote_code=trust_remote_code, quant=quant,
+                            cpu_matmul=cpu_matmul)
     encoder.cache = EncodeCache()
     patcher = managed(encoder.module, load_device, offload_device)
-    log.info("X2I: loaded MLLM %s (%s, %s, C=%d, H=%d)", path, torch_dtype, quant, encoder.channels,
-             encoder.hidden_size)
+    log.info("X2I: loaded MLLM %s (%s, %s, matmul %s, C=%d, H=%d)", path, torch_dtype, quant, encoder.cpu_matmul,
+             encoder.channels, encoder.hidden_size)
     return ManagedMLLM(encoder, path, name, patcher, offload_after_encode)
 
 

@@ -84,16 +84,17 @@ def test_comfyui_reencodes_nothing_when_only_the_sampler_changes_and_offloads_af
     from helpers.comfy import tiny_api
     from tools.comfy_host import ROOT
 
-    def variant(text, seed, offload=False):
-        return tiny_api(host, "x2i_sampler.json", X2IMLLMEncode={"text": text},
-                        X2ISampler={"seed": seed}, X2IMLLMLoader={"offload_after_encode": offload})
+    def variant(text, seed, offload=False, matmul="auto"):
+        return tiny_api(host, "x2i_sampler.json", X2IMLLMEncode={"text": text}, X2ISampler={"seed": seed},
+                        X2IMLLMLoader={"offload_after_encode": offload, "cpu_matmul": matmul})
 
     prompts = {"a": variant("a red fox", 0), "b": variant("a blue whale", 0), "a2": variant("a red fox", 7),
-               "off": variant("a green parrot", 0, offload=True)}
+               "off": variant("a green parrot", 0, offload=True),
+               "torch": variant("a red fox", 0, matmul="torch")}
     out = str(tmp_path / "x.safetensors")
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"comfy_dir": host["comfy_dir"], "base": host["base"], "prompts": prompts,
-                                "capture": {}, "out": out}))
+                                "capture": {"a": ["5"], "torch": ["5"]}, "out": out}))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "comfy_host.py"), "inprocess", str(spec)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -106,3 +107,80 @@ def test_comfyui_reencodes_nothing_when_only_the_sampler_changes_and_offloads_af
     assert "Qwen2_5_VLForConditionalGeneration" in facts["loaded_after"]["a2"]
     assert "Qwen2_5_VLForConditionalGeneration" not in facts["loaded_after"]["off"]
     assert facts["managed_after"] == []  # /free's unload_all_models leaves none of our models loaded
+    # cpu_matmul: 'auto' (oneDNN-packed on this CPU) and 'torch' (nn.Linear) encode alike; another loader setting
+    # is another model, so the encode runs again
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    assert calls["torch"] == calls["off"] + 1
+    assert torch.allclose(got["a:5.hidden"], got["torch:5.hidden"], atol=1e-5, rtol=0)
+    assert torch.equal(got["a:5.mask"], got["torch:5.mask"])
+
+
+# -- cpu_matmul: the decoder's products through oneDNN with packed weights (x2i_core.mllm.packed) ----------------
+
+def _onednn():
+    from x2i_core.mllm.packed import onednn_available
+
+    return onednn_available(torch.float32)
+
+
+def test_cpu_matmul_choice_is_resolved_and_refused_where_it_cannot_run():
+    from x2i_core.errors import X2IInputError
+    from x2i_core.mllm.packed import resolve_cpu_matmul
+
+    assert resolve_cpu_matmul("auto", "cuda", torch.float32) == "torch"
+    assert resolve_cpu_matmul("auto", "cpu", torch.bfloat16) == "torch"  # bf16: small gain, slower at 512 rows
+    assert resolve_cpu_matmul("auto", "cpu", torch.float32, quant="int8") == "torch"
+    assert resolve_cpu_matmul("torch", "cpu", torch.float32) == "torch"
+    assert resolve_cpu_matmul("auto", "cpu", torch.float32) == ("onednn" if _onednn() else "torch")
+    with pytest.raises(X2IInputError, match=r"cpu_matmul 'fast' is unknown; expected one of \['auto', 'torch', "
+                                            r"'onednn'\]"):
+        resolve_cpu_matmul("fast", "cpu", torch.float32)
+    with pytest.raises(X2IInputError, match="runs on the CPU; this one runs on cuda"):
+        resolve_cpu_matmul("onednn", "cuda", torch.float32)
+    with pytest.raises(X2IInputError, match="quantisation 'int8' replaces them"):
+        resolve_cpu_matmul("onednn", "cpu", torch.float32, quant="int8")
+    with pytest.raises(X2IInputError, match="fp32 or bf16"):
+        resolve_cpu_matmul("onednn", "cpu", torch.float16)
+
+
+@pytest.mark.skipif(not _onednn(), reason="this torch has no oneDNN (mkldnn) linear")
+def test_packed_linear_matches_nn_linear_and_unpacks_exactly_when_moved():
+    from x2i_core.errors import X2IInputError
+    from x2i_core.mllm.packed import PackedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160)
+    packed = PackedLinear(lin)
+    assert not any(n == "weight" for n, _ in packed.named_parameters())  # the packed copy replaced it
+    x = torch.randn(2, 37, 96)
+    with torch.inference_mode():
+        ref, got = lin(x), packed(x)
+    assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-5
+    with pytest.raises(X2IInputError, match="inference only"):
+        packed(x.requires_grad_())
+    packed.to(torch.bfloat16)  # a move unpacks first (exact), then converts like any module
+    assert packed.packed is None and torch.equal(packed.weight, lin.weight.detach().to(torch.bfloat16))
+    assert torch.equal(packed(x.detach().bfloat16()), lin.to(torch.bfloat16)(x.detach().bfloat16()))
+
+
+@pytest.mark.skipif(not _onednn(), reason="this torch has no oneDNN (mkldnn) linear")
+def test_packed_encoder_encodes_like_nn_linear_for_every_preset(tiny):
+    from x2i_core.mllm.packed import PackedLinear
+
+    dense = load_mllm(tiny["mllm"], dtype="fp32", cpu_matmul="torch")
+    packed = load_mllm(tiny["mllm"], dtype="fp32")  # auto: packed on this CPU
+    assert (dense.cpu_matmul, packed.cpu_matmul) == ("torch", "onednn")
+    n_layers = len(packed.decoder_layers)
+    assert sum(isinstance(m, PackedLinear) for m in packed.decoder_layers.modules()) == 7 * n_layers
+    assert packed.cache_tag != dense.cache_tag  # encode caches keep the two apart
+    reqs = [EncodeRequest(text="a red fox in the snow"), EncodeRequest(text="ein Leuchtturm im Sturm, Öl auf Leinwand")]
+    for preset in ("training", "comfyui", "scripts"):
+        a, b = dense.encode(reqs, preset), packed.encode(reqs, preset)
+        assert torch.equal(a.attention_mask, b.attention_mask)
+        assert (a.hidden - b.hidden).abs().max().item() <= 1e-5, preset
+    # the reasoning node's generate() runs through the packed layers too (one row per new token)
+    (text_a, states_a), (text_b, states_b) = (e.generate_answer(EncodeRequest(text="describe a fox"),
+                                                                 max_new_tokens=4) for e in (dense, packed))
+    assert text_a == text_b and (states_a.hidden - states_b.hidden).abs().max().item() <= 1e-5

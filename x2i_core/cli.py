@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "what the AlignNet file records, else reference")
     g.add_argument("--quant", default="none", choices=["none", "int8", "bnb8", "bnb4"],
                    help="MLLM quantisation: int8 weight-only (CPU/GPU) or bitsandbytes 8/4-bit (CUDA)")
+    g.add_argument("--cpu-matmul", default="auto", choices=["auto", "torch", "onednn"],
+                   help="the MLLM decoder's products on a CPU: onednn packs the weights once (faster for short "
+                        "prompts); auto = onednn for fp32 on a CPU, else torch's nn.Linear")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow MLLM folders that ship Python code (MiniCPM-o); runs that code - only for trusted folders")
     g.add_argument("--preset", default="auto", choices=["auto", "training", "comfyui", "scripts"],
@@ -176,7 +179,7 @@ def cmd_generate(args) -> str:
     t0 = time.time()
     pipe = X2IPipeline.from_paths(args.mllm, args.alignnet, args.flux, device=args.device, dtype=args.dtype,
                                   alignnet_config=args.alignnet_config, trust_remote_code=args.trust_remote_code,
-                                  quant=args.quant)
+                                  quant=args.quant, cpu_matmul=args.cpu_matmul)
     log.info("models loaded in %.1fs", time.time() - t0)
     width, height = args.size
     img = pipe.generate(args.prompt, images=args.image or None, videos=[args.video_frames] if args.video_frames else None,

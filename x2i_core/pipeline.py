@@ -66,13 +66,14 @@ class X2IPipeline:
     @classmethod
     def from_paths(cls, mllm: str, alignnet: str, flux: str, *, device: str = "cpu", dtype: str = "auto",
                    alignnet_config: Any = None, trust_remote_code: bool = False,
-                   quant: str = "none") -> "X2IPipeline":
+                   quant: str = "none", cpu_matmul: str = "auto") -> "X2IPipeline":
         dev = torch.device(device)
         from .mllm import resolve_dtype
 
         torch_dtype = resolve_dtype(dtype, dev)
         net = load_alignnet(alignnet, alignnet_config, dtype=torch_dtype, device=dev)
-        enc = load_mllm(mllm, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, quant=quant)
+        enc = load_mllm(mllm, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, quant=quant,
+                        cpu_matmul=cpu_matmul)
         flux_pipe = load_flux_pipeline(flux, dtype=torch_dtype, device=dev)
         return cls(enc, net, flux_pipe, alignnet_name=f"AlignNet '{alignnet}'")
 

@@ -37,8 +37,9 @@ def encoder_class(model_type: str):
 
 
 def load_mllm(path: str | os.PathLike, *, dtype="auto", device="cpu", trust_remote_code: bool = False,
-              quant: str = "none") -> MLLMEncoder:
-    """Load an MLLM folder as an X2I encoder; ``quant``: none / int8 / bnb8 / bnb4 (see x2i_core.mllm.quant)."""
+              quant: str = "none", cpu_matmul: str = "auto") -> MLLMEncoder:
+    """Load an MLLM folder as an X2I encoder; ``quant``: none / int8 / bnb8 / bnb4 (see x2i_core.mllm.quant);
+    ``cpu_matmul``: auto / torch / onednn (see x2i_core.mllm.packed)."""
     cfg = read_model_config(path)
     model_type = cfg.get("model_type")
     if model_type not in FAMILIES:
@@ -56,7 +57,7 @@ def load_mllm(path: str | os.PathLike, *, dtype="auto", device="cpu", trust_remo
         )
     cls = encoder_class(model_type)
     kwargs = {"trust_remote_code": True} if remote else {}
-    return cls.from_pretrained(path, dtype=dtype, device=device, quant=quant, **kwargs)
+    return cls.from_pretrained(path, dtype=dtype, device=device, quant=quant, cpu_matmul=cpu_matmul, **kwargs)
 
 
 __all__ = ["ChatEncoder", "ChatTurn", "EncodeRequest", "HiddenStates", "MLLMEncoder", "Qwen25VLEncoder", "load_mllm",

@@ -185,9 +185,12 @@ class ChatEncoder:
     # -- loading ------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto",
-                        device: str | torch.device = "cpu", quant: str | None = "none", **kwargs) -> "ChatEncoder":
+                        device: str | torch.device = "cpu", quant: str | None = "none",
+                        cpu_matmul: str | None = "auto", **kwargs) -> "ChatEncoder":
         """Load a model folder.  ``quant``: 'none', 'int8' (weight-only, CPU/GPU), 'bnb8' / 'bnb4'
-        (bitsandbytes, CUDA; the model then lives on ``device`` for good) - see :mod:`.quant`."""
+        (bitsandbytes, CUDA; the model then lives on ``device`` for good) - see :mod:`.quant`.
+        ``cpu_matmul``: 'auto', 'torch' or 'onednn' (the decoder's products on a CPU) - see :mod:`.packed`."""
+        from .packed import pack_linears, resolve_cpu_matmul
         from .quant import bnb_config, check_quant, quantize_int8
 
         path = os.fspath(path)
@@ -200,6 +203,7 @@ class ChatEncoder:
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
         q = check_quant(quant, device)
+        matmul = resolve_cpu_matmul(cpu_matmul, device, torch_dtype, q)
         if q in ("bnb8", "bnb4"):
             kwargs["quantization_config"] = bnb_config(q, list(cls.unquantised_modules))
             kwargs["device_map"] = {"": device}
@@ -223,11 +227,14 @@ class ChatEncoder:
         enc = cls(full, backbone, processor, name, path)
         if q == "int8":
             quantize_int8(enc.decoder_layers)
-        enc.quant = q
-        enc.cache_tag = q
+        if matmul == "onednn":
+            pack_linears(enc.decoder_layers)
+        enc.quant, enc.cpu_matmul = q, matmul
+        enc.cache_tag = q if matmul == "torch" else f"{q}+{matmul}"
         return enc
 
     quant = "none"
+    cpu_matmul = "torch"
     # module names bitsandbytes leaves alone (towers, projector, LM head)
     unquantised_modules = ("lm_head", "visual", "vision_tower", "audio_tower", "multi_modal_projector", "mlp1")
 

@@ -283,6 +283,16 @@ def register() -> None:
 
 
 # -- the attention itself -------------------------------------------------------------------------------------------
+def _first_sparse_segment(cfg: CritiPrefillConfig, nseg: int, dense: bool) -> int:
+    """The first segment that skips blocks: segments whose causal range holds more blocks than the budget."""
+    if dense or (cfg.budget is None and not cfg.gather_all):
+        return nseg
+    if cfg.gather_all:
+        return min(1, nseg)
+    m = cfg.segment // cfg.block
+    return min(nseg, max(0, cfg.budget // cfg.block // m))  # (i + 1) * m > budget blocks <=> i >= budget_blocks // m
+
+
 def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
                      scale: float, cfg: CritiPrefillConfig, *, dense: bool = False, stats: PrefillStats | None = None,
                      key_mask: _KeyMask | None = None) -> torch.Tensor:
@@ -293,166 +303,178 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return).  ``dense=True`` or ``budget=None`` (without ``gather_all``) computes plain causal attention.
     """
     B, H, S, D = query.shape
-    Hkv = key.shape[1]
-    if H % Hkv:
-        raise ValueError(f"{H} query heads do not group over {Hkv} key/value heads")
-    G = H // Hkv
-    Sq, Bk = cfg.segment, cfg.block
-    m = Sq // Bk
+    if H % key.shape[1]:
+        raise ValueError(f"{H} query heads do not group over {key.shape[1]} key/value heads")
+    Sq = cfg.segment
     nseg = -(-S // Sq)
-    key_mask = key_mask if key_mask is not None else _KeyMask(valid)
-    first_pad = key_mask.first_pad(S)
-
-    # Which segments skip blocks: those whose causal range holds more blocks than the budget.
-    if dense:
-        i0 = nseg
-    elif cfg.gather_all:
-        i0 = min(1, nseg)
-    elif cfg.budget is None:
-        i0 = nseg
-    else:
-        i0 = min(nseg, max(0, cfg.budget // Bk // m))  # (i + 1) * m > budget blocks  <=>  i >= budget_blocks // m
+    first_pad = (key_mask if key_mask is not None else _KeyMask(valid)).first_pad(S)
+    i0 = _first_sparse_segment(cfg, nseg, dense)
     Qd = min(S, i0 * Sq)
     out = query.new_empty(B, nseg * Sq if i0 < nseg else S, H, D)
-
-    # Dense part: rows [0, Qd) against keys [0, Qd).
-    if Qd:
+    if Qd:  # dense part: rows [0, Qd) against keys [0, Qd)
         _dense_rows(query, key, value, valid, scale, out, Qd, first_pad, Sq)
     if i0 >= nseg:
         if stats is not None:
             stats.dense_layers += 1
         return out
     if stats is not None:
-        pairs_dense = S * (S + 1) // 2 * B * H
         stats.sparse_layers += 1
-        stats.pairs_dense += pairs_dense
+        stats.pairs_dense += S * (S + 1) // 2 * B * H
         stats.pairs_kept += Qd * (Qd + 1) // 2 * B * H
+    sp = _SparseSegments(query, key, value, valid, scale, cfg, first_pad)
+    for ia in range(i0, nseg, sp.group_size(nseg - i0)):
+        sp.run_group(ia, min(nseg, ia + sp.group_size(nseg - i0)), out, stats)
+    return out[:, :S]
 
-    # Sparse part: segments i0 .. nseg-1 on a sequence padded to nseg * Sq (tail keys are in every real
-    # query's future, so causality alone keeps them out).
-    Sp = nseg * Sq
-    q, k, v = query, key, value
-    if Sp != S:
-        pad = (0, 0, 0, Sp - S)
-        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-    nblk = Sp // Bk
-    BH = B * Hkv
-    kc = k.contiguous()
-    k_blocks = kc.view(BH * nblk, Bk, D)
-    v_blocks = v.contiguous().view(BH * nblk, Bk, D)
-    kt = kc.view(BH, Sp, D)  # for the probes
-    nl, ns = cfg.local_blocks, cfg.sink
-    nb = nblk if cfg.budget is None else cfg.budget // Bk
-    nf = max(0, nb - nl - m)   # far picks per segment (sink included)
-    dev = query.device
-    valid_p = None
-    if valid is not None:
-        valid_p = valid if Sp == S else F.pad(valid, (0, Sp - S), value=True)
-        first_real = valid.to(torch.int8).argmax(-1)  # [B]
-        sink_blk = (first_real // Bk).repeat_interleave(Hkv)  # [BH]
-    else:
-        sink_blk = torch.zeros(BH, dtype=torch.long, device=dev)
-    r = min(cfg.probes, Sq)
-    tpos = (torch.arange(1, r + 1, device=dev) * Sq) // r - 1  # probe offsets in a segment, last query included
-    nsparse = nseg - i0
-    L_max = (nf + nl + m) * Bk
-    per_seg = B * H * max(r * Sp, Sq * L_max)
-    ng = max(1, min(nsparse, 8, _ELEMS // max(per_seg, 1)))
-    blk_ids = torch.arange(nblk, device=dev)
-    valid_blocks = None
-    if valid is not None:
-        valid_blocks = valid_p.repeat_interleave(Hkv, 0).reshape(BH * nblk, Bk)
-    causal_sq = torch.ones(Sq, Sq, dtype=torch.bool, device=dev).tril_()
-    for ia in range(i0, nseg, ng):
-        ib = min(nseg, ia + ng)
-        n = ib - ia
-        segs = torch.arange(ia, ib, device=dev)
-        fe = segs * m - nl                               # far candidates are blocks [0, fe)
-        fe_last = int((ib - 1) * m - nl)
-        kf = max(0, min(nf, fe_last))                    # far picks this group (nf unless gather_all)
-        qe = min(ib * Sq, Sp)
-        # -- criticality: each probe's max logit per block, softmax over the blocks of its causal range,
-        #    max over the probes and the query heads of the KV group
-        picks = None
-        pick_ok = None
+
+class _SparseSegments:
+    """The sparse part of :func:`sparse_attention`: segments ``i0 .. nseg-1`` on a sequence padded to
+    ``nseg * Sq`` (tail keys are in every real query's future, so causality alone keeps them out), run in
+    groups of segments: criticality of the earlier blocks, then attention over the picked + local blocks and
+    the segment's own keys, merged by log-sum-exp."""
+
+    def __init__(self, query, key, value, valid, scale, cfg: CritiPrefillConfig, first_pad: int):
+        B, H, S, D = query.shape
+        Hkv = key.shape[1]
+        Sq, Bk = cfg.segment, cfg.block
+        self.B, self.H, self.Hkv, self.G, self.S, self.D = B, H, Hkv, H // Hkv, S, D
+        self.Sq, self.Bk, self.m = Sq, Bk, Sq // Bk
+        self.scale, self.valid, self.first_pad, self.dev = scale, valid, first_pad, query.device
+        self.Sp = -(-S // Sq) * Sq
+        q, k, v = query, key, value
+        if self.Sp != S:
+            pad = (0, 0, 0, self.Sp - S)
+            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+        self.q, self.k, self.v = q, k, v
+        self.nblk, self.BH = self.Sp // Bk, B * Hkv
+        kc = k.contiguous()
+        self.k_blocks = kc.view(self.BH * self.nblk, Bk, D)
+        self.v_blocks = v.contiguous().view(self.BH * self.nblk, Bk, D)
+        self.kt = kc.view(self.BH, self.Sp, D)  # for the probes
+        self.nl, self.ns = cfg.local_blocks, cfg.sink
+        nb = self.nblk if cfg.budget is None else cfg.budget // Bk
+        self.nf = max(0, nb - self.nl - self.m)   # far picks per segment (sink included)
+        self.valid_p = self.valid_blocks = None
+        if valid is not None:
+            self.valid_p = valid if self.Sp == S else F.pad(valid, (0, self.Sp - S), value=True)
+            self.sink_blk = ((valid.to(torch.int8).argmax(-1)) // Bk).repeat_interleave(Hkv)  # [BH]
+            self.valid_blocks = self.valid_p.repeat_interleave(Hkv, 0).reshape(self.BH * self.nblk, Bk)
+        else:
+            self.sink_blk = torch.zeros(self.BH, dtype=torch.long, device=self.dev)
+        self.r = min(cfg.probes, Sq)
+        self.tpos = (torch.arange(1, self.r + 1, device=self.dev) * Sq) // self.r - 1  # probe offsets, last included
+        self.blk_ids = torch.arange(self.nblk, device=self.dev)
+        self.causal_sq = torch.ones(Sq, Sq, dtype=torch.bool, device=self.dev).tril_()
+
+    def group_size(self, nsparse: int) -> int:
+        per_seg = self.B * self.H * max(self.r * self.Sp, self.Sq * (self.nf + self.nl + self.m) * self.Bk)
+        return max(1, min(nsparse, 8, _ELEMS // max(per_seg, 1)))
+
+    def run_group(self, ia: int, ib: int, out: torch.Tensor, stats: PrefillStats | None) -> None:
+        segs = torch.arange(ia, ib, device=self.dev)
+        fe = segs * self.m - self.nl                     # far candidates are blocks [0, fe)
+        fe_last = int((ib - 1) * self.m - self.nl)
+        kf = max(0, min(self.nf, fe_last))               # far picks this group (nf unless gather_all)
+        qe = min(ib * self.Sq, self.Sp)
+        picks = pick_ok = None
         if kf:
-            ppos = (segs[:, None] * Sq + tpos[None]).clamp_max(S - 1)               # [n, r]
-            qp = q[:, :, ppos.reshape(-1)].reshape(B, Hkv, G, n, r, D)
-            qp = qp.permute(0, 1, 3, 2, 4, 5).reshape(BH, n * G * r, D)
-            logits = torch.bmm(qp, kt[:, :qe].transpose(-1, -2)).view(BH, n, G * r, qe)
-            if valid is not None and qe > first_pad:
-                vk = valid_p[:, :qe].repeat_interleave(Hkv, 0)                       # [BH, qe]
-                logits.masked_fill_(~vk[:, None, None, :], float("-inf"))
-            nbq = qe // Bk
-            blk = logits.view(BH, n, G * r, nbq, Bk).amax(-1).float().mul_(scale)     # [BH, n, G*r, nbq]
-            del logits
-            # blocks that start after the probe are its future (its own block counts whole: a proxy)
-            future = blk_ids[None, None, :nbq] * Bk > ppos.repeat(1, G)[:, :, None]    # [n, G*r, nbq]
-            blk.masked_fill_(future[None], float("-inf"))
-            prob = torch.softmax(blk, dim=-1).nan_to_num_(0.0)
-            nfb = max(fe_last, 1)
-            crit = prob[..., :nfb].amax(dim=2)                                        # [BH, n, nfb]
-            del blk, prob
-            cand = blk_ids[None, :nfb] < fe[:, None]                                  # [n, nfb]
-            crit = crit.masked_fill(~cand[None], float("-inf"))
-            for j in range(ns):
-                sb = (sink_blk + j)[:, None].expand(BH, n)                            # [BH, n]
-                ok = sb < fe[None, :]
-                idx = sb.clamp_max(nfb - 1)[..., None]
-                crit.scatter_(2, idx, torch.where(ok, float("inf"), crit.gather(2, idx).squeeze(-1))[..., None])
-            top = torch.topk(crit, kf, dim=-1)
-            picks, pick_ok = top.indices, top.values > float("-inf")                  # [BH, n, kf]
-        # -- attention: the blocks before the segment (critical picks + local) without causal mask, the
-        #    segment's own keys as a square causal problem, merged by log-sum-exp
-        far_idx = fe[:, None] + torch.arange(nl, device=dev)[None]                    # [n, nl] local blocks before
+            picks, pick_ok = self.critical_blocks(segs, fe, fe_last, kf, qe)
+        o = self.attend(ia, ib, fe, picks, pick_ok, qe)
+        out[:, ia * self.Sq: ib * self.Sq] = o.reshape(self.B, (ib - ia) * self.Sq, self.H, self.D)
+        if stats is not None:
+            self.count_kept(stats, ia, ib, fe, kf)
+
+    def critical_blocks(self, segs, fe, fe_last: int, kf: int, qe: int):
+        """Each probe's max logit per block, softmax over the blocks of its causal range, max over the probes
+        and the query heads of the KV group; the sink blocks forced in; the top ``kf`` -> (indices, usable)."""
+        BH, Hkv, G, r, Bk, n = self.BH, self.Hkv, self.G, self.r, self.Bk, len(segs)
+        ppos = (segs[:, None] * self.Sq + self.tpos[None]).clamp_max(self.S - 1)       # [n, r]
+        qp = self.q[:, :, ppos.reshape(-1)].reshape(self.B, Hkv, G, n, r, self.D)
+        qp = qp.permute(0, 1, 3, 2, 4, 5).reshape(BH, n * G * r, self.D)
+        logits = torch.bmm(qp, self.kt[:, :qe].transpose(-1, -2)).view(BH, n, G * r, qe)
+        if self.valid is not None and qe > self.first_pad:
+            vk = self.valid_p[:, :qe].repeat_interleave(Hkv, 0)                        # [BH, qe]
+            logits.masked_fill_(~vk[:, None, None, :], float("-inf"))
+        nbq = qe // Bk
+        blk = logits.view(BH, n, G * r, nbq, Bk).amax(-1).float().mul_(self.scale)     # [BH, n, G*r, nbq]
+        del logits
+        # blocks that start after the probe are its future (its own block counts whole: a proxy)
+        future = self.blk_ids[None, None, :nbq] * Bk > ppos.repeat(1, G)[:, :, None]   # [n, G*r, nbq]
+        blk.masked_fill_(future[None], float("-inf"))
+        prob = torch.softmax(blk, dim=-1).nan_to_num_(0.0)
+        nfb = max(fe_last, 1)
+        crit = prob[..., :nfb].amax(dim=2)                                              # [BH, n, nfb]
+        del blk, prob
+        cand = self.blk_ids[None, :nfb] < fe[:, None]                                   # [n, nfb]
+        crit = crit.masked_fill(~cand[None], float("-inf"))
+        for j in range(self.ns):
+            sb = (self.sink_blk + j)[:, None].expand(BH, n)                              # [BH, n]
+            ok = sb < fe[None, :]
+            idx = sb.clamp_max(nfb - 1)[..., None]
+            crit.scatter_(2, idx, torch.where(ok, float("inf"), crit.gather(2, idx).squeeze(-1))[..., None])
+        top = torch.topk(crit, kf, dim=-1)
+        return top.indices, top.values > float("-inf")                                  # [BH, n, kf]
+
+    def attend(self, ia: int, ib: int, fe, picks, pick_ok, qe: int) -> torch.Tensor:
+        """The blocks before the segments (critical picks + local) without causal mask, the segments' own keys
+        as square causal problems, merged by log-sum-exp -> ``[B, n, Sq, H, D]``."""
+        BH, n, nl = self.BH, ib - ia, self.nl
+        far_idx = fe[:, None] + torch.arange(nl, device=self.dev)[None]                 # [n, nl] local blocks
         far_ok = (far_idx >= 0)[None].expand(BH, n, nl)
         far_idx = far_idx.clamp_min(0)[None].expand(BH, n, nl)
         if picks is not None:
-            far_idx = torch.cat([picks, far_idx], dim=-1)                             # [BH, n, kf + nl]
+            far_idx = torch.cat([picks, far_idx], dim=-1)                               # [BH, n, kf + nl]
             far_ok = torch.cat([pick_ok, far_ok], dim=-1)
-        padded = valid is not None and qe > first_pad
-        qs = q[:, :, ia * Sq: ib * Sq]
+        padded = self.valid is not None and qe > self.first_pad
+        qs = self.q[:, :, ia * self.Sq: ib * self.Sq]
         o = lse1 = None
         if far_idx.shape[-1]:
-            nfar = far_idx.shape[-1]
-            Lf = nfar * Bk
-            flat = (torch.arange(BH, device=dev)[:, None, None] * nblk + far_idx).reshape(-1)
-            ks = k_blocks.index_select(0, flat).view(BH, n, Lf, D)
-            vs = v_blocks.index_select(0, flat).view(BH, n, Lf, D)
-            kok = None
-            if padded or not bool(far_ok.all()):
-                kok = far_ok[..., None].expand(BH, n, nfar, Bk)
-                if padded:
-                    kok = kok & valid_blocks.index_select(0, flat).view(BH, n, nfar, Bk)
-                kok = kok.reshape(BH, n, 1, Lf)
-            qf = qs.reshape(B, Hkv, G, n, Sq, D).permute(0, 1, 3, 2, 4, 5).reshape(BH, n, G * Sq, D)
-            o1, l1 = attention_lse(qf, ks, vs, scale, mask=kok)                        # [BH, n, G*Sq, (D)]
-            o = o1.reshape(B, Hkv, n, G, Sq, D).permute(0, 2, 4, 1, 3, 5).reshape(B, n, Sq, H, D)
-            lse1 = l1.reshape(B, Hkv, n, G, Sq).permute(0, 2, 4, 1, 3).reshape(B, n, Sq, H)
+            o, lse1 = self._attend_far(qs, n, far_idx, far_ok, padded)
+        o2, lse2 = self._attend_own(qs, ia, ib, padded)
+        return o2 if o is None else merge_lse(o, lse1, o2, lse2)
+
+    def _attend_far(self, qs, n: int, far_idx, far_ok, padded: bool):
+        B, BH, Hkv, G, Sq, D, Bk = self.B, self.BH, self.Hkv, self.G, self.Sq, self.D, self.Bk
+        nfar = far_idx.shape[-1]
+        Lf = nfar * Bk
+        flat = (torch.arange(BH, device=self.dev)[:, None, None] * self.nblk + far_idx).reshape(-1)
+        ks = self.k_blocks.index_select(0, flat).view(BH, n, Lf, D)
+        vs = self.v_blocks.index_select(0, flat).view(BH, n, Lf, D)
+        kok = None
+        if padded or not bool(far_ok.all()):
+            kok = far_ok[..., None].expand(BH, n, nfar, Bk)
+            if padded:
+                kok = kok & self.valid_blocks.index_select(0, flat).view(BH, n, nfar, Bk)
+            kok = kok.reshape(BH, n, 1, Lf)
+        qf = qs.reshape(B, Hkv, G, n, Sq, D).permute(0, 1, 3, 2, 4, 5).reshape(BH, n, G * Sq, D)
+        o1, l1 = attention_lse(qf, ks, vs, self.scale, mask=kok)                          # [BH, n, G*Sq, (D)]
+        o = o1.reshape(B, Hkv, n, G, Sq, D).permute(0, 2, 4, 1, 3, 5).reshape(B, n, Sq, self.H, D)
+        return o, l1.reshape(B, Hkv, n, G, Sq).permute(0, 2, 4, 1, 3).reshape(B, n, Sq, self.H)
+
+    def _attend_own(self, qs, ia: int, ib: int, padded: bool):
+        B, H, Hkv, G, Sq, D, n = self.B, self.H, self.Hkv, self.G, self.Sq, self.D, ib - ia
         qd = qs.reshape(B, H, n, Sq, D).transpose(1, 2).reshape(B * n, H, Sq, D)
-        kd = k[:, :, ia * Sq: ib * Sq].reshape(B, Hkv, n, Sq, D).transpose(1, 2).reshape(B * n, Hkv, Sq, D)
-        vd = v[:, :, ia * Sq: ib * Sq].reshape(B, Hkv, n, Sq, D).transpose(1, 2).reshape(B * n, Hkv, Sq, D)
+        kd = self.k[:, :, ia * Sq: ib * Sq].reshape(B, Hkv, n, Sq, D).transpose(1, 2).reshape(B * n, Hkv, Sq, D)
+        vd = self.v[:, :, ia * Sq: ib * Sq].reshape(B, Hkv, n, Sq, D).transpose(1, 2).reshape(B * n, Hkv, Sq, D)
         dmask = None
         if padded:
-            dvalid = valid_p[:, ia * Sq: ib * Sq].reshape(B * n, 1, 1, Sq)
-            dmask = causal_sq[None, None] & dvalid                                    # [B*n, 1, Sq, Sq]
+            dvalid = self.valid_p[:, ia * Sq: ib * Sq].reshape(B * n, 1, 1, Sq)
+            dmask = self.causal_sq[None, None] & dvalid                                   # [B*n, 1, Sq, Sq]
         if G > 1:
             kd, vd = kd.repeat_interleave(G, 1), vd.repeat_interleave(G, 1)
-        o2, l2 = attention_lse(qd, kd, vd, scale, causal=dmask is None, mask=dmask)    # [B*n, H, Sq, (D)]
-        o2 = o2.reshape(B, n, H, Sq, D).transpose(2, 3)                                  # [B, n, Sq, H, D]
-        lse2 = l2.reshape(B, n, H, Sq).transpose(2, 3)
-        o = o2 if o is None else merge_lse(o, lse1, o2, lse2)
-        out[:, ia * Sq: ib * Sq] = o.reshape(B, n * Sq, H, D)
-        if stats is not None:
-            for i in range(ia, ib):
-                lo, hi = i * Sq, min(S, (i + 1) * Sq)
-                rows_i = hi - lo
-                if rows_i <= 0:
-                    continue
-                near = rows_i * (lo - max(0, int(fe[i - ia]) * Bk)) + rows_i * (rows_i + 1) // 2
-                dense_i = rows_i * (lo + hi + 1) // 2
-                stats.pairs_kept += min(dense_i, rows_i * kf * Bk + near) * B * H
-    return out[:, :S]
+        o2, l2 = attention_lse(qd, kd, vd, self.scale, causal=dmask is None, mask=dmask)  # [B*n, H, Sq, (D)]
+        return o2.reshape(B, n, H, Sq, D).transpose(2, 3), l2.reshape(B, n, H, Sq).transpose(2, 3)
+
+    def count_kept(self, stats: PrefillStats, ia: int, ib: int, fe, kf: int) -> None:
+        Sq, S, Bk = self.Sq, self.S, self.Bk
+        for i in range(ia, ib):
+            lo, hi = i * Sq, min(S, (i + 1) * Sq)
+            rows_i = hi - lo
+            if rows_i <= 0:
+                continue
+            near = rows_i * (lo - max(0, int(fe[i - ia]) * Bk)) + rows_i * (rows_i + 1) // 2
+            dense_i = rows_i * (lo + hi + 1) // 2
+            stats.pairs_kept += min(dense_i, rows_i * kf * Bk + near) * self.B * self.H
 
 
 _LSE_OK: dict[tuple, str] = {}

@@ -52,15 +52,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def quantize_int8(layers: nn.Module) -> int:
-    """Replace every ``nn.Linear`` under ``layers`` (the decoder's layer list) in place; returns the count."""
+def replace_linears(layers: nn.Module, make) -> int:
+    """Replace every plain ``nn.Linear`` under ``layers`` (the decoder's layer list) by ``make(linear)`` in
+    place; returns the count."""
     count = 0
     for _name, module in list(layers.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
+            if type(child) is nn.Linear:
+                setattr(module, child_name, make(child))
                 count += 1
     return count
+
+
+def quantize_int8(layers: nn.Module) -> int:
+    """Replace every ``nn.Linear`` under ``layers`` by an :class:`Int8Linear`; returns the count."""
+    return replace_linears(layers, Int8Linear)
 
 
 def check_quant(quant: str | None, device: torch.device) -> str:
