@@ -23,11 +23,11 @@ from tools.comfy_host import ui_to_api  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
-# X2IMLLMEncode widgets after the text, in the frontend's order (required, then optional): preset, image
-# resolution | instruction, video resolution, video fps, max frames, frames fps, sparse prefill, pad rows
-ENC_WIDGETS = ["auto", 0, "", 0, 1.0, 768, 24.0, "off", "reference"]
-# X2IMLLMLoader widgets after the folder: dtype, device, quantization, offload after encode, trust remote code
-LOADER_WIDGETS = ["auto", "default", "none", False, False]
+# A node's widgets are a list in the frontend's order (stock nodes), or a dict by input name: the values
+# are then ordered from the live schema, and a widget left out gets the schema's default (so a new optional
+# input of our nodes lands in every workflow without editing it).
+SAMPLER = {"seed": 0, "steps": 28, "guidance": 3.5, "width": 1024, "height": 1024, "sampler_name": "euler",
+           "scheduler": "simple", "control_strength": 1.0}
 PROMPT = "一只在雪地里奔跑的红狐狸，清晨的阳光 (a red fox running through snow at dawn)"
 
 # name -> (description, nodes); node = (id, type, pos, widgets, {input: (src_id, src_slot)}, title)
@@ -38,10 +38,10 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", *LOADER_WIDGETS], {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
-            (5, "X2IMLLMEncode", (420, 320), [PROMPT, *ENC_WIDGETS], {"mllm": (3, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+            (3, "X2IMLLMLoader", (40, 320), {"model_name": "Qwen2.5-VL-7B-Instruct"}, {}, None),
+            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
+            (5, "X2IMLLMEncode", (420, 320), {"text": PROMPT}, {"mllm": (3, 0)}, None),
+            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
             (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
             (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),
             (9, "KSampler", (1200, 200), [0, "fixed", 28, 1.0, "euler", "simple", 1.0],
@@ -55,12 +55,12 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", *LOADER_WIDGETS], {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
-            (5, "X2IMLLMEncode", (420, 320), ["A lighthouse on a rocky coast under a stormy sky, oil painting",
-                                              *ENC_WIDGETS], {"mllm": (3, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-            (7, "X2ISampler", (1200, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple", 1.0],
+            (3, "X2IMLLMLoader", (40, 320), {"model_name": "Qwen2.5-VL-7B-Instruct"}, {}, None),
+            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
+            (5, "X2IMLLMEncode", (420, 320), {"text": "A lighthouse on a rocky coast under a stormy sky, oil painting"},
+             {"mllm": (3, 0)}, None),
+            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+            (7, "X2ISampler", (1200, 200), SAMPLER,
              {"model": (1, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
             (8, "SaveImage", (1600, 200), ["X2I"], {"images": (7, 0)}, None),
         ],
@@ -72,12 +72,12 @@ WORKFLOWS = {
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (9, "LoraLoaderModelOnly", (420, -120), ["x2i_lora.safetensors", 1.0], {"model": (1, 0)}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", *LOADER_WIDGETS], {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
-            (5, "X2IMLLMEncode", (420, 320), ["A portrait of a woman in the trained style", *ENC_WIDGETS],
+            (3, "X2IMLLMLoader", (40, 320), {"model_name": "Qwen2.5-VL-7B-Instruct"}, {}, None),
+            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
+            (5, "X2IMLLMEncode", (420, 320), {"text": "A portrait of a woman in the trained style"},
              {"mllm": (3, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-            (7, "X2ISampler", (1200, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple", 1.0],
+            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+            (7, "X2ISampler", (1200, 200), SAMPLER,
              {"model": (9, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
             (8, "SaveImage", (1600, 200), ["X2I_lora"], {"images": (7, 0)}, None),
         ],
@@ -88,14 +88,14 @@ WORKFLOWS = {
         [
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), ["Qwen2.5-VL-7B-Instruct", *LOADER_WIDGETS], {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
+            (3, "X2IMLLMLoader", (40, 320), {"model_name": "Qwen2.5-VL-7B-Instruct"}, {}, None),
+            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
             (10, "LoadImage", (40, 640), ["source.png", "image"], {}, None),
-            (5, "X2IMLLMEncode", (420, 320), ["Make it a snowy winter evening, keep everything else the same.",
-                                              *ENC_WIDGETS], {"mllm": (3, 0), "image": (10, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+            (5, "X2IMLLMEncode", (420, 320), {"text": "Make it a snowy winter evening, keep everything else the same."},
+             {"mllm": (3, 0), "image": (10, 0)}, None),
+            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
             (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
-            (11, "X2ILightControlLoader", (420, 680), ["lightcontrol-flux-dev.safetensors"], {}, None),
+            (11, "X2ILightControlLoader", (420, 680), {"lightcontrol_name": "lightcontrol-flux-dev.safetensors"}, {}, None),
             (12, "ControlNetApplyAdvanced", (820, 640), [1.0, 0.0, 1.0],
              {"positive": (6, 0), "negative": (7, 0), "control_net": (11, 0), "image": (10, 0)}, None),
             (8, "EmptySD3LatentImage", (820, 860), [1024, 1024, 1], {}, None),
@@ -116,9 +116,9 @@ WORKFLOWS = {
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
             (3, "CLIPLoader", (40, 320), ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"], {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), ["alignnet-qwen2.5-vl-7b.safetensors"], {}, None),
-            (5, "X2ICLIPEncode", (420, 320), [PROMPT, "auto", 0, "reference"], {"clip": (3, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
+            (5, "X2ICLIPEncode", (420, 320), {"text": PROMPT}, {"clip": (3, 0)}, None),
+            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
             (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
             (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),
             (9, "KSampler", (1200, 200), [0, "fixed", 28, 1.0, "euler", "simple", 1.0],
@@ -146,17 +146,17 @@ def _task(text, mllm=VL7B, alignnet=ALIGN_VL7B, inputs=(), encode_conns=None, in
     nodes = [
         (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
         (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-        (3, "X2IMLLMLoader", (40, 320), [mllm, *LOADER_WIDGETS], {}, None),
-        (4, "X2IAlignNetLoader", (40, 500), [alignnet], {}, None),
+        (3, "X2IMLLMLoader", (40, 320), {"model_name": mllm}, {}, None),
+        (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": alignnet}, {}, None),
     ]
     nodes.extend(inputs)
     conns = {"mllm": (3, 0), **(encode_conns or {})}
-    widgets = encode_widgets or [text, preset, 0, instruction, *ENC_WIDGETS[3:]]
+    widgets = encode_widgets or {"text": text, "preset": preset, "instruction": instruction}
     nodes.append((5, encode_type, (460, 320), widgets, conns, None))
     nodes.extend(extra_nodes)
     nodes += [
-        (6, "X2IAlignNetProject", (860, 320), [3.5], {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-        (7, "X2ISampler", (1240, 200), [0, "fixed", 28, 3.5, 1024, 1024, "euler", "simple", 1.0],
+        (6, "X2IAlignNetProject", (860, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+        (7, "X2ISampler", (1240, 200), SAMPLER,
          {"model": (1, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
         (8, "SaveImage", (1640, 200), [prefix], {"images": (7, 0)}, None),
     ]
@@ -228,8 +228,7 @@ TASK_WORKFLOWS = {
         "states (reference 'use answer') drive FLUX. The answer is shown by the stock Preview as Text node. "
         + MODELS_VL,
         _task(None, encode_type="X2IMLLMReason",
-              encode_widgets=["What animal is the national symbol of Australia? Show it in its habitat.", 128, 0.0, 0,
-                              "fixed", "answer states", "auto", 0, 0, 1.0, 768, 24.0],
+              encode_widgets={"text": "What animal is the national symbol of Australia? Show it in its habitat."},
               extra_nodes=[(9, "PreviewAny", (860, 560), [], {"source": (5, 1)}, None)],
               prefix="X2I_reasoning2image"),
     ),
@@ -238,10 +237,10 @@ TASK_WORKFLOWS = {
         "the final user message and the MLLM reads the whole chat. " + MODELS_VL,
         _task("Now the same scene, but at night in the rain.",
               inputs=[_load_image(20, "photo.png", 660),
-                      (21, "X2IChatTurn", (260, 660), ["user", "Describe a cosy cabin like this one.", 1.0, 768, 24.0],
+                      (21, "X2IChatTurn", (260, 660), {"role": "user", "text": "Describe a cosy cabin like this one."},
                        {"image": (20, 0)}, None),
-                      (22, "X2IChatTurn", (260, 960), ["assistant", "A small wooden cabin by a lake, smoke rising "
-                                                       "from the chimney, pine trees around it.", 1.0, 768, 24.0],
+                      (22, "X2IChatTurn", (260, 960), {"role": "assistant", "text": "A small wooden cabin by a lake, smoke "
+                                                       "rising from the chimney, pine trees around it."},
                        {"chat": (21, 0)}, None)],
               encode_conns={"chat": (22, 0)}, prefix="X2I_multi_turn"),
     ),
@@ -316,7 +315,38 @@ def _without_overlaps(nodes, object_info) -> dict:
     return positions
 
 
+def _default(spec):
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(spec[0], list) or spec[0] == "COMBO":
+        choices = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
+        return choices[0] if choices else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[spec[0]]
+
+
+def widget_values(ntype: str, widgets, object_info) -> list:
+    """``widgets_values`` in the frontend's order (required, then optional; a seed's control-after-generate
+    value after it) from a dict by input name; a list is taken as already ordered."""
+    if not isinstance(widgets, dict):
+        return list(widgets)
+    info = object_info[ntype]["input"]
+    given = dict(widgets)
+    values = []
+    for name, spec in list(info.get("required", {}).items()) + list(info.get("optional", {}).items()):
+        if not _is_widget(spec):
+            continue
+        values.append(given.pop(name) if name in given else _default(spec))
+        if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
+            values.append(given.pop(f"{name}:control", "fixed"))
+    if given:
+        raise KeyError(f"{ntype}: no widget(s) {sorted(given)}")
+    return values
+
+
 def build(nodes, object_info, description):
+    nodes = [(nid, ntype, pos, widget_values(ntype, widgets, object_info), conns, title)
+             for nid, ntype, pos, widgets, conns, title in nodes]
     by_id = {n[0]: n for n in nodes}
     layout = _without_overlaps(nodes, object_info)
     # topological order for the "order" field

@@ -81,11 +81,7 @@ def _out_image(value):
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m x2i_core", description="X2I for FLUX: any prompt an MLLM understands.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate an image from a text/image/video prompt")
     g.add_argument("--mllm", required=True, type=_existing_dir("MLLM"),
                    help="Hugging Face MLLM folder (Qwen2.5-VL, Qwen2.5-Omni, InternVL -hf, MiniCPM-o)")
@@ -123,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--out", required=True, type=_out_image, help="output image path (.png/.jpg/.webp)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m x2i_core", description="X2I for FLUX: any prompt an MLLM understands.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_generate(sub)
 
     c = sub.add_parser("convert-alignnet", help="published AlignNet torch file -> our safetensors")
     c.add_argument("src", type=_existing_file("AlignNet"))

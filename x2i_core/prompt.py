@@ -205,6 +205,36 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwar
     a system message some families require (Qwen2.5-Omni's default);
     ``placeholders``: the family's own media tokens, refused in user text.
     """
+    _check_conversation(turns, spec, processor, placeholders)
+    last, single = turns[-1], len(turns) == 1
+    final_media = bool(last.images or last.videos or last.audios)
+    media = _Media([], [], [])
+    messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
+    for ti, turn in enumerate(turns):
+        if turn.role == "user":
+            content = _user_media(turn, spec, media)
+        elif turn.images or turn.videos or turn.audios:
+            raise X2IInputError(f"chat turn {ti + 1} is an assistant turn with media; media belong in user turns")
+        else:
+            content = []
+        is_last = ti == len(turns) - 1
+        text_item = _turn_text(turn, last, is_last, spec, final_media)
+        if is_last and single and spec.name == "comfyui" and last.text and "<|image_pad|>" in last.text \
+                and "<|video_pad|>" in last.text:
+            # The reference nodes skip the chat template when the user text already
+            # carries both vision placeholders.
+            return BuiltPrompt(text_item, media.images, media.videos, spec, templated=False, audios=media.audios)
+        if text_item is not None:
+            content.append({"type": "text", "text": text_item})
+        messages.append({"role": turn.role, "content": content})
+    kwargs = dict(chat_kwargs or {})
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return BuiltPrompt(prompt, media.images, media.videos, spec, audios=media.audios)
+
+
+def _check_conversation(turns: list[Turn], spec: PresetSpec, processor, placeholders: tuple[str, ...]) -> None:
+    """The checks before building: a last user turn with something to encode, the preset's modalities, no
+    family media tokens typed into the text."""
     if not turns:
         raise X2IInputError("the conversation has no turns; add at least one user turn")
     last = turns[-1]
@@ -223,56 +253,51 @@ def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwar
             raise X2IInputError("prompt text is empty; the 'training' preset needs a caption")
     elif not last.text and not final_media and not last.instruction:
         raise X2IInputError("prompt is empty: give text, an image, a video or audio")
-
     single = len(turns) == 1
     for t in turns:
         _check_placeholders(t.text, spec, single, placeholders)
         _check_placeholders(t.instruction, spec, False, placeholders)
-    proc_images: list[Image.Image] = []
-    proc_videos: list[list[Image.Image]] = []
-    proc_audios: list[Any] = []
-    messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
-    for ti, turn in enumerate(turns):
-        content: list[dict[str, Any]] = []
-        if turn.role == "user":
-            for img in turn.images:
-                im = img
-                if spec.image_exact_size is not None:
-                    im = im.resize(spec.image_exact_size, resample=Image.BICUBIC)
-                if spec.image_max_pixels is not None:
-                    im = fit_pixels(im, spec.image_max_pixels)
-                proc_images.append(im)
-                content.append({"type": "image", "image": im})
-            for frames in turn.videos:
-                vf = video_frames(frames, spec.video_max_pixels, name=f"video {len(proc_videos) + 1}")
-                proc_videos.append(vf)
-                content.append({"type": "video", "video": vf})
-            for audio in turn.audios:
-                proc_audios.append(audio)
-                content.append({"type": "audio", "audio": audio})
-        elif turn.images or turn.videos or turn.audios:
-            raise X2IInputError(f"chat turn {ti + 1} is an assistant turn with media; media belong in user turns")
-        is_last = ti == len(turns) - 1
-        if spec.name == "multiturn" and turn.role == "user":  # the dict in every user turn
-            text_item = instruction_dict(turn.text, spec, bool(turn.images or turn.videos or turn.audios),
-                                         turn.instruction)
-        elif is_last and spec.name != "scripts":
-            text_item = instruction_dict(last.text, spec, final_media, last.instruction)
-        elif spec.name == "scripts" and is_last and last.instruction:
-            text_item = last.instruction if last.text is None else f"{last.text}\n{last.instruction}"
-        else:
-            text_item = turn.text
-        if is_last and single and spec.name == "comfyui" and last.text and "<|image_pad|>" in last.text \
-                and "<|video_pad|>" in last.text:
-            # The reference nodes skip the chat template when the user text already
-            # carries both vision placeholders.
-            return BuiltPrompt(text_item, proc_images, proc_videos, spec, templated=False, audios=proc_audios)
-        if text_item is not None:
-            content.append({"type": "text", "text": text_item})
-        messages.append({"role": turn.role, "content": content})
-    kwargs = dict(chat_kwargs or {})
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-    return BuiltPrompt(prompt, proc_images, proc_videos, spec, audios=proc_audios)
+
+
+@dataclasses.dataclass
+class _Media:
+    """The media handed to the processor, in prompt order."""
+    images: list[Image.Image]
+    videos: list[list[Image.Image]]
+    audios: list[Any]
+
+
+def _user_media(turn: Turn, spec: PresetSpec, media: _Media) -> list[dict[str, Any]]:
+    """A user turn's media content items (images, then videos, then audio), resized as the preset does."""
+    content: list[dict[str, Any]] = []
+    for img in turn.images:
+        im = img
+        if spec.image_exact_size is not None:
+            im = im.resize(spec.image_exact_size, resample=Image.BICUBIC)
+        if spec.image_max_pixels is not None:
+            im = fit_pixels(im, spec.image_max_pixels)
+        media.images.append(im)
+        content.append({"type": "image", "image": im})
+    for frames in turn.videos:
+        vf = video_frames(frames, spec.video_max_pixels, name=f"video {len(media.videos) + 1}")
+        media.videos.append(vf)
+        content.append({"type": "video", "video": vf})
+    for audio in turn.audios:
+        media.audios.append(audio)
+        content.append({"type": "audio", "audio": audio})
+    return content
+
+
+def _turn_text(turn: Turn, last: Turn, is_last: bool, spec: PresetSpec, final_media: bool):
+    """A turn's text item: the preset's instruction dict for the prompt proper (every user turn for
+    ``multiturn``), the instruction appended for ``scripts``, plain text otherwise."""
+    if spec.name == "multiturn" and turn.role == "user":  # the dict in every user turn
+        return instruction_dict(turn.text, spec, bool(turn.images or turn.videos or turn.audios), turn.instruction)
+    if is_last and spec.name != "scripts":
+        return instruction_dict(last.text, spec, final_media, last.instruction)
+    if spec.name == "scripts" and is_last and last.instruction:
+        return last.instruction if last.text is None else f"{last.text}\n{last.instruction}"
+    return turn.text
 
 
 def target_length(spec: PresetSpec, real_length: int) -> int:

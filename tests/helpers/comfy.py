@@ -16,10 +16,18 @@ def tiny_mllm_name(names, model_name, family=None):
 
 def shipped_api(host, workflow_name):
     """The shipped API-format copy (``workflows/api/``), checked to be the UI file's conversion against the
-    live server's schemas (``tools/make_workflows.py`` writes both)."""
+    live server's schemas, and the UI file to be what ``tools/make_workflows.py`` builds from those schemas
+    (widgets by name: a new input of a node would show here as a stale file)."""
+    from tools.make_workflows import WORKFLOWS, build
+
     with open(os.path.join(ROOT, "workflows", "api", workflow_name), encoding="utf-8") as fh:
         api = json.load(fh)
-    assert api == ui_to_api(load_workflow(workflow_name), host["server"].object_info()), \
+    object_info = host["server"].object_info()
+    ui = load_workflow(workflow_name)
+    description, nodes = WORKFLOWS[workflow_name]
+    assert ui == build(nodes, object_info, description), \
+        f"workflows/{workflow_name} is stale against the live node schemas: regenerate with tools/make_workflows.py"
+    assert api == ui_to_api(ui, object_info), \
         f"workflows/api/{workflow_name} is stale: regenerate with tools/make_workflows.py"
     return api
 
