@@ -304,7 +304,7 @@ class X2ISampler(io.ComfyNode):
         check_conditioning("X2I Sampler", conditioning)
         positive = node_helpers.conditioning_set_values(conditioning, {"guidance": float(guidance)})
         if control_net is not None:
-            from .lightcontrol_nodes import apply_lightcontrol
+            from .comfy_lightcontrol import apply_lightcontrol
 
             positive = apply_lightcontrol(positive, control_net, source_image, float(control_strength))
         negative = _zero_out(conditioning)  # cfg 1: FLUX-dev skips the negative, KSampler still wants one

@@ -92,3 +92,13 @@ def test_x2i_core_never_imports_comfyui():
         if name.startswith("x2i_core"):
             bad = {i for i in _imports(name, path) if i.split(".")[0] in COMFY_MODULES}
             assert not bad, f"{name} imports {bad}"
+
+
+def test_node_files_share_only_through_common():
+    """A node file (``nodes/*_nodes.py``: schemas and execute bodies) imports no other node file; shared pieces
+    come from ``nodes/common.py`` and host adapters (``nodes/comfy_*.py``, ``models.py``)."""
+    mods, graph = _graph()
+    node_files = {m for m in mods if m.startswith("nodes.") and m.endswith("_nodes")}
+    assert {"nodes.x2i_nodes", "nodes.clip_nodes", "nodes.lightcontrol_nodes"} <= node_files
+    for m in sorted(node_files):
+        assert not (graph[m] & node_files), f"{m} imports the node file(s) {sorted(graph[m] & node_files)}"

@@ -509,61 +509,35 @@ def run_in_process(spec_path: str) -> None:
     per-node times, FLUX calls, status and errors, and ComfyUI's model management before and after
     ``unload_all_models()`` (what ``/free`` calls).
     """
-    import asyncio
-
     spec = boot_in_process(spec_path)
     import comfy.model_management as mm
     import execution
 
-    executing = []  # (time, event, node id) of the executor's "executing" / "executed" events
-
-    class _Server:
-        client_id = None  # set from the extra data of each execute() call: node events go only to a client
-        last_node_id = None
-        last_prompt_id = None
-
-        def send_sync(self, event, data=None, *a, **k):
-            if event in ("executing", "executed") and isinstance(data, dict):
-                executing.append((time.perf_counter(), event, data.get("node")))
-
+    events = []  # (time, event, node id) of the executor's "executing" / "executed" events
     prompts = spec.get("prompts") or {"": spec["prompt"]}
     captures = spec.get("capture", [])
     if not isinstance(captures, dict):
         captures = {"": captures}
     _harness_setup(spec)
     flux_calls = _count_flux_calls()
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    executor = execution.PromptExecutor(_EventSink(events), cache_args={"lru": 0, "ram": 0})
     facts = {"success": True, "messages": [], "errors": {}}
     tensors = {}
-    checked = {}
-    for label, prompt in prompts.items():  # every prompt first: a typo fails before minutes of sampling
-        valid = asyncio.run(execution.validate_prompt("inproc", prompt, None))
-        if not valid[0]:
-            raise SystemExit(f"invalid prompt {label}: {valid[1]} {valid[3]}")
-        checked[label] = valid
+    checked = _validated(execution, prompts)
     for label, prompt in prompts.items():
         flux_calls.update(calls=0, rows=0, controlnet_calls=0)
-        executing.clear()
+        events.clear()
         t0 = time.perf_counter()
         with _fault(spec.get("faults", {}).get(label)):
             executor.execute(prompt, f"inproc-{label}", {"client_id": "inproc"}, checked[label][2])
         facts.setdefault("seconds", {})[label] = time.perf_counter() - t0
-        facts.setdefault("node_seconds", {})[label] = _node_seconds(executing)
+        facts.setdefault("node_seconds", {})[label] = _node_seconds(events)
         facts.setdefault("flux_calls", {})[label] = dict(flux_calls)
-        facts["success"] = facts["success"] and executor.success
-        facts["messages"].extend(m[0] for m in executor.status_messages)
-        facts.setdefault("status", {})[label] = [m[0] for m in executor.status_messages]
-        # what ran and what stays loaded after this prompt (the pack's modules live under its folder name)
-        counters = [m.FORWARD_CALLS for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.cache")]
-        facts.setdefault("forward_calls", {})[label] = sum(sum(c.values()) for c in counters)
-        facts.setdefault("loaded_after", {})[label] = _managed_models(mm, inner=True)
-        if not executor.success:
-            facts["errors"][label] = [m[1].get("exception_message") for m in executor.status_messages
-                                      if m[0] == "execution_error"]
-            continue
-        for nid in captures.get(label, []):
-            entry = executor.caches.outputs.get(nid)
-            _capture(entry.outputs[0][0], entry, f"{label}:{nid}" if label else nid, tensors, facts)
+        _prompt_facts(facts, label, executor, mm)
+        if executor.success:
+            for nid in captures.get(label, []):
+                entry = executor.caches.outputs.get(nid)
+                _capture(entry.outputs[0][0], entry, f"{label}:{nid}" if label else nid, tensors, facts)
     facts["managed_before"] = _managed_models(mm)
     mm.unload_all_models()
     facts["managed_after"] = _managed_models(mm)
@@ -573,6 +547,49 @@ def run_in_process(spec_path: str) -> None:
         save_file(tensors, spec["out"])
     with open(spec["out"] + ".json", "w", encoding="utf-8") as fh:
         json.dump(facts, fh)
+
+
+class _EventSink:
+    """The executor's server: keeps the node events (they go only to a client, set from each execute()'s
+    extra data)."""
+
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def __init__(self, events: list):
+        self.events = events
+
+    def send_sync(self, event, data=None, *a, **k):
+        if event in ("executing", "executed") and isinstance(data, dict):
+            self.events.append((time.perf_counter(), event, data.get("node")))
+
+
+def _validated(execution, prompts: dict) -> dict:
+    """Every prompt validated first, so a typo fails before minutes of sampling."""
+    import asyncio
+
+    checked = {}
+    for label, prompt in prompts.items():
+        valid = asyncio.run(execution.validate_prompt("inproc", prompt, None))
+        if not valid[0]:
+            raise SystemExit(f"invalid prompt {label}: {valid[1]} {valid[3]}")
+        checked[label] = valid
+    return checked
+
+
+def _prompt_facts(facts: dict, label: str, executor, mm) -> None:
+    """Status, errors, MLLM forwards so far and what stays loaded after one prompt."""
+    facts["success"] = facts["success"] and executor.success
+    facts["messages"].extend(m[0] for m in executor.status_messages)
+    facts.setdefault("status", {})[label] = [m[0] for m in executor.status_messages]
+    # the pack's modules live under its folder name
+    counters = [m.FORWARD_CALLS for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.cache")]
+    facts.setdefault("forward_calls", {})[label] = sum(sum(c.values()) for c in counters)
+    facts.setdefault("loaded_after", {})[label] = _managed_models(mm, inner=True)
+    if not executor.success:
+        facts["errors"][label] = [m[1].get("exception_message") for m in executor.status_messages
+                                  if m[0] == "execution_error"]
 
 
 def point_at_tiny(api: dict, names: dict, width: int = 64, height: int = 48, steps: int = 2) -> dict:

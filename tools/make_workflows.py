@@ -344,12 +344,8 @@ def widget_values(ntype: str, widgets, object_info) -> list:
     return values
 
 
-def build(nodes, object_info, description):
-    nodes = [(nid, ntype, pos, widget_values(ntype, widgets, object_info), conns, title)
-             for nid, ntype, pos, widgets, conns, title in nodes]
-    by_id = {n[0]: n for n in nodes}
-    layout = _without_overlaps(nodes, object_info)
-    # topological order for the "order" field
+def _topological_order(nodes, by_id) -> list:
+    """Node ids with every node after its inputs (the UI file's ``order`` field)."""
     order, seen = [], set()
 
     def visit(nid):
@@ -362,11 +358,13 @@ def build(nodes, object_info, description):
 
     for n in nodes:
         visit(n[0])
-    links, out_links = [], {}
-    ui_nodes = []
-    link_id = 0
-    # first pass: inputs and links
-    node_inputs = {}
+    return order
+
+
+def _sockets_and_links(nodes, by_id, object_info):
+    """Each node's socket inputs (schema order, optional ones marked) with the links that feed them ->
+    ({id: inputs}, links, {(src, slot): [link ids]})."""
+    links, out_links, node_inputs = [], {}, {}
     for nid, ntype, _pos, _widgets, conns, _title in nodes:
         info = object_info[ntype]
         ordered = list(info["input"].get("required", {}).items()) + list(info["input"].get("optional", {}).items())
@@ -379,7 +377,7 @@ def build(nodes, object_info, description):
                 entry["shape"] = 7
             if name in conns:
                 src, slot = conns[name]
-                link_id += 1
+                link_id = len(links) + 1
                 out_type = object_info[by_id[src][1]]["output"][slot]
                 links.append([link_id, src, slot, nid, len(ins), out_type])
                 out_links.setdefault((src, slot), []).append(link_id)
@@ -389,11 +387,34 @@ def build(nodes, object_info, description):
         if missing:
             raise KeyError(f"{ntype}: no socket input(s) {missing}")
         node_inputs[nid] = ins
+    return node_inputs, links, out_links
+
+
+def _note(note_id: int, order: int, description: str) -> dict:
+    return {
+        "id": note_id, "type": "Note", "pos": list(NOTE_BOX[:2]), "size": list(NOTE_BOX[2:]), "flags": {},
+        "order": order,
+        "mode": 0, "inputs": [], "outputs": [], "properties": {},
+        "widgets_values": [description + ("" if "Models:" in description else
+                           "\n\nModels: put a Qwen2.5-VL-Instruct folder in models/mllm, the matching X2I AlignNet "
+                           "in models/x2i, FLUX in models/diffusion_models and its VAE in models/vae.")
+                           + " Schnell / shuttle-3: 4 steps."],
+    }
+
+
+def build(nodes, object_info, description):
+    """The UI (drag-and-drop) workflow of ``nodes`` against the live schemas, with a note."""
+    nodes = [(nid, ntype, pos, widget_values(ntype, widgets, object_info), conns, title)
+             for nid, ntype, pos, widgets, conns, title in nodes]
+    by_id = {n[0]: n for n in nodes}
+    layout = _without_overlaps(nodes, object_info)
+    order = _topological_order(nodes, by_id)
+    node_inputs, links, out_links = _sockets_and_links(nodes, by_id, object_info)
+    ui_nodes = []
     for nid, ntype, _pos, widgets, _conns, title in nodes:
         info = object_info[ntype]
-        outs = []
-        for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
-            outs.append({"name": oname, "type": otype, "links": out_links.get((nid, slot), []), "slot_index": slot})
+        outs = [{"name": oname, "type": otype, "links": out_links.get((nid, slot), []), "slot_index": slot}
+                for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"]))]
         node = {
             "id": nid, "type": ntype, "pos": layout[nid][0], "size": [NODE_WIDTH, layout[nid][1]],
             "flags": {}, "order": order.index(nid), "mode": 0, "inputs": node_inputs[nid], "outputs": outs,
@@ -403,17 +424,9 @@ def build(nodes, object_info, description):
             node["title"] = title
         ui_nodes.append(node)
     note_id = max(by_id) + 1
-    ui_nodes.append({
-        "id": note_id, "type": "Note", "pos": list(NOTE_BOX[:2]), "size": list(NOTE_BOX[2:]), "flags": {},
-        "order": len(nodes),
-        "mode": 0, "inputs": [], "outputs": [], "properties": {},
-        "widgets_values": [description + ("" if "Models:" in description else
-                           "\n\nModels: put a Qwen2.5-VL-Instruct folder in models/mllm, the matching X2I AlignNet "
-                           "in models/x2i, FLUX in models/diffusion_models and its VAE in models/vae.")
-                           + " Schnell / shuttle-3: 4 steps."],
-    })
+    ui_nodes.append(_note(note_id, len(nodes), description))
     return {
-        "last_node_id": note_id, "last_link_id": link_id, "nodes": ui_nodes, "links": links, "groups": [],
+        "last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links, "groups": [],
         "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 140]}}, "version": 0.4,
     }
 

@@ -83,24 +83,45 @@ class DistillTrainer:
 
     # -- setup --------------------------------------------------------------------
     def _load_models(self):
-        from diffusers import FluxPipeline
-
         from ..mllm import load_mllm
 
-        cfg = self.cfg
-        self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
+        self.encoder = load_mllm(self.cfg["mllm"], dtype=self.weight_dtype, device=self.device)
+        self._load_teacher_flux()
+        self.net = self._build_alignnet().to(self.device)
+        if self.train_cfg["gradient_checkpointing"]:
+            self.flux.enable_gradient_checkpointing()
+            if self.net.config.use_t5:
+                self.net.t5stack.gradient_checkpointing = True
+        if self.dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.model = self.net
+        if self.cfg["distributed"]["fsdp_flux"] and self.dist.enabled:
+            self._shard_flux()
+        self.capture = AttentionCapture(self.flux)
+        self.optimizer = rt.make_optimizer(self.net.parameters(), self.train_cfg["optimizer"],
+                                           float(self.train_cfg["lr"]), float(self.train_cfg["weight_decay"]))
+        self.scheduler = rt.cosine_with_warmup(self.optimizer, int(self.train_cfg["warmup_steps"]),
+                                               int(self.train_cfg["steps"]), float(self.train_cfg["min_lr_ratio"]))
+
+    def _load_teacher_flux(self) -> None:
+        """The one FLUX both passes share, with its own CLIP and T5 as the teacher's encoders (frozen)."""
+        from diffusers import FluxPipeline
+
+        flux_dir = self.cfg["flux"]
         no_teacher = X2IInputError(
-            f"FLUX folder '{cfg['flux']}' lacks text_encoder / text_encoder_2 (or their tokenizers): distillation "
+            f"FLUX folder '{flux_dir}' lacks text_encoder / text_encoder_2 (or their tokenizers): distillation "
             "needs FLUX's own CLIP and T5 as the teacher's encoders (a full diffusers FLUX download has them)")
         for part in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer"):
-            if not os.path.isdir(os.path.join(cfg["flux"], part)):
+            if not os.path.isdir(os.path.join(flux_dir, part)):
                 if part == "transformer":
-                    raise X2IInputError(f"FLUX folder '{cfg['flux']}' is not a diffusers FLUX folder (no transformer/)")
+                    raise X2IInputError(f"FLUX folder '{flux_dir}' is not a diffusers FLUX folder (no transformer/)")
                 raise no_teacher
         try:
-            pipe = FluxPipeline.from_pretrained(cfg["flux"], torch_dtype=self.weight_dtype)
+            pipe = FluxPipeline.from_pretrained(flux_dir, torch_dtype=self.weight_dtype)
         except (OSError, ValueError) as exc:
-            raise X2IInputError(f"FLUX folder '{cfg['flux']}' cannot be loaded ({exc})") from exc
+            raise X2IInputError(f"FLUX folder '{flux_dir}' cannot be loaded ({exc})") from exc
         if pipe.text_encoder is None or pipe.text_encoder_2 is None:
             raise no_teacher
         pipe.to(self.device)
@@ -108,11 +129,15 @@ class DistillTrainer:
             m.requires_grad_(False).eval()
         self.pipe = pipe
         self.flux = pipe.transformer
-        tcfg = self.flux.config
         t5_dim = pipe.text_encoder_2.config.d_model
-        if t5_dim != tcfg.joint_attention_dim:
-            raise X2IShapeError(f"teacher T5 width {t5_dim} differs from FLUX's context width {tcfg.joint_attention_dim}")
-        acfg = cfg["alignnet"]
+        if t5_dim != self.flux.config.joint_attention_dim:
+            raise X2IShapeError(f"teacher T5 width {t5_dim} differs from FLUX's context width "
+                                f"{self.flux.config.joint_attention_dim}")
+
+    def _build_alignnet(self) -> AlignNet:
+        """The student: ``alignnet.init`` or a fresh AlignNet for this MLLM and FLUX, checked against both and
+        stamped with what it is distilled on."""
+        cfg, acfg, tcfg = self.cfg, self.cfg["alignnet"], self.flux.config
         if acfg["init"]:
             net = load_alignnet(acfg["init"])
         else:
@@ -136,31 +161,17 @@ class DistillTrainer:
             raise X2IShapeError(
                 f"AlignNet outputs widths {c.output_dim1}/{c.output_dim0} but FLUX '{cfg['flux']}' expects "
                 f"{tcfg.joint_attention_dim}/{tcfg.pooled_projection_dim}")
-        net.requires_grad_(True).train()
-        self.net = net.to(self.device)
-        if self.train_cfg["gradient_checkpointing"]:
-            self.flux.enable_gradient_checkpointing()
-            if c.use_t5:
-                self.net.t5stack.gradient_checkpointing = True
-        if self.dist.enabled:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        else:
-            self.model = self.net
-        if cfg["distributed"]["fsdp_flux"] and self.dist.enabled:
-            if self.device.type != "cuda":
-                raise X2IInputError("distributed.fsdp_flux shards FLUX over CUDA ranks (nccl); it is not "
-                                    "available on CPU processes - use plain DDP there")
-            from torch.distributed.fsdp import fully_shard
+        return net.requires_grad_(True).train()
 
-            for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
-                fully_shard(block)
-            fully_shard(self.flux)
-        self.capture = AttentionCapture(self.flux)
-        self.optimizer = rt.make_optimizer(self.net.parameters(), self.train_cfg["optimizer"],
-                                           float(self.train_cfg["lr"]), float(self.train_cfg["weight_decay"]))
-        self.scheduler = rt.cosine_with_warmup(self.optimizer, int(self.train_cfg["warmup_steps"]),
-                                               int(self.train_cfg["steps"]), float(self.train_cfg["min_lr_ratio"]))
+    def _shard_flux(self) -> None:
+        if self.device.type != "cuda":
+            raise X2IInputError("distributed.fsdp_flux shards FLUX over CUDA ranks (nccl); it is not "
+                                "available on CPU processes - use plain DDP there")
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
+            fully_shard(block)
+        fully_shard(self.flux)
 
     def _too_long(self, caption: str) -> str | None:
         limit = int(self.dcfg["tokens"])
