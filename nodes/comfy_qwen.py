@@ -47,7 +47,7 @@ from ..x2i_core.errors import X2IError
 from ..x2i_core.mllm.base import EncodeRequest, HiddenStates
 from ..x2i_core.mllm.chat import check_pad_rows, pad_query_mask
 from ..x2i_core.mllm.mrope import rope_positions
-from ..x2i_core.mllm.qwen25vl import Qwen25VLEncoder
+from ..x2i_core.mllm.qwen25vl import Qwen25VLPrompt
 from ..x2i_core.prompt import QWEN25VL_CHAT_TEMPLATE  # Qwen2.5-VL-Instruct's chat_template.json, reproduced
 from .common import NodeError
 
@@ -171,26 +171,18 @@ def _processor_for(tokenizer):
     return proc
 
 
-class _Prompter(Qwen25VLEncoder):
-    """The transformers path's prompt side (presets, template, media, padding) without its model."""
+class _Prompter(Qwen25VLPrompt):
+    """The transformers path's prompt side (presets, template, media, padding) over ComfyUI's tokenizer."""
 
-    def __init__(self, native: NativeQwen):  # no model: only ``prepare`` is used
-        self.module = None
-        self.model = None
-        self.path = None
+    def __init__(self, native: NativeQwen):
         self.processor = _processor_for(native.tokenizer)
         self.name = native.name
-        self.channels = native.channels
-        self.hidden_size = native.hidden_size
         self.modalities = frozenset({"text", "image"} if native.family.vision else {"text"})
         tok = native.tokenizer
         self._media_ids = {int(tok.convert_tokens_to_ids(t)) for t in ("<|image_pad|>", "<|video_pad|>")}
 
     def media_token_ids(self) -> set[int]:
-        return self._media_ids
-
-    def max_positions(self) -> int | None:  # ComfyUI's model sets no limit of its own here
-        return None
+        return self._media_ids  # ComfyUI's model sets no position limit of its own: max_positions() is None
 
 
 # -- the forward: ComfyUI's modules, transformers' positions and padding ------------------------------

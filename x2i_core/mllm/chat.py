@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
 
-from ..audio import prepare_audio
 from ..errors import X2IFileError, X2IInputError
-from ..media import as_video_list, to_pil_list
-from ..prompt import Turn, build_conversation, resolve_preset, target_length, with_image_size
 from .attention import given_mask
-from .base import ChatTurn, EncodeRequest, HiddenStates
+from .base import EncodeRequest, HiddenStates
 from .cache import FORWARD_CALLS, EncodeCache, digest
-
-log = logging.getLogger("x2i")
-
-MODALITY_NAMES = {"image": "images", "video": "video", "audio": "audio"}
+from .prompting import ChatPrompt
 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -100,28 +93,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return table[name]
 
 
-def _turns_of(req: EncodeRequest) -> list[ChatTurn]:
-    turns = list(req.history or [])
-    has_own = req.text is not None or req.images is not None or req.videos is not None or req.audios is not None
-    if has_own or not turns:
-        turns.append(ChatTurn("user", req.text, req.images, req.videos, req.audios, req.instruction))
-    elif req.instruction is not None and turns[-1].role == "user":
-        last = turns[-1]
-        turns[-1] = ChatTurn("user", last.text, last.images, last.videos, last.audios, req.instruction)
-    return turns
-
-
-class ChatEncoder:
-    """Base of the chat-template MLLM encoders (see the module docstring)."""
+class ChatEncoder(ChatPrompt):
+    """Base of the chat-template MLLM encoders (see the module docstring); the prompt side is
+    :class:`~.prompting.ChatPrompt`."""
 
     family = "mllm"
     display = "MLLM"
     model_types: tuple[str, ...] = ()
-    modalities = frozenset({"text", "image", "video"})
     trust_remote_code = False
-    system_prompt: str | None = None      # a system message the family requires in every prompt
-    placeholders: tuple[str, ...] = ()    # the family's media tokens, refused in user text
-    max_audio_seconds = 300.0
 
     def __init__(self, module, model, processor, name: str, path: str | None = None):
         self.module = module        # the full model (LM head included, used only by generate)
@@ -152,31 +131,12 @@ class ChatEncoder:
         lm = getattr(self.model, "language_model", None)
         return getattr(lm, "layers", None)
 
-    def chat_kwargs(self, spec) -> dict[str, Any]:
-        return {}
-
     def media_token_ids(self) -> set[int]:
         cfg = self.model.config
         ids = {getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "audio_token_id",
                                                 "image_token_index", "video_token_index", "audio_token_index")}
         ids.discard(None)
         return {int(i) for i in ids}
-
-    def audio_rate(self) -> int:
-        fe = getattr(self.processor, "feature_extractor", None)
-        return int(getattr(fe, "sampling_rate", 16000))
-
-    def processor_inputs(self, built) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"text": [built.text], "padding": False, "return_tensors": "pt"}
-        if built.images:
-            kwargs["images"] = built.images
-        if built.videos:
-            # Frames are *sampled* at spec.video_fps; the processor keeps its default rate (2.0, so
-            # second_per_grid_ts = 1.0), as the reference calls it.
-            kwargs["videos"] = built.videos
-        if built.audios:
-            kwargs["audio"] = built.audios
-        return dict(self.processor(**kwargs))
 
     def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Extra forward arguments (e.g. position ids) that make a padded batch equal the reference's generate."""
@@ -245,95 +205,6 @@ class ChatEncoder:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-    # -- prompt -------------------------------------------------------------
-    def _check_modalities(self, i: int, turn: ChatTurn, images, videos, audios) -> None:
-        given = [m for m, items in (("image", images), ("video", videos), ("audio", audios)) if items]
-        for m in given:
-            if m not in self.modalities:
-                supported = sorted(self.modalities - {"text"})
-                raise X2IInputError(
-                    f"prompt {i + 1}: {MODALITY_NAMES[m]} given, but {self.name} does not take {MODALITY_NAMES[m]} "
-                    f"(it takes text{''.join(', ' + MODALITY_NAMES[s] for s in supported)}); "
-                    + ("load an audio-capable MLLM such as Qwen2.5-Omni" if m == "audio" else
-                       "load an MLLM that supports it (Qwen2.5-VL, Qwen2.5-Omni, InternVL)")
-                )
-
-    def build_prompt(self, req: EncodeRequest, preset: str | None, image_size: int | None, index: int = 0,
-                     video_size: int | None = None):
-        """The templated prompt and processed media for one request (no tokenisation)."""
-        turns_in = _turns_of(req)
-        turns: list[Turn] = []
-        has_media = False
-        for t in turns_in:
-            if t.role not in ("user", "assistant"):
-                raise X2IInputError(f"prompt {index + 1}: chat turn role {t.role!r}; expected 'user' or 'assistant'")
-            images = to_pil_list(t.images, "image")
-            videos = [list(v) for v in as_video_list(t.videos)]
-            audios = [prepare_audio(a, self.audio_rate(), f"audio {j + 1}", self.max_audio_seconds)
-                      for j, a in enumerate(_as_list(t.audios))]
-            self._check_modalities(index, t, images, videos, audios)
-            if t.text is not None and not isinstance(t.text, str):
-                raise X2IInputError(f"prompt {index + 1}: text must be a string, found {type(t.text).__name__}")
-            has_media = has_media or bool(images or videos or audios)
-            turns.append(Turn(t.role, t.text, images, videos, audios, t.instruction))
-        spec = with_image_size(resolve_preset(preset, has_media), image_size, video_size)
-        return build_conversation(turns, spec, self.processor, self.chat_kwargs(spec), self.system_prompt,
-                                  self.placeholders)
-
-    def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None, image_size: int | None = None,
-                video_size: int | None = None) -> tuple[dict[str, torch.Tensor], str, list[int]]:
-        """Processor inputs for a batch, padded per the preset (no forward pass)."""
-        if not requests:
-            raise X2IInputError("no prompt given; expected at least one text/image/video/audio prompt")
-        tok = self.processor.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        per_prompt = []
-        spec = None
-        for i, req in enumerate(requests):
-            built = self.build_prompt(req, preset, image_size, i, video_size)
-            if spec is not None and built.spec != spec:
-                raise X2IInputError(
-                    "a batch mixes text-only prompts and prompts with media under preset 'auto'; "
-                    "choose one preset explicitly ('comfyui' or 'scripts') for the whole batch"
-                )
-            spec = built.spec
-            per_prompt.append(self.processor_inputs(built))
-        lengths = [int(e["input_ids"].shape[1]) for e in per_prompt]
-        target = max(target_length(spec, n) for n in lengths)
-        limit = self.max_positions()
-        if limit and target > int(limit):
-            longest = max(range(len(lengths)), key=lambda i: lengths[i])
-            raise X2IInputError(
-                f"prompt {longest + 1} is {lengths[longest]} tokens (padded to {target} by the '{spec.name}' "
-                f"preset); {self.name} takes at most {int(limit)} positions (max_position_embeddings). Shorten "
-                "the text, use fewer or smaller images, fewer video frames or shorter audio")
-        media_ids = self.media_token_ids()
-        ids_rows, mask_rows = [], []
-        for i, (enc, n) in enumerate(zip(per_prompt, lengths)):
-            ids = enc["input_ids"][0]
-            if n > target:
-                kept = ids[:target]
-                if any(int((ids == m).sum()) != int((kept == m).sum()) for m in media_ids):
-                    raise X2IInputError(
-                        f"prompt {i + 1} is {n} tokens with its media, more than the '{spec.name}' preset's "
-                        f"fixed {target}; use the 'comfyui' preset (its length grows with the prompt), "
-                        "fewer or smaller images, fewer video frames, shorter audio, or shorter text"
-                    )
-                log.warning("prompt %d is %d tokens; truncated to %d as the '%s' preset does", i + 1, n, target, spec.name)
-                ids = kept
-            pad = torch.full((target - ids.shape[0],), pad_id, dtype=ids.dtype)
-            mask = torch.ones(ids.shape[0], dtype=torch.long)
-            zeros = torch.zeros(pad.shape[0], dtype=torch.long)
-            if spec.padding_side == "left":
-                ids_rows.append(torch.cat([pad, ids]))
-                mask_rows.append(torch.cat([zeros, mask]))
-            else:
-                ids_rows.append(torch.cat([ids, pad]))
-                mask_rows.append(torch.cat([mask, zeros]))
-        batch: dict[str, torch.Tensor] = {"input_ids": torch.stack(ids_rows), "attention_mask": torch.stack(mask_rows)}
-        batch.update(_collate_media(per_prompt))
-        return batch, spec.name, lengths
 
     # -- forward ------------------------------------------------------------
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -763,28 +634,3 @@ def pad_query_mask(mask: torch.Tensor, pads: torch.Tensor, dtype: torch.dtype) -
     bias = torch.log(pads.clamp_min(1).to(torch.float64)).to(dtype)
     additive[:, 0, -1, -1] = torch.where(has_pads, bias, additive[:, 0, -1, -1])
     return additive
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    if isinstance(x, (list, tuple)) and not (len(x) == 2 and isinstance(x[1], (int, float))):
-        return list(x)
-    return [x]
-
-
-def _collate_media(per_prompt: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Concatenate the processors' media tensors of several prompts along their first dimension."""
-    out: dict[str, torch.Tensor] = {}
-    keys = []
-    for e in per_prompt:
-        keys.extend(k for k in e if k not in ("input_ids", "attention_mask") and k not in keys)
-    for key in keys:
-        parts = [e[key] for e in per_prompt if e.get(key) is not None]
-        if not parts:
-            continue
-        parts = [p if isinstance(p, torch.Tensor) else torch.as_tensor(p) for p in parts]
-        if key == "second_per_grid_ts":
-            parts = [p.to(torch.float32).reshape(-1) for p in parts]
-        out[key] = torch.cat(parts, dim=0)
-    return out

@@ -32,7 +32,8 @@ from PIL import Image
 from ..errors import X2IInputError
 from ..media import as_video_list, to_pil_list
 from ..prompt import SPECS, BuiltPrompt, _check_has_words, _check_placeholders, resolve_preset, with_image_size
-from .chat import ChatEncoder, _as_list, _turns_of
+from .chat import ChatEncoder
+from .prompting import _as_list, _turns_of
 
 # The system message of InternVL's ``internvl2_5`` conversation template, which the reference sets.
 INTERNVL25_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"

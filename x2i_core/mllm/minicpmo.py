@@ -62,7 +62,8 @@ from ..media import as_video_list, to_pil_list
 from ..prompt import VISION_PLACEHOLDERS, _check_has_words
 from .base import EncodeRequest, HiddenStates
 from .cache import FORWARD_CALLS
-from .chat import ChatEncoder, _as_list, check_pad_rows
+from .chat import ChatEncoder, check_pad_rows
+from .prompting import _as_list
 
 IMAGE_TAG = "(<image>./</image>)\n"
 AUDIO_TAG = "(<audio>./</audio>)\n"

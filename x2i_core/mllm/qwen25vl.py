@@ -5,13 +5,22 @@ from __future__ import annotations
 import torch
 
 from .chat import ChatEncoder, read_model_config, resolve_dtype
+from .prompting import ChatPrompt
 
 MODEL_TYPE = "qwen2_5_vl"
 
-__all__ = ["Qwen25VLEncoder", "read_model_config", "resolve_dtype", "MODEL_TYPE"]
+__all__ = ["Qwen25VLEncoder", "Qwen25VLPrompt", "read_model_config", "resolve_dtype", "MODEL_TYPE"]
 
 
-class Qwen25VLEncoder(ChatEncoder):
+class Qwen25VLPrompt(ChatPrompt):
+    """Qwen2.5-VL's prompt side (also ComfyUI's native Qwen2.5-VL node's, which has no transformers model)."""
+
+    def chat_kwargs(self, spec):
+        # "Picture 1: " / "Video 1: " ids before the placeholders, as the reference nodes ask for.
+        return {"add_vision_id": True} if spec.vision_ids else {}
+
+
+class Qwen25VLEncoder(Qwen25VLPrompt, ChatEncoder):
     """Loads a Qwen2.5-VL model folder and encodes X2I prompts."""
 
     family = "qwen2.5-vl"
@@ -30,7 +39,3 @@ class Qwen25VLEncoder(ChatEncoder):
         # with torch's bicubic and differs by ~1e-2 (tests/test_reference_oracle.py).
         processor = AutoProcessor.from_pretrained(path, use_fast=False)
         return full, full.model, processor
-
-    def chat_kwargs(self, spec):
-        # "Picture 1: " / "Video 1: " ids before the placeholders, as the reference nodes ask for.
-        return {"add_vision_id": True} if spec.vision_ids else {}
