@@ -33,6 +33,7 @@ from ..flux.capture import AttentionCapture, collect
 from ..mllm.chat import check_pad_rows
 from ..registry import Provenance, check_fits, identity_of
 from ..train import runtime as rt
+from ..train.base import Trainer, make_optimizer_and_schedule
 from ..train.data import CaptionStream
 from .kl import distill_loss, finite_or_skip
 
@@ -60,14 +61,21 @@ DEFAULTS = {
 }
 
 
-class DistillTrainer:
+class DistillTrainer(Trainer):
+    required = ("mllm", "flux", "output_dir")
+    run_name = "distill"
+    weights_name = "alignnet.safetensors"
+    metric_columns = ("loss", "pairs", "skipped", "grad_norm", "lr", "seconds")
+
     def __init__(self, cfg: dict):
         if not cfg["data"]["paths"]:
             raise X2IInputError("config needs data.paths (caption files: .txt, .jsonl, .parquet or .tar shards)")
-        rt.setup_trainer(self, cfg, ("mllm", "flux", "output_dir"))
+        super().__init__(cfg)
+
+    def _setup(self):
         self.train_cfg = self.tcfg
-        self.dcfg = cfg["distill"]
-        self.pad_rows = check_pad_rows(cfg["pad_rows"])
+        self.dcfg = self.cfg["distill"]
+        self.pad_rows = check_pad_rows(self.cfg["pad_rows"])
         res = int(self.dcfg["resolution"])
         if res % 16:
             raise X2IInputError(f"distill.resolution {res} must be a multiple of 16")
@@ -76,7 +84,9 @@ class DistillTrainer:
                                 "or reference")
         if self.dcfg["timestep"] not in ("first", "uniform"):
             raise X2IInputError(f"distill.timestep {self.dcfg['timestep']!r}: expected 'first' (sigma 1) or 'uniform'")
-        self._load_models()
+
+    def _prepare_data(self):
+        cfg = self.cfg
         self.stream = CaptionStream(cfg["data"]["paths"], cfg["data"]["caption_key"], cfg["seed"],
                                     cfg["data"]["shuffle"])
         self._validate_data()
@@ -100,10 +110,7 @@ class DistillTrainer:
         if self.cfg["distributed"]["fsdp_flux"] and self.dist.enabled:
             self._shard_flux()
         self.capture = AttentionCapture(self.flux)
-        self.optimizer = rt.make_optimizer(self.net.parameters(), self.train_cfg["optimizer"],
-                                           float(self.train_cfg["lr"]), float(self.train_cfg["weight_decay"]))
-        self.scheduler = rt.cosine_with_warmup(self.optimizer, int(self.train_cfg["warmup_steps"]),
-                                               int(self.train_cfg["steps"]), float(self.train_cfg["min_lr_ratio"]))
+        make_optimizer_and_schedule(self, self.net.parameters())
 
     def _load_teacher_flux(self) -> None:
         """The one FLUX both passes share, with its own CLIP and T5 as the teacher's encoders (frozen)."""
@@ -313,42 +320,33 @@ class DistillTrainer:
         return value, {"pairs": len(terms), "skipped": len(skipped)}
 
     # -- checkpoints ------------------------------------------------------------------
-    def _save(self, ckpt: rt.CheckpointManager, step: int) -> None:
-        def writer(folder):
-            self.net.save(os.path.join(folder, "alignnet.safetensors"))
-            rt.save_state(os.path.join(folder, "trainer_state.pt"),
-                          rt.trainer_state(self, step, data_position=self.position))
-            rt.write_json(os.path.join(folder, "meta.json"), {"step": step, "config": self.cfg})
+    def _write_weights(self, path: str, step: int) -> None:
+        self.net.save(path)
 
-        rt.save_checkpoint(self, ckpt, step, writer)
+    def _state_extra(self) -> dict:
+        return {"data_position": self.position}
 
-    def _resume(self, ckpt: rt.CheckpointManager) -> int:
-        """The newest checkpoint that verifies and loads (a damaged one is reported and the previous one
-        used); 0 for a fresh start."""
-        state = rt.resume_trainer(self, ckpt, lambda folder: load_alignnet(os.path.join(folder, "alignnet.safetensors")),
-                                  lambda net: self.net.load_state_dict(net.state_dict()))
-        if state is None:
-            self.position = 0
-            return 0
-        self.position = int(state.get("data_position", state["step"] * self.global_batch))
-        return int(state["step"])
+    def _write_extra(self, folder: str, step: int) -> None:
+        rt.write_json(os.path.join(folder, "meta.json"), {"step": step, "config": self.cfg})
+
+    def _read_weights(self, folder: str):
+        return load_alignnet(os.path.join(folder, self.weights_name))
+
+    def _apply_weights(self, net) -> None:
+        self.net.load_state_dict(net.state_dict())
+
+    def _resumed(self, state: dict | None) -> None:
+        self.position = 0 if state is None else int(state.get("data_position", state["step"] * self.global_batch))
 
     # -- loop ------------------------------------------------------------------------
-    def fit(self) -> str:
-        total = int(self.train_cfg["steps"])
-        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"], quiet=not self.dist.main)
-        start = self._resume(ckpt)
-        if self.dist.main:
-            rt.write_json(os.path.join(self.out, "config.json"), self.cfg)
-        metrics = rt.MetricsLog(self.out, ["loss", "pairs", "skipped", "grad_norm", "lr", "seconds"],
-                                resume_step=start if start else None, enabled=self.dist.main,
-                                tensorboard=bool(self.cfg["log"]["tensorboard"]))
+    def _step_fn(self):
+        """Each optimiser step reads the next global batch from the caption stream (every rank the same
+        batch, then its share), skipping captions over the token limit when ``data.skip_long``."""
         skip_long = bool(self.cfg["data"]["skip_long"])
         stream = self.stream.iterate_from(self.position)
-        skipped_long = 0
+        self.skipped_long = 0
 
         def step_fn(step):
-            nonlocal skipped_long
             local = []
             for _ in range(rt.accumulation(self)):
                 batch = []
@@ -356,28 +354,17 @@ class DistillTrainer:
                     cap = next(stream)
                     self.position += 1
                     if skip_long and self._too_long(cap):
-                        skipped_long += 1
+                        self.skipped_long += 1
                         continue
                     batch.append(cap)
                 local += batch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
             return self.step(step, local)
 
-        def after_step(done):
-            se = int(self.cfg["samples"]["every"])
-            if se and done % se == 0 and self.dist.main:
-                self.sample(done)
+        return step_fn
 
-        try:
-            rt.run_steps(self, start, total, metrics, "distill", step_fn, lambda s: self._save(ckpt, s), after_step)
-        finally:
-            metrics.close()
-        final = os.path.join(self.out, "alignnet.safetensors")
-        if self.dist.main:
-            self.net.save(final)
-            if skipped_long:
-                log.warning("skipped %d captions over the token limit", skipped_long)
-        self.dist.barrier()
-        return final
+    def _finish(self, final: str, total: int, eval_start) -> None:
+        if self.skipped_long:
+            log.warning("skipped %d captions over the token limit", self.skipped_long)
 
     def sample(self, step: int) -> list[str]:
         from ..pipeline import X2IPipeline

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import X2IInputError
 from . import runtime as rt
+from .base import Trainer, load_frozen_x2i_and_flux, make_optimizer_and_schedule
 from .lora import fit_to, pack_latents, unpack_latents
 
 log = logging.getLogger("x2i")
@@ -108,31 +109,18 @@ def scan_triples(path: str) -> list[dict]:
     return out
 
 
-class LightControlTrainer:
-    def __init__(self, cfg: dict):
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
+class LightControlTrainer(Trainer):
+    run_name = "lightcontrol"
+    weights_name = "lightcontrol.safetensors"
 
-        from ..alignnet import load_alignnet
+    def _setup(self):
+        self.triples = scan_triples(self.cfg["data"]["path"])
+
+    def _load_models(self):
         from ..lightcontrol import LightControl, LightControlConfig, load_lightcontrol
-        from ..mllm import load_mllm
 
-        rt.setup_trainer(self, cfg, ("mllm", "alignnet", "flux", "output_dir"))
-        self.triples = scan_triples(cfg["data"]["path"])
-        self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
-        self.alignnet = load_alignnet(cfg["alignnet"], dtype=self.weight_dtype, device=self.device)
-        rt.check_alignnet(self, cfg["alignnet"])
-        self.vae = AutoencoderKL.from_pretrained(cfg["flux"], subfolder="vae", torch_dtype=self.weight_dtype).to(self.device)
-        self.vae.requires_grad_(False).eval()
-        if cfg["flux_transformer"]:
-            from ..flux.convert import diffusers_flux_from_bfl
-            from ..io import load_weights_file
-
-            sd = load_weights_file(cfg["flux_transformer"], what="FLUX").tensors
-            self.flux = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, self.weight_dtype)
-        else:
-            self.flux = FluxTransformer2DModel.from_pretrained(cfg["flux"], subfolder="transformer",
-                                                               torch_dtype=self.weight_dtype)
-        self.flux.to(self.device).requires_grad_(False).eval()
+        cfg = self.cfg
+        self.flux = load_frozen_x2i_and_flux(self).to(self.device).eval()
         width = self.flux.config.num_attention_heads * self.flux.config.attention_head_dim
         lcfg = cfg["lightcontrol"]
         if lcfg["init"]:
@@ -145,13 +133,9 @@ class LightControlTrainer:
             raise X2IInputError(f"LightControl width {lc.config.out_dim} differs from the FLUX transformer's {width}")
         self.lc = lc.to(self.device).float().requires_grad_(True).train()
         self.model = (torch.nn.parallel.DistributedDataParallel(self.lc) if self.dist.enabled else self.lc)
-        self.optimizer = rt.make_optimizer(self.lc.parameters(), self.tcfg["optimizer"], float(self.tcfg["lr"]),
-                                           float(self.tcfg["weight_decay"]))
-        self.scheduler = rt.cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
-                                               float(self.tcfg["min_lr_ratio"]))
-        self._prepare()
+        make_optimizer_and_schedule(self, self.lc.parameters())
 
-    def _prepare(self):
+    def _prepare_data(self):
         from ..mllm.base import EncodeRequest
 
         res = int(self.cfg["data"]["resolution"])
@@ -237,38 +221,22 @@ class LightControlTrainer:
         finally:
             self.lc.train()
 
-    def _save(self, ckpt, step):
-        def writer(folder):
-            self.lc.save(os.path.join(folder, "lightcontrol.safetensors"))
-            rt.save_state(os.path.join(folder, "trainer_state.pt"), rt.trainer_state(self, step))
+    def _write_weights(self, path: str, step: int) -> None:
+        self.lc.save(path)
 
-        rt.save_checkpoint(self, ckpt, step, writer)
-
-    def fit(self) -> str:
+    def _read_weights(self, folder: str):
         from ..lightcontrol import load_lightcontrol
 
-        total = int(self.tcfg["steps"])
-        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"], quiet=not self.dist.main)
-        state = rt.resume_trainer(self, ckpt, lambda f: load_lightcontrol(os.path.join(f, "lightcontrol.safetensors")),
-                                  lambda lc: self.lc.load_state_dict(lc.state_dict()))
-        start = 0 if state is None else int(state["step"])
-        metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
-                                enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
-        eval_start = self.eval_loss() if start == 0 and self.dist.main else None
-        try:
-            rt.run_steps(self, start, total, metrics, "lightcontrol", self.step, lambda s: self._save(ckpt, s))
-        finally:
-            metrics.close()
-        final = os.path.join(self.out, "lightcontrol.safetensors")
-        if self.dist.main:
-            self.lc.save(final)
-            rt.write_eval_report(self.out, eval_start, self.eval_loss(),
-                                 skipped_unreadable=[n for n, _ in self.skipped])
-        self.dist.barrier()
-        return final
+        return load_lightcontrol(os.path.join(folder, self.weights_name))
 
-    def close(self):
-        self.dist.close()
+    def _apply_weights(self, lc) -> None:
+        self.lc.load_state_dict(lc.state_dict())
+
+    def _eval_start(self, start: int):
+        return self.eval_loss()
+
+    def _finish(self, final: str, total: int, eval_start) -> None:
+        rt.write_eval_report(self.out, eval_start, self.eval_loss(), skipped_unreadable=[n for n, _ in self.skipped])
 
 
 def run(config_path: str | None, overrides: list[str]) -> str:

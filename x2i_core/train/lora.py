@@ -29,6 +29,7 @@ import torch
 
 from ..errors import X2IInputError
 from . import runtime as rt
+from .base import Trainer, load_frozen_x2i_and_flux, make_optimizer_and_schedule
 
 log = logging.getLogger("x2i")
 
@@ -154,39 +155,18 @@ def fit_to(img, size):
 
 
 # -- trainer ----------------------------------------------------------------------
-class LoraTrainer:
-    def __init__(self, cfg: dict):
-        rt.setup_trainer(self, cfg, ("mllm", "alignnet", "flux", "output_dir"))
-        self.samples = scan_dataset(cfg["data"]["path"])
-        self._load_models()
-        self._prepare_data()
+class LoraTrainer(Trainer):
+    run_name = "lora"
+    weights_name = "lora.safetensors"
+
+    def _setup(self):
+        self.samples = scan_dataset(self.cfg["data"]["path"])
 
     def _load_models(self):
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
         from peft import LoraConfig
 
-        from ..alignnet import load_alignnet
-        from ..mllm import load_mllm
-
         cfg = self.cfg
-        flux_dir = cfg["flux"]
-        if not os.path.isdir(os.path.join(flux_dir, "vae")):
-            raise X2IInputError(f"FLUX folder '{flux_dir}' has no vae/; expected a diffusers FLUX folder")
-        self.encoder = load_mllm(cfg["mllm"], dtype=self.weight_dtype, device=self.device)
-        self.alignnet = load_alignnet(cfg["alignnet"], dtype=self.weight_dtype, device=self.device)
-        rt.check_alignnet(self, cfg["alignnet"])
-        self.vae = AutoencoderKL.from_pretrained(flux_dir, subfolder="vae", torch_dtype=self.weight_dtype).to(self.device)
-        self.vae.requires_grad_(False).eval()
-        if cfg["flux_transformer"]:
-            from ..flux.convert import diffusers_flux_from_bfl
-            from ..io import load_weights_file
-
-            sd = load_weights_file(cfg["flux_transformer"], what="FLUX").tensors
-            transformer = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, self.weight_dtype)
-        else:
-            transformer = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer",
-                                                                 torch_dtype=self.weight_dtype)
-        transformer.requires_grad_(False)
+        transformer = load_frozen_x2i_and_flux(self)
         a = self.alignnet.config
         if (a.output_dim1, a.output_dim0) != (transformer.config.joint_attention_dim,
                                               transformer.config.pooled_projection_dim):
@@ -223,10 +203,7 @@ class LoraTrainer:
         self.model = (torch.nn.parallel.DistributedDataParallel(
             transformer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.enabled else transformer)
-        self.optimizer = rt.make_optimizer(self.params, self.tcfg["optimizer"], float(self.tcfg["lr"]),
-                                           float(self.tcfg["weight_decay"]))
-        self.scheduler = rt.cosine_with_warmup(self.optimizer, int(self.tcfg["warmup_steps"]), int(self.tcfg["steps"]),
-                                               float(self.tcfg["min_lr_ratio"]))
+        make_optimizer_and_schedule(self, self.params)
 
     def _prepare_data(self):
         """Load, bucket, VAE-encode and X2I-encode every sample once (corrupt images skipped and counted)."""
@@ -417,58 +394,28 @@ class LoraTrainer:
             "resolution": self.cfg["data"]["resolution"]})}
         atomic_save_safetensors(self.lora_state(), path, metadata=meta)
 
-    def _save(self, ckpt, step):
-        def writer(folder):
-            self.save_lora(os.path.join(folder, "lora.safetensors"), step)
-            rt.save_state(os.path.join(folder, "trainer_state.pt"), rt.trainer_state(self, step))
+    def _write_weights(self, path: str, step: int) -> None:
+        self.save_lora(path, step)
 
-        rt.save_checkpoint(self, ckpt, step, writer)
-
-    def _resume(self, ckpt) -> int:
-        """The newest checkpoint that verifies and loads (a damaged one is reported and the previous one
-        used); 0 for a fresh start."""
-        from peft.utils import set_peft_model_state_dict
-
+    def _read_weights(self, folder: str):
         from ..io import load_weights_file
 
-        def read(folder):
-            sd = load_weights_file(os.path.join(folder, "lora.safetensors"), what="LoRA checkpoint").tensors
-            return {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
+        sd = load_weights_file(os.path.join(folder, self.weights_name), what="LoRA checkpoint").tensors
+        return {k[len("transformer."):]: v for k, v in sd.items() if not k.endswith(".alpha")}
 
-        state = rt.resume_trainer(self, ckpt, read, lambda sd: set_peft_model_state_dict(self.transformer, sd))
-        return 0 if state is None else int(state["step"])
+    def _apply_weights(self, sd) -> None:
+        from peft.utils import set_peft_model_state_dict
 
-    def fit(self) -> str:
-        total = int(self.tcfg["steps"])
-        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"], quiet=not self.dist.main)
-        start = self._resume(ckpt)
-        if self.dist.main:
-            rt.write_json(os.path.join(self.out, "config.json"), self.cfg)
-        metrics = rt.MetricsLog(self.out, ["loss", "grad_norm", "lr", "seconds"], resume_step=start or None,
-                                enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
-        eval_start = self.eval_loss() if self.dist.main and start == 0 else None
+        set_peft_model_state_dict(self.transformer, sd)
 
-        def after_step(done):
-            se = int(self.cfg["samples"]["every"])
-            if se and done % se == 0 and self.dist.main:
-                self.sample(done)
+    def _eval_start(self, start: int):
+        return self.eval_loss()
 
-        try:
-            rt.run_steps(self, start, total, metrics, "lora", self.step, lambda s: self._save(ckpt, s), after_step)
-        finally:
-            metrics.close()
-        final = os.path.join(self.out, "lora.safetensors")
-        if self.dist.main:
-            self.save_lora(final, total)
-            rt.write_eval_report(self.out, eval_start, self.eval_loss())
-            rt.write_json(os.path.join(self.out, "data_report.json"), {
-                "samples": len(self.items), "skipped_unreadable": [p for p, _ in self.skipped],
-                "buckets": sorted({f"{w}x{h}" for (w, h), _ in self.by_bucket})})
-        self.dist.barrier()
-        return final
-
-    def close(self):
-        self.dist.close()
+    def _finish(self, final: str, total: int, eval_start) -> None:
+        rt.write_eval_report(self.out, eval_start, self.eval_loss())
+        rt.write_json(os.path.join(self.out, "data_report.json"), {
+            "samples": len(self.items), "skipped_unreadable": [p for p, _ in self.skipped],
+            "buckets": sorted({f"{w}x{h}" for (w, h), _ in self.by_bucket})})
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
