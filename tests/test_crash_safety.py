@@ -1,7 +1,7 @@
 """Crash-safe training: kill-and-resume at random points of each trainer, and damaged checkpoints.
 
 Every trainer (distillation, LightControl, LoRA) is killed 20 times at seeded random points - mid-step and
-at every phase of a checkpoint write (``X2I_TEST_CRASH``, see ``x2i_core.train.runtime._test_crash``),
+at every phase of a checkpoint write (``X2I_TEST_CRASH``, see ``x2i_core.train.checkpoints._test_crash``),
 including a "torn" checkpoint whose file the disk lost after the rename - and resumed each time; the last
 resume must end with weights bitwise equal to one uninterrupted run.  Damaged newest checkpoints (cut,
 flipped, missing files, a broken manifest, legacy folders without a manifest) must be reported and the
