@@ -235,7 +235,7 @@ def kernel_rows(args, lengths, dtype, sync):
     return rows
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
@@ -263,22 +263,86 @@ def main() -> None:
     ap.add_argument("--kernel-shape", default="3b", choices=sorted(SHAPES))
     ap.add_argument("--kernel-lengths", default=None, help="default: --lengths on cuda, 8192,16384 on cpu")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from x2i_core.mllm.chat import resolve_dtype
-    from x2i_core.mllm.critiprefill import CritiPrefillConfig, sparse_prefill
-    from x2i_core.tiny import QWEN_SPECIAL_TOKENS, build_alignnet
+
+def _timed(paths, run, rounds: int, sync):
+    """Every path ``rounds`` times, interleaved (a load change hits every path alike) -> wall times, CPU times,
+    last outputs and sparse stats per path name."""
+    times = {name: [] for name, _ in paths}
+    cpu_times = {name: [] for name, _ in paths}
+    outs, stats = {}, {}
+    for _ in range(max(1, rounds)):
+        for name, cfg in paths:
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            h, st = run(cfg)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
+            outs[name] = h
+            stats[name] = st
+    return times, cpu_times, outs, stats
+
+
+def _budget_row(S, n_real, b, times, cpu_times, sparse, dense, st, exact_diff, mask, net_out) -> dict:
+    """One result row: a sparse budget against dense (and exact) at length ``S``; ``net_out`` = (align, pooled
+    and sequence of the dense states) or None."""
+    name = f"sparse{b}"
+    t_dense, t_sparse = min(times["dense"]), min(times[name])
+    t_exact = min(times["exact"]) if "exact" in times else None
+    last = cosines(sparse[0, -1], dense[0, -1])
+    upd = cosines((sparse[0, -1] - sparse[0, 0]).flatten(), (dense[0, -1] - dense[0, 0]).flatten(), dim=0)
+    cpu = {k: min(cpu_times[k]) for k in ("dense", "exact", name) if k in cpu_times}
+    row = {"length": S, "real_tokens": n_real, "budget": b, "dense_s": t_dense, "exact_s": t_exact,
+           "sparse_s": t_sparse, "times": {k: times[k] for k in ("dense", "exact", name) if k in times},
+           "cpu_times": {k: cpu_times[k] for k in ("dense", "exact", name) if k in cpu_times},
+           "cpu_speedup_vs_dense": cpu["dense"] / cpu[name],
+           "cpu_speedup_vs_exact": (cpu["exact"] / cpu[name]) if "exact" in cpu else None,
+           "speedup_vs_dense": t_dense / t_sparse,
+           "speedup_vs_exact": (t_exact / t_sparse) if t_exact else None,
+           "exact_max_abs_diff": exact_diff, "kept_fraction": st.kept_fraction,
+           "hidden_last_cos_mean": last.mean().item(), "hidden_last_cos_min": last.min().item(),
+           "hidden_last_cos_real_mean": last[mask].mean().item(),
+           "hidden_last_cos_pad_mean": last[~mask].mean().item() if (~mask).any() else None,
+           "hidden_update_cos": upd.item(), "loadavg": os.getloadavg()[0]}
+    if net_out is not None:
+        align, pd, sd = net_out
+        ps, ss = align(sparse)
+        tok_cos = cosines(ss[0], sd[0])
+        row.update(alignnet_seq_cos_mean=tok_cos.mean().item(), alignnet_seq_cos_min=tok_cos.min().item(),
+                   alignnet_seq_cos_global=cosines(ss.flatten(), sd.flatten(), dim=0).item(),
+                   alignnet_pooled_cos=cosines(ps[0], pd[0], dim=0).item())
+    return row
+
+
+def _print_row(row: dict, cuda: bool, with_net: bool) -> None:
+    t_exact = row["exact_s"]
+    print(f"S={row['length']:6d} (real {row['real_tokens']:6d}) budget {row['budget']:5d}  dense {row['dense_s']:7.2f}s  "
+          + (f"exact {t_exact:7.2f}s (max|diff| {row['exact_max_abs_diff']:.1e})  " if t_exact else "")
+          + f"sparse {row['sparse_s']:7.2f}s  x{row['speedup_vs_dense']:.2f} vs dense"
+          + (f" (x{row['speedup_vs_exact']:.2f} vs exact)" if t_exact else "")
+          + (f" | CPU-time x{row['cpu_speedup_vs_dense']:.2f} vs dense"
+             + (f" x{row['cpu_speedup_vs_exact']:.2f} vs exact" if t_exact else "") if not cuda else "")
+          + f"  kept {100 * row['kept_fraction']:.1f}%  cos last-layer {row['hidden_last_cos_mean']:.5f} "
+            f"(real {row['hidden_last_cos_real_mean']:.5f}, min {row['hidden_last_cos_min']:.4f}) "
+            f"update {row['hidden_update_cos']:.5f}"
+          + (f"  AlignNet seq {row['alignnet_seq_cos_mean']:.5f} (min {row['alignnet_seq_cos_min']:.4f}) "
+             f"pooled {row['alignnet_pooled_cos']:.6f}" if with_net else ""), flush=True)
+
+
+def _setup(args):
+    """Resolved settings and the results header (printed)."""
+    import transformers
 
     cuda = args.device.startswith("cuda")
     shape = args.shape or ("3b" if cuda else "cpu")
+    from x2i_core.mllm.chat import resolve_dtype
+
     dtype = resolve_dtype(args.dtype or ("bf16" if cuda else "fp32"), torch.device(args.device))
     dense_layers = args.dense_layers if args.dense_layers is not None else (1 if shape == "cpu" else 2)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    lengths = [int(x) for x in args.lengths.split(",") if x]
     budgets = [int(x) for x in args.budgets.split(",") if x]
     args.budget = budgets[0]  # for the kernel rows
-    import transformers
-
     results = {"device": args.device, "gpu": torch.cuda.get_device_name() if cuda else None,
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "transformers": transformers.__version__, "shape": shape,
@@ -293,7 +357,16 @@ def main() -> None:
           f"budgets {budgets} segment {args.segment} block {args.block} local {args.local} probes {args.probes} "
           f"dense_layers {dense_layers}, right padding x{args.pad_ratio}, load average {os.getloadavg()[0]:.2f}",
           flush=True)
+    return cuda, shape, dtype, dense_layers, budgets, results
 
+
+def main() -> None:
+    args = parse_args()
+    from x2i_core.mllm.critiprefill import CritiPrefillConfig, sparse_prefill
+    from x2i_core.tiny import QWEN_SPECIAL_TOKENS, build_alignnet
+
+    cuda, shape, dtype, dense_layers, budgets, results = _setup(args)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     enc, tok, pad_id = build_encoder(shape, args.attention, args.device, dtype, layers=args.layers, peak=args.peak,
                                      far=args.far, noise=args.noise)
     net = None
@@ -304,97 +377,40 @@ def main() -> None:
     exact_cfg = CritiPrefillConfig(mode="on", segment=args.segment, block=args.block, budget=None,
                                    dense_layers=dense_layers)
     n_special = len(QWEN_SPECIAL_TOKENS)
-
-    def batch_for(S):
-        return make_document(int(S / args.pad_ratio), S, len(tok), pad_id, n_special, passages=args.passages)
+    state = {}
 
     def run(cfg):
         if cfg is None:
-            return enc.forward_hidden(batch), None
+            return enc.forward_hidden(state["batch"]), None
         with sparse_prefill(enc, cfg) as st:
-            return enc.forward_hidden(batch), st
+            return enc.forward_hidden(state["batch"]), st
 
     def align(h):
         with torch.inference_mode():
             pooled, seq = net(h.to(next(net.parameters()).dtype))
         return pooled.float(), seq.float()
 
-    # warm-up (allocator, kernels) on a short input through every path
-    batch = batch_for(1024)
+    def batch_for(S):
+        return make_document(int(S / args.pad_ratio), S, len(tok), pad_id, n_special, passages=args.passages)
+
+    state["batch"] = batch_for(1024)  # warm-up (allocator, kernels) on a short input through every path
     for cfg in [None, exact_cfg, *sparse_cfgs.values()]:
         run(cfg)
-
-    for S in lengths:
-        batch = batch_for(S)
-        n_real = int(batch["attention_mask"].sum())
+    for S in [int(x) for x in args.lengths.split(",") if x]:
+        state["batch"] = batch = batch_for(S)
         paths = [("dense", None)] + ([] if args.no_exact else [("exact", exact_cfg)])
         paths += [(f"sparse{b}", c) for b, c in sparse_cfgs.items()]
-        times: dict[str, list[float]] = {name: [] for name, _ in paths}
-        cpu_times: dict[str, list[float]] = {name: [] for name, _ in paths}
-        outs: dict[str, torch.Tensor] = {}
-        stats = {}
-        rounds = args.repeat_long if S >= 32768 else args.repeat
-        for _ in range(max(1, rounds)):   # interleaved, so a load change hits every path alike
-            for name, cfg in paths:
-                sync()
-                t0, c0 = time.perf_counter(), time.process_time()
-                h, st = run(cfg)
-                sync()
-                times[name].append(time.perf_counter() - t0)
-                cpu_times[name].append(time.process_time() - c0)
-                outs[name] = h
-                stats[name] = st
+        times, cpu_times, outs, stats = _timed(paths, run, args.repeat_long if S >= 32768 else args.repeat, sync)
         dense = outs.pop("dense")
-        t_dense = min(times["dense"])
-        t_exact = min(times["exact"]) if "exact" in times else None
-        exact_diff = None
-        if "exact" in outs:
-            exact_diff = (outs.pop("exact").float() - dense.float()).abs().max().item()
-        pd = sd = None
-        if net is not None:
-            pd, sd = align(dense)
+        exact_diff = (outs.pop("exact").float() - dense.float()).abs().max().item() if "exact" in outs else None
+        net_out = (align, *align(dense)) if net is not None else None
         mask = batch["attention_mask"][0].bool().to(dense.device)
         for b in budgets:
-            name = f"sparse{b}"
-            sparse = outs.pop(name)
-            t_sparse = min(times[name])
-            st = stats[name]
-            last = cosines(sparse[0, -1], dense[0, -1])
-            upd = cosines((sparse[0, -1] - sparse[0, 0]).flatten(), (dense[0, -1] - dense[0, 0]).flatten(), dim=0)
-            cpu = {k: min(cpu_times[k]) for k in ("dense", "exact", name) if k in cpu_times}
-            row = {"length": S, "real_tokens": n_real, "budget": b, "dense_s": t_dense, "exact_s": t_exact,
-                   "sparse_s": t_sparse, "times": {k: times[k] for k in ("dense", "exact", name) if k in times},
-                   "cpu_times": {k: cpu_times[k] for k in ("dense", "exact", name) if k in cpu_times},
-                   "cpu_speedup_vs_dense": cpu["dense"] / cpu[name],
-                   "cpu_speedup_vs_exact": (cpu["exact"] / cpu[name]) if "exact" in cpu else None,
-                   "speedup_vs_dense": t_dense / t_sparse,
-                   "speedup_vs_exact": (t_exact / t_sparse) if t_exact else None,
-                   "exact_max_abs_diff": exact_diff, "kept_fraction": st.kept_fraction,
-                   "hidden_last_cos_mean": last.mean().item(), "hidden_last_cos_min": last.min().item(),
-                   "hidden_last_cos_real_mean": last[mask].mean().item(),
-                   "hidden_last_cos_pad_mean": last[~mask].mean().item() if (~mask).any() else None,
-                   "hidden_update_cos": upd.item(), "loadavg": os.getloadavg()[0]}
-            if net is not None:
-                ps, ss = align(sparse)
-                tok_cos = cosines(ss[0], sd[0])
-                row.update(alignnet_seq_cos_mean=tok_cos.mean().item(), alignnet_seq_cos_min=tok_cos.min().item(),
-                           alignnet_seq_cos_global=cosines(ss.flatten(), sd.flatten(), dim=0).item(),
-                           alignnet_pooled_cos=cosines(ps[0], pd[0], dim=0).item())
-                del ps, ss
+            row = _budget_row(S, int(batch["attention_mask"].sum()), b, times, cpu_times, outs.pop(f"sparse{b}"),
+                              dense, stats[f"sparse{b}"], exact_diff, mask, net_out)
             results["rows"].append(row)
-            print(f"S={S:6d} (real {n_real:6d}) budget {b:5d}  dense {t_dense:7.2f}s  "
-                  + (f"exact {t_exact:7.2f}s (max|diff| {exact_diff:.1e})  " if t_exact else "")
-                  + f"sparse {t_sparse:7.2f}s  x{row['speedup_vs_dense']:.2f} vs dense"
-                  + (f" (x{row['speedup_vs_exact']:.2f} vs exact)" if t_exact else "")
-                  + (f" | CPU-time x{row['cpu_speedup_vs_dense']:.2f} vs dense"
-                     + (f" x{row['cpu_speedup_vs_exact']:.2f} vs exact" if t_exact else "") if not cuda else "")
-                  + f"  kept {100 * st.kept_fraction:.1f}%  cos last-layer {row['hidden_last_cos_mean']:.5f} "
-                    f"(real {row['hidden_last_cos_real_mean']:.5f}, min {row['hidden_last_cos_min']:.4f}) "
-                    f"update {row['hidden_update_cos']:.5f}"
-                  + (f"  AlignNet seq {row['alignnet_seq_cos_mean']:.5f} (min {row['alignnet_seq_cos_min']:.4f}) "
-                     f"pooled {row['alignnet_pooled_cos']:.6f}" if net is not None else ""), flush=True)
-            del sparse
-        del dense, pd, sd
+            _print_row(row, cuda, net is not None)
+        del dense, net_out
     if args.kernel:
         kl = args.kernel_lengths or (args.lengths if cuda else "8192,16384")
         results["kernel"] = kernel_rows(args, [int(x) for x in kl.split(",") if x], dtype, sync)
