@@ -327,39 +327,9 @@ def load_alignnet(
     loaded = load_weights_file(path, what="AlignNet")
     tensors, meta = loaded.tensors, loaded.metadata
     if loaded.nested is not None:
-        nested = loaded.nested
-        if "state_dict" not in nested:
-            raise X2IFileError(
-                f"{source} is not an AlignNet: a dict with keys {sorted(nested)[:6]} "
-                "(expected the published {'config', 'state_dict'} layout or a bare state dict)"
-            )
-        tensors = nested["state_dict"]
-        if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise X2IFileError(f"{source}: 'state_dict' is not a mapping of tensors")
-        if config is None and "config" in nested:
-            config = nested["config"]
+        tensors, config = _published_layout(loaded.nested, config, source)
     sd = _normalise_keys(tensors)
-    if config is None and meta and "config" in meta:
-        if meta.get("x2i_format") not in (None, FORMAT_TAG):
-            raise X2IFileError(
-                f"{source} is an X2I '{meta.get('x2i_format')}' file, not an AlignNet"
-            )
-        try:
-            config = json.loads(meta["config"])
-        except json.JSONDecodeError as exc:
-            raise X2IFileError(f"{source}: metadata 'config' is not valid JSON ({exc})") from exc
-    if isinstance(config, str):
-        if os.path.isfile(config):
-            with open(config, encoding="utf-8") as fh:
-                config = json.load(fh)
-        else:
-            config = AlignNetConfig.preset(config)
-    if config is None:
-        cfg = infer_config(sd, source)
-    elif isinstance(config, AlignNetConfig):
-        cfg = config
-    else:
-        cfg = AlignNetConfig.from_dict(config, source)
+    cfg = _resolve_config(config, meta, sd, source)
     if not any(k.startswith("mlp.") for k in sd):
         infer_config(sd, source)  # raises the "not an AlignNet" message
     net = _build(cfg, sd, source)
@@ -378,6 +348,46 @@ def load_alignnet(
         net.to(device=device, dtype=dtype)
     log.info("loaded AlignNet %s (%s fusion, fits %s)", os.fspath(path), cfg.fusion, net.fits)
     return net
+
+
+def _published_layout(nested: Mapping, config, source: str):
+    """The published ``{'config', 'state_dict'}`` torch file -> (tensors, config: the one given, else its own)."""
+    if "state_dict" not in nested:
+        raise X2IFileError(
+            f"{source} is not an AlignNet: a dict with keys {sorted(nested)[:6]} "
+            "(expected the published {'config', 'state_dict'} layout or a bare state dict)"
+        )
+    tensors = nested["state_dict"]
+    if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise X2IFileError(f"{source}: 'state_dict' is not a mapping of tensors")
+    if config is None and "config" in nested:
+        config = nested["config"]
+    return tensors, config
+
+
+def _resolve_config(config, meta, sd, source: str) -> AlignNetConfig:
+    """The config: given (object, dict, preset name or JSON file), else our file's metadata, else inferred from
+    the weights' shapes."""
+    if config is None and meta and "config" in meta:
+        if meta.get("x2i_format") not in (None, FORMAT_TAG):
+            raise X2IFileError(
+                f"{source} is an X2I '{meta.get('x2i_format')}' file, not an AlignNet"
+            )
+        try:
+            config = json.loads(meta["config"])
+        except json.JSONDecodeError as exc:
+            raise X2IFileError(f"{source}: metadata 'config' is not valid JSON ({exc})") from exc
+    if isinstance(config, str):
+        if os.path.isfile(config):
+            with open(config, encoding="utf-8") as fh:
+                config = json.load(fh)
+        else:
+            config = AlignNetConfig.preset(config)
+    if config is None:
+        return infer_config(sd, source)
+    if isinstance(config, AlignNetConfig):
+        return config
+    return AlignNetConfig.from_dict(config, source)
 
 
 def convert_alignnet(src: str | os.PathLike, dst: str | os.PathLike, config=None) -> AlignNet:

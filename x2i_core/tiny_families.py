@@ -51,21 +51,8 @@ OMNI_CHAT_TEMPLATE = (
 )
 
 
-def build_qwen25omni(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64) -> str:
-    from transformers import (
-        Qwen2_5OmniConfig,
-        Qwen2_5OmniForConditionalGeneration,
-        Qwen2_5OmniProcessor,
-        Qwen2VLImageProcessor,
-        WhisperFeatureExtractor,
-    )
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    tok = build_tokenizer(out_dir, special_tokens=OMNI_SPECIAL_TOKENS, chat_template=OMNI_CHAT_TEMPLATE,
-                          extra_special_tokens={
-                              "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
-                              "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
-                              "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"})
+def _omni_configs(tok, hidden: int, num_layers: int) -> tuple[dict, dict, dict]:
+    """Tiny thinker (text 2 layers, vision and audio towers), talker and token2wav configs of Qwen2.5-Omni."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in OMNI_SPECIAL_TOKENS}
     heads, head_dim = 4, hidden // 4
     half = head_dim // 2
@@ -99,6 +86,25 @@ def build_qwen25omni(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: i
                      bigvgan_config=dict(mel_dim=8, upsample_initial_channel=16, resblock_kernel_sizes=[3],
                                          resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[2],
                                          upsample_kernel_sizes=[4]))
+    return thinker, talker, token2wav
+
+
+def build_qwen25omni(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 64) -> str:
+    from transformers import (
+        Qwen2_5OmniConfig,
+        Qwen2_5OmniForConditionalGeneration,
+        Qwen2_5OmniProcessor,
+        Qwen2VLImageProcessor,
+        WhisperFeatureExtractor,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = build_tokenizer(out_dir, special_tokens=OMNI_SPECIAL_TOKENS, chat_template=OMNI_CHAT_TEMPLATE,
+                          extra_special_tokens={
+                              "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+                              "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+                              "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"})
+    thinker, talker, token2wav = _omni_configs(tok, hidden, num_layers)
     config = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=token2wav,
                                enable_audio_output=False)
     torch.manual_seed(seed)
