@@ -69,7 +69,6 @@ def real_tokenizer(folder: str):
 
 def build(folder: str, shape: str, layers: int | None = None, tokenizer: str = "tiny") -> str:
     from transformers import (
-        Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
@@ -78,26 +77,14 @@ def build(folder: str, shape: str, layers: int | None = None, tokenizer: str = "
 
     from x2i_core.prompt import QWEN25VL_CHAT_TEMPLATE
     from x2i_core.tiny import QWEN_SPECIAL_TOKENS, build_tokenizer
+    from x2i_core.tiny_parts import shaped_qwen25vl_config
 
     tok = real_tokenizer(folder) if tokenizer == "real" else build_tokenizer(folder)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     s = dict(SHAPES[shape])
     if layers:
         s["num_hidden_layers"] = layers
-    head_dim = s["hidden_size"] // s["num_attention_heads"]
-    half = head_dim // 2
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=REAL_VOCAB if tokenizer == "real" else len(tok),
-                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                         rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
-                         tie_word_embeddings=True, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         **s),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=s["hidden_size"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], tie_word_embeddings=True,
-    )
+    cfg = shaped_qwen25vl_config(ids, REAL_VOCAB if tokenizer == "real" else len(tok), s, max_positions=32768)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.save_pretrained(folder, safe_serialization=True)

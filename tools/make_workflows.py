@@ -31,65 +31,74 @@ SAMPLER = {"seed": 0, "steps": 28, "guidance": 3.5, "width": 1024, "height": 102
 PROMPT = "一只在雪地里奔跑的红狐狸，清晨的阳光 (a red fox running through snow at dawn)"
 
 # name -> (description, nodes); node = (id, type, pos, widgets, {input: (src_id, src_slot)}, title)
+VL7B, OMNI7B = "Qwen2.5-VL-7B-Instruct", "Qwen2.5-Omni-7B"
+ALIGN_VL7B, ALIGN_OMNI7B = "alignnet-qwen2.5-vl-7b.safetensors", "alignnet-qwen2.5-omni-7b.safetensors"
+
+
+def _loaders(mllm=VL7B, alignnet=ALIGN_VL7B) -> list:
+    """Nodes 1-4: FLUX, VAE, MLLM and AlignNet loaders."""
+    return [
+        (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
+        (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
+        (3, "X2IMLLMLoader", (40, 320), {"model_name": mllm}, {}, None),
+        (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": alignnet}, {}, None),
+    ]
+
+
+def _project_sample_save(x: int, prefix: str, model=(1, 0)) -> list:
+    """Nodes 6-8 after an encode node 5 in column ``x``: AlignNet Project -> X2I Sampler -> Save Image."""
+    return [
+        (6, "X2IAlignNetProject", (x + 400, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+        (7, "X2ISampler", (x + 780, 200), SAMPLER, {"model": model, "vae": (2, 0), "conditioning": (6, 0)}, None),
+        (8, "SaveImage", (x + 1180, 200), [prefix], {"images": (7, 0)}, None),
+    ]
+
+
+def _project_ksample_save(prefix: str) -> list:
+    """Nodes 6-11 after an encode node 5: AlignNet Project -> stock KSampler (zeroed negative, cfg 1) -> VAE
+    Decode -> Save Image."""
+    return [
+        (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
+        (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
+        (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),
+        (9, "KSampler", (1200, 200), [0, "fixed", 28, 1.0, "euler", "simple", 1.0],
+         {"model": (1, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}, None),
+        (10, "VAEDecode", (1580, 200), [], {"samples": (9, 0), "vae": (2, 0)}, None),
+        (11, "SaveImage", (1580, 360), [prefix], {"images": (10, 0)}, None),
+    ]
+
+
 WORKFLOWS = {
     "x2i_text2image.json": (
         "X2I text to image with stock FLUX nodes: the MLLM reads the prompt (any language), the AlignNet turns it "
         "into a FLUX conditioning, stock KSampler/VAE do the rest.",
         [
-            (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
-            (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), {"model_name": "Qwen2.5-VL-7B-Instruct"}, {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
+            *_loaders(),
             (5, "X2IMLLMEncode", (420, 320), {"text": PROMPT}, {"mllm": (3, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-            (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
-            (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),
-            (9, "KSampler", (1200, 200), [0, "fixed", 28, 1.0, "euler", "simple", 1.0],
-             {"model": (1, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}, None),
-            (10, "VAEDecode", (1580, 200), [], {"samples": (9, 0), "vae": (2, 0)}, None),
-            (11, "SaveImage", (1580, 360), ["X2I"], {"images": (10, 0)}, None),
+            *_project_ksample_save("X2I"),
         ],
     ),
     "x2i_sampler.json": (
         "X2I with the one-node X2I Sampler (FLUX guidance, cfg 1, empty latent and decode in one node).",
-        [
-            (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
-            (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), {"model_name": "Qwen2.5-VL-7B-Instruct"}, {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
-            (5, "X2IMLLMEncode", (420, 320), {"text": "A lighthouse on a rocky coast under a stormy sky, oil painting"},
-             {"mllm": (3, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-            (7, "X2ISampler", (1200, 200), SAMPLER,
-             {"model": (1, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
-            (8, "SaveImage", (1600, 200), ["X2I"], {"images": (7, 0)}, None),
-        ],
+        [*_loaders(),
+         (5, "X2IMLLMEncode", (420, 320), {"text": "A lighthouse on a rocky coast under a stormy sky, oil painting"},
+          {"mllm": (3, 0)}, None),
+         *_project_sample_save(420, "X2I")],
     ),
     "x2i_lora.json": (
         "X2I with a FLUX LoRA trained under X2I conditioning (python -m x2i_core train-lora): the stock "
         "LoraLoaderModelOnly applies it to FLUX; prompts then come from the MLLM + AlignNet as usual.",
-        [
-            (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
-            (9, "LoraLoaderModelOnly", (420, -120), ["x2i_lora.safetensors", 1.0], {"model": (1, 0)}, None),
-            (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), {"model_name": "Qwen2.5-VL-7B-Instruct"}, {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
-            (5, "X2IMLLMEncode", (420, 320), {"text": "A portrait of a woman in the trained style"},
-             {"mllm": (3, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-            (7, "X2ISampler", (1200, 200), SAMPLER,
-             {"model": (9, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
-            (8, "SaveImage", (1600, 200), ["X2I_lora"], {"images": (7, 0)}, None),
-        ],
+        [*_loaders()[:1],
+         (9, "LoraLoaderModelOnly", (420, -120), ["x2i_lora.safetensors", 1.0], {"model": (1, 0)}, None),
+         *_loaders()[1:],
+         (5, "X2IMLLMEncode", (420, 320), {"text": "A portrait of a woman in the trained style"}, {"mllm": (3, 0)}, None),
+         *_project_sample_save(420, "X2I_lora", model=(9, 0))],
     ),
     "x2i_edit_lightcontrol.json": (
         "Instruction editing: the MLLM reads the source image and the instruction; X2I LightControl, applied "
         "with the stock Apply ControlNet node to the same source image, keeps the edit faithful to it.",
         [
-            (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
-            (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-            (3, "X2IMLLMLoader", (40, 320), {"model_name": "Qwen2.5-VL-7B-Instruct"}, {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
+            *_loaders(),
             (10, "LoadImage", (40, 640), ["source.png", "image"], {}, None),
             (5, "X2IMLLMEncode", (420, 320), {"text": "Make it a snowy winter evening, keep everything else the same."},
              {"mllm": (3, 0), "image": (10, 0)}, None),
@@ -118,20 +127,12 @@ WORKFLOWS = {
             (3, "CLIPLoader", (40, 320), ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"], {}, None),
             (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
             (5, "X2ICLIPEncode", (420, 320), {"text": PROMPT}, {"clip": (3, 0)}, None),
-            (6, "X2IAlignNetProject", (820, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-            (7, "ConditioningZeroOut", (820, 520), [], {"conditioning": (6, 0)}, None),
-            (8, "EmptySD3LatentImage", (820, 640), [1024, 1024, 1], {}, None),
-            (9, "KSampler", (1200, 200), [0, "fixed", 28, 1.0, "euler", "simple", 1.0],
-             {"model": (1, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}, None),
-            (10, "VAEDecode", (1580, 200), [], {"samples": (9, 0), "vae": (2, 0)}, None),
-            (11, "SaveImage", (1580, 360), ["X2I_native_qwen"], {"images": (10, 0)}, None),
+            *_project_ksample_save("X2I_native_qwen"),
         ],
     ),
 }
 
 # -- the task workflows (one per X2I task) -----------------------------------------------------------------
-VL7B, OMNI7B = "Qwen2.5-VL-7B-Instruct", "Qwen2.5-Omni-7B"
-ALIGN_VL7B, ALIGN_OMNI7B = "alignnet-qwen2.5-vl-7b.safetensors", "alignnet-qwen2.5-omni-7b.safetensors"
 MODELS_VL = ("Models: a Qwen2.5-VL-7B-Instruct folder in models/mllm with its X2I AlignNet in models/x2i (the 3B "
              "pair works the same), FLUX in models/diffusion_models, its VAE (ae.safetensors) in models/vae.")
 MODELS_OMNI = ("Models: a Qwen2.5-Omni folder in models/mllm (only its thinker is loaded) with an AlignNet distilled "
@@ -143,23 +144,13 @@ MODELS_OMNI = ("Models: a Qwen2.5-Omni folder in models/mllm (only its thinker i
 def _task(text, mllm=VL7B, alignnet=ALIGN_VL7B, inputs=(), encode_conns=None, instruction="", preset="auto",
           encode_type="X2IMLLMEncode", extra_nodes=(), encode_widgets=None, prefix="X2I"):
     """Loaders -> (inputs) -> encode -> AlignNet project -> X2I Sampler -> Save; ids 1-8 fixed, inputs from 20."""
-    nodes = [
-        (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
-        (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
-        (3, "X2IMLLMLoader", (40, 320), {"model_name": mllm}, {}, None),
-        (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": alignnet}, {}, None),
-    ]
+    nodes = _loaders(mllm, alignnet)
     nodes.extend(inputs)
     conns = {"mllm": (3, 0), **(encode_conns or {})}
     widgets = encode_widgets or {"text": text, "preset": preset, "instruction": instruction}
     nodes.append((5, encode_type, (460, 320), widgets, conns, None))
     nodes.extend(extra_nodes)
-    nodes += [
-        (6, "X2IAlignNetProject", (860, 320), {"guidance": 3.5}, {"hidden": (5, 0), "alignnet": (4, 0)}, None),
-        (7, "X2ISampler", (1240, 200), SAMPLER,
-         {"model": (1, 0), "vae": (2, 0), "conditioning": (6, 0)}, None),
-        (8, "SaveImage", (1640, 200), [prefix], {"images": (7, 0)}, None),
-    ]
+    nodes += _project_sample_save(460, prefix)
     return nodes
 
 

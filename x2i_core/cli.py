@@ -15,36 +15,27 @@ log = logging.getLogger("x2i")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _positive_int(name):
+def _number(name: str, kind, lo, hi, range_text: str):
+    """An argparse type: ``kind`` (int or float) within [lo, hi] (None = unbounded); errors name the option."""
+    noun = "an integer" if kind is int else "a number"
+
     def parse(value):
         try:
-            v = int(value)
+            v = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {value!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {noun}, got {value!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{name} must be {range_text}, got {v}")
         return v
     return parse
 
 
-def _seed(value):
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be an integer, got {value!r}") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"seed must be between 0 and 2**63-1, got {v}")
-    return v
+def _positive_int(name):
+    return _number(name, int, 1, None, "at least 1")
 
 
-def _guidance(value):
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"guidance must be a number, got {value!r}") from None
-    if not 0.0 <= v <= 100.0:
-        raise argparse.ArgumentTypeError(f"guidance must be between 0 and 100, got {v}")
-    return v
+_seed = _number("seed", int, 0, 2**63 - 1, "between 0 and 2**63-1")
+_guidance = _number("guidance", float, 0.0, 100.0, "between 0 and 100")
 
 
 def _size(value):
@@ -145,17 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-comfy", action="store_true", help="skip the ComfyUI single-file FLUX (~0.8 GB) and VAE")
     t.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
 
-    ds = sub.add_parser("distill", help="train an AlignNet by attention distillation (torchrun for several GPUs)")
-    ds.add_argument("--config", default=None, help="YAML config (see configs/distill-*.yaml)")
-    ds.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 train.lr=1e-4")
-
-    tl = sub.add_parser("train-lora", help="train a FLUX LoRA whose prompts are X2I conditionings")
-    tl.add_argument("--config", default=None, help="YAML config (see configs/lora-*.yaml)")
-    tl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.rank=32")
-
-    tc = sub.add_parser("train-lightcontrol", help="train LightControl on (source, instruction, target) triples")
-    tc.add_argument("--config", default=None, help="YAML config")
-    tc.add_argument("overrides", nargs="*", help="key=value overrides")
+    for command, what, config_help, example in (
+            ("distill", "train an AlignNet by attention distillation (torchrun for several GPUs)",
+             "YAML config (see configs/distill-*.yaml)", "e.g. train.steps=200 train.lr=1e-4"),
+            ("train-lora", "train a FLUX LoRA whose prompts are X2I conditionings",
+             "YAML config (see configs/lora-*.yaml)", "e.g. lora.rank=32"),
+            ("train-lightcontrol", "train LightControl on (source, instruction, target) triples", "YAML config", "")):
+        tr = sub.add_parser(command, help=what)
+        tr.add_argument("--config", default=None, help=config_help)
+        tr.add_argument("overrides", nargs="*", help=f"key=value overrides{', ' + example if example else ''}")
 
     d = sub.add_parser("demo", help="build the tiny models and generate one image end to end")
     d.add_argument("--models", default=None, help="tiny model folder (default: the cache)")

@@ -112,3 +112,23 @@ class _staging:
             shutil.rmtree(self.out_dir)
         os.replace(self.tmp, self.out_dir)
         return False
+
+
+def shaped_qwen25vl_config(ids: dict, vocab_size: int, text: dict, max_positions: int = 32768):
+    """A Qwen2.5-VL config whose text decoder has the widths in ``text`` (a real family member's, from the
+    benchmarks' shape table) and a one-block vision tower; ``ids``: the special tokens' ids."""
+    from transformers import Qwen2_5_VLConfig
+
+    half = text["hidden_size"] // text["num_attention_heads"] // 2
+    special = dict(pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, max_position_embeddings=max_positions, rope_theta=1e6,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+                         **special, **text),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True, **special,
+    )
