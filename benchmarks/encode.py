@@ -295,19 +295,22 @@ def rows_section(args, enc, full, full_same, prompts, results, sync, dtype) -> N
             else:
                 row["max_abs_diff_vs_reference"] = (ours.float() - ref.float()).abs().max().item()
             results["rows"].append(row)
-            extra = (f"  constant rows x{row['constant_speedup_vs_reference']:.2f}" if preset == "training"
-                     else "")
-            extra += (f"  vs 4.49 (+{t_logits:.3f}s full logits) x{row['speedup_vs_reference_449']:.2f}, full "
-                      f"depth x{row['full_depth_speedup_vs_reference_449']:.2f}")
-            if full_same is not None:
-                extra += (f"  [reference on the same kernels {row['reference_same_kernels_s']:.3f}s: "
-                          f"x{row['speedup_vs_reference_same_kernels']:.2f}, full depth vs 4.49 "
-                          f"x{row['full_depth_speedup_vs_reference_449_same_kernels']:.2f}]")
-            print(f"{preset:9s} {label:26s} tokens {lengths[0]:4d}/{ref.shape[2]:4d}  ref {t_ref:7.3f}s  "
-                  f"padded fwd x{row['padded_forward_vs_reference']:.2f}  ours x{row['speedup_vs_reference']:.2f}"
-                  f" (without the opening cache x{row['no_opening_cache_speedup_vs_reference']:.2f})"
-                  f"{extra}  max|diff| vs ref {row['max_abs_diff_vs_reference']:.1e}, vs padded "
-                  f"{row['max_abs_diff_vs_padded']:.1e}", flush=True)
+            _print_row(row, preset, label, lengths[0], ref.shape[2], full_same is not None)
+
+
+def _print_row(row: dict, preset: str, label: str, real: int, padded: int, same_kernels: bool) -> None:
+    extra = f"  constant rows x{row['constant_speedup_vs_reference']:.2f}" if preset == "training" else ""
+    extra += (f"  vs 4.49 (+{row['logits_449_s']:.3f}s full logits) x{row['speedup_vs_reference_449']:.2f}, full "
+              f"depth x{row['full_depth_speedup_vs_reference_449']:.2f}")
+    if same_kernels:
+        extra += (f"  [reference on the same kernels {row['reference_same_kernels_s']:.3f}s: "
+                  f"x{row['speedup_vs_reference_same_kernels']:.2f}, full depth vs 4.49 "
+                  f"x{row['full_depth_speedup_vs_reference_449_same_kernels']:.2f}]")
+    print(f"{preset:9s} {label:26s} tokens {real:4d}/{padded:4d}  ref {row['reference_s']:7.3f}s  "
+          f"padded fwd x{row['padded_forward_vs_reference']:.2f}  ours x{row['speedup_vs_reference']:.2f}"
+          f" (without the opening cache x{row['no_opening_cache_speedup_vs_reference']:.2f})"
+          f"{extra}  max|diff| vs ref {row['max_abs_diff_vs_reference']:.1e}, vs padded "
+          f"{row['max_abs_diff_vs_padded']:.1e}", flush=True)
 
 
 def quant_section(args, folder, enc, results, sync) -> None:

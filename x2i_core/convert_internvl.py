@@ -169,11 +169,6 @@ def _tokenizer(src: str):
 
 def convert_internvl(src: str, dst: str, force: bool = False) -> str:
     """Convert the original folder ``src`` to a new -hf folder ``dst`` (see the module docstring)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from transformers import GotOcr2ImageProcessor, InternVLProcessor
-    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
-
     src, dst = os.fspath(src), os.fspath(dst)
     cfg = _read_config(src)
     files = _weight_files(src)
@@ -187,38 +182,9 @@ def convert_internvl(src: str, dst: str, force: bool = False) -> str:
     config = hf_config(cfg, image_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
     tmp = make_temp_dir(".tmp-internvl-", parent)
     try:
-        index: dict[str, str] = {}
-        total = 0
-        for name in files:
-            out: dict[str, torch.Tensor] = {}
-            try:
-                with safe_open(os.path.join(src, name), "pt") as fh:
-                    for key in fh.keys():
-                        out.update(hf_names(key, fh.get_tensor(key)))
-            except X2IFileError:
-                raise
-            except Exception as exc:  # safetensors' own error types vary by version
-                raise X2IFileError(f"'{os.path.join(src, name)}' is not a readable safetensors file ({exc})") from exc
-            save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(tmp, name), metadata={"format": "pt"})
-            index.update({k: name for k in out})
-            total += sum(v.numel() * v.element_size() for v in out.values())
-        if len(files) > 1:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": index}, fh, indent=2)
-        elif files[0] != "model.safetensors":
-            os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, "model.safetensors"))
+        _write_weights(src, files, tmp)
         config.save_pretrained(tmp)
-        size = config.vision_config.image_size[0]
-        processor = InternVLProcessor(
-            image_processor=GotOcr2ImageProcessor(
-                size={"height": size, "width": size}, crop_to_patches=bool(cfg.get("dynamic_image_size", True)),
-                min_patches=int(cfg.get("min_dynamic_patch", 1)), max_patches=int(cfg.get("max_dynamic_patch", 12)),
-                image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_normalize=True),
-            video_processor=InternVLVideoProcessor(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN,
-                                                   image_std=IMAGENET_STD),
-            tokenizer=tok, image_seq_length=config.image_seq_length, chat_template=CHAT_TEMPLATE)
-        tok.chat_template = CHAT_TEMPLATE
-        processor.save_pretrained(tmp)
+        _write_processor(cfg, config, tok, tmp)
         if os.path.isfile(os.path.join(src, "generation_config.json")):
             shutil.copy(os.path.join(src, "generation_config.json"), os.path.join(tmp, "generation_config.json"))
         with open(os.path.join(tmp, "x2i_converted_from.json"), "w", encoding="utf-8") as fh:
@@ -232,6 +198,51 @@ def convert_internvl(src: str, dst: str, force: bool = False) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _write_weights(src: str, files: list[str], tmp: str) -> None:
+    """Each source weight file renamed to the -hf keys, one output file per input (with an index if several)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index: dict[str, str] = {}
+    total = 0
+    for name in files:
+        out: dict[str, torch.Tensor] = {}
+        try:
+            with safe_open(os.path.join(src, name), "pt") as fh:
+                for key in fh.keys():
+                    out.update(hf_names(key, fh.get_tensor(key)))
+        except X2IFileError:
+            raise
+        except Exception as exc:  # safetensors' own error types vary by version
+            raise X2IFileError(f"'{os.path.join(src, name)}' is not a readable safetensors file ({exc})") from exc
+        save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(tmp, name), metadata={"format": "pt"})
+        index.update({k: name for k in out})
+        total += sum(v.numel() * v.element_size() for v in out.values())
+    if len(files) > 1:
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": index}, fh, indent=2)
+    elif files[0] != "model.safetensors":
+        os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, "model.safetensors"))
+
+
+def _write_processor(cfg: dict, config, tok, tmp: str) -> None:
+    """The -hf processor: GOT-OCR2 image tiles of the model's size, the video processor, the chat template."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    size = config.vision_config.image_size[0]
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size={"height": size, "width": size}, crop_to_patches=bool(cfg.get("dynamic_image_size", True)),
+            min_patches=int(cfg.get("min_dynamic_patch", 1)), max_patches=int(cfg.get("max_dynamic_patch", 12)),
+            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_normalize=True),
+        video_processor=InternVLVideoProcessor(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN,
+                                               image_std=IMAGENET_STD),
+        tokenizer=tok, image_seq_length=config.image_seq_length, chat_template=CHAT_TEMPLATE)
+    tok.chat_template = CHAT_TEMPLATE
+    processor.save_pretrained(tmp)
 
 
 def _check_complete(folder: str, config) -> None:
