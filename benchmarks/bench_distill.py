@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from x2i_core.distill.kl import kl_fused, kl_reference, kl_rowwise  # noqa: E402
+from x2i_core.ops.kl import kl_fused, kl_reference, kl_rowwise  # noqa: E402
 
 
 def saved_bytes(fn):
@@ -132,7 +132,7 @@ def _storages(tensors) -> dict:
 
 def held_for_backward(trainer, fn):
     """Run ``fn()`` (one trainer step); the activation bytes its student pass kept for backward."""
-    from x2i_core.distill import trainer as distill_trainer
+    from x2i_core.train import distill as distill_trainer
 
     held, teacher = {}, {}
     collect = distill_trainer.collect
@@ -166,8 +166,8 @@ def held_for_backward(trainer, fn):
 
 
 def bench_checkpointing(resolution, repeat, work):
-    from x2i_core.distill.trainer import DEFAULTS, DistillTrainer
     from x2i_core.tiny import build_flux_diffusers, build_qwen25vl
+    from x2i_core.train.distill import DEFAULTS, DistillTrainer
     from x2i_core.train.runtime import load_config
 
     mllm = build_qwen25vl(os.path.join(work, "mllm"), seed=0)

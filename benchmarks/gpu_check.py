@@ -244,8 +244,8 @@ def _random_flux(ctx: Ctx, cfg: dict):
 
 def step_distill(ctx: Ctx) -> dict:
     from x2i_core.alignnet import AlignNet, AlignNetConfig
-    from x2i_core.distill.kl import distill_loss
     from x2i_core.flux.capture import AttentionCapture, collect
+    from x2i_core.ops.kl import distill_loss
 
     cfg = FLUX_TINY if ctx.dry else FLUX_DEV
     c, s, h = (3, 16, 32) if ctx.dry else (29, 512, 3584)

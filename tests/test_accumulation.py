@@ -38,7 +38,7 @@ def test_two_micro_batches_of_one_equal_one_batch_of_two(tiny, tmp_path, trainer
     from x2i_core.train.runtime import load_config
 
     if trainer == "distill":
-        from x2i_core.distill.trainer import DEFAULTS, DistillTrainer as cls
+        from x2i_core.train.distill import DEFAULTS, DistillTrainer as cls
 
         common = [f"mllm={tiny['mllm']}", f"flux={tiny['flux_small']}", "distill.resolution=32",
                   f"data.paths=[{caption_file(tmp_path / 'c.txt')}]", "data.shuffle=false"]

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def defaults():
-    from x2i_core.distill.trainer import DEFAULTS
+    from x2i_core.train.distill import DEFAULTS
 
     return DEFAULTS
 
@@ -107,7 +107,7 @@ def test_trained_and_converted_files_are_readable_by_others_under_umask_022(tiny
 
 
 def test_an_unknown_loss_backend_is_refused_before_any_model_loads(tmp_path):
-    from x2i_core.distill.trainer import DEFAULTS, DistillTrainer
+    from x2i_core.train.distill import DEFAULTS, DistillTrainer
 
     cfg = load_config(DEFAULTS, None, ["mllm=/nonexistent", "flux=/nonexistent", f"output_dir={tmp_path / 'o'}",
                                        "data.paths=[x.txt]", "distill.loss_backend=fast"])

@@ -51,8 +51,8 @@ def _serve() -> None:
     from diffusers import FluxPipeline  # noqa: F401
 
     import x2i_core.cli
-    import x2i_core.distill.trainer  # noqa: F401
     import x2i_core.mllm  # noqa: F401
+    import x2i_core.train.distill  # noqa: F401
     import x2i_core.train.lightcontrol_trainer  # noqa: F401
     import x2i_core.train.lora  # noqa: F401
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from x2i_core.distill.kl import distill_loss, kl_fused, kl_reference, kl_rowwise, triton_available
+from x2i_core.ops.kl import distill_loss, kl_fused, kl_reference, kl_rowwise, triton_available
 
 SHAPES = [(2, 5, 3072), (1, 3, 3071), (3, 7, 33), (2, 1, 2), (1, 4, 4096)]
 

@@ -183,7 +183,7 @@ def test_caption_sources_txt_jsonl_and_tar_shards(tmp_path):
 
 
 def test_shipped_configs_parse():
-    from x2i_core.distill.trainer import DEFAULTS
+    from x2i_core.train.distill import DEFAULTS
     from x2i_core.train.runtime import load_config
 
     folder = os.path.join(ROOT, "configs")
@@ -213,7 +213,7 @@ def test_benchmark_script_runs(tmp_path):
 @pytest.mark.parametrize("backend", ["rowwise", "reference"])
 def test_gradient_checkpointing_gives_the_same_first_step(tiny, captions, tmp_path, backend):
     # Under activation checkpointing FLUX's blocks run again in backward, with the loss hooks inside them.
-    from x2i_core.distill.trainer import DEFAULTS, DistillTrainer
+    from x2i_core.train.distill import DEFAULTS, DistillTrainer
     from x2i_core.train.runtime import load_config
 
     results = {}

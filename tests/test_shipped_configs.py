@@ -73,7 +73,7 @@ def run(name, args):
 
 
 def test_every_config_has_a_trainer_and_loads():
-    from x2i_core.distill.trainer import DEFAULTS as DISTILL
+    from x2i_core.train.distill import DEFAULTS as DISTILL
     from x2i_core.train.lightcontrol_trainer import DEFAULTS as LIGHTCONTROL
     from x2i_core.train.lora import DEFAULTS as LORA
     from x2i_core.train.runtime import load_config

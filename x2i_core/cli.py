@@ -230,7 +230,7 @@ def main(argv=None) -> int:
 
             print(run_lc(args.config, args.overrides))
         elif args.command == "distill":
-            from .distill.trainer import run
+            from .train.distill import run
 
             print(run(args.config, args.overrides))
     except X2IError as exc:

@@ -31,11 +31,11 @@ from ..alignnet import AlignNet, AlignNetConfig, load_alignnet
 from ..errors import X2IInputError, X2IShapeError
 from ..flux.capture import AttentionCapture, collect
 from ..mllm.chat import check_pad_rows
+from ..ops.kl import distill_loss, finite_or_skip
 from ..registry import Provenance, check_fits, identity_of
-from ..train import runtime as rt
-from ..train.base import Trainer, make_optimizer_and_schedule
-from ..train.data import CaptionStream
-from .kl import distill_loss, finite_or_skip
+from . import runtime as rt
+from .base import Trainer, make_optimizer_and_schedule
+from .data import CaptionStream
 
 log = logging.getLogger("x2i")
 
