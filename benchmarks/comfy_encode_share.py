@@ -61,7 +61,7 @@ def graphs(names: dict, caption: str, seed: int, args) -> dict[str, dict]:
 ENCODE_NODES = {"stock": ("clip", "pos"), "x2i": ("mllm", "encode", "align", "pos")}
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=6, help="MLLM decoder layers (of 36)")
     ap.add_argument("--t5-layers", type=int, default=4, help="T5-XXL layers (of 24)")
@@ -70,8 +70,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def run_graphs(args):
+    """Build the 3B-shape MLLM and its AlignNet into a fresh ComfyUI base, run the warm-up and measured rounds
+    in one executor -> (facts, captured shapes)."""
     import torch
     from encode import build
 
@@ -106,8 +110,11 @@ def main() -> None:
         from safetensors.torch import load_file
 
         shapes = {k: list(v.shape) for k, v in load_file(out).items()}
-    if not facts["success"]:
-        raise SystemExit(f"a graph failed: {facts['errors']}")
+    return facts, shapes
+
+
+def median_rows(args, facts, shapes) -> dict:
+    """Per side: median total / encode / sampler / decode seconds of the measured rounds, encode share, tokens."""
     rows = {}
     for side in ("stock", "x2i"):
         runs = []
@@ -124,6 +131,17 @@ def main() -> None:
         print(f"{side:5s} total {med['total_s']:6.2f} s  encode {med['encode_s']:6.2f} s ({100 * med['encode_share']:.0f} %)"
               f"  sampler {med['sampler_s']:5.2f} s  decode {med['decode_s']:5.2f} s  tokens to FLUX {med['tokens']}",
               flush=True)
+    return rows
+
+
+def main() -> None:
+    import torch
+
+    args = parse_args()
+    facts, shapes = run_graphs(args)
+    if not facts["success"]:
+        raise SystemExit(f"a graph failed: {facts['errors']}")
+    rows = median_rows(args, facts, shapes)
     x, s = rows["x2i"], rows["stock"]
     k_x, k_t = 36 / args.layers, 24 / args.t5_layers
     result = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
