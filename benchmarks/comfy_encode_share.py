@@ -125,11 +125,14 @@ def median_rows(args, facts, shapes) -> dict:
             runs.append({"total_s": facts["seconds"][label], "encode_s": enc, "sampler_s": ns.get("ks", 0.0),
                          "decode_s": ns.get("decode", 0.0)})
         med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+        med["encode_nodes_s"] = {n: statistics.median(facts["node_seconds"][f"{side}:{r}"].get(n, 0.0)
+                                                       for r in range(1, args.repeat + 1)) for n in ENCODE_NODES[side]}
         med["encode_share"] = med["encode_s"] / med["total_s"]
         med["tokens"] = shapes.get(f"{side}:0:pos.0.seq", [None, None])[1]
         rows[side] = med
         print(f"{side:5s} total {med['total_s']:6.2f} s  encode {med['encode_s']:6.2f} s ({100 * med['encode_share']:.0f} %)"
-              f"  sampler {med['sampler_s']:5.2f} s  decode {med['decode_s']:5.2f} s  tokens to FLUX {med['tokens']}",
+              f"  sampler {med['sampler_s']:5.2f} s  decode {med['decode_s']:5.2f} s  tokens to FLUX {med['tokens']}"
+              f"  encode nodes {', '.join(f'{n} {t:.2f} s' for n, t in med['encode_nodes_s'].items())}",
               flush=True)
     return rows
 
