@@ -96,10 +96,10 @@ def load_managed_mllm(path: str, name: str, dtype: str = "auto", device: str = "
                       offload_after_encode: bool = False, cpu_matmul: str = "auto") -> ManagedMLLM:
     load_device, offload_device = _devices(device)
     torch_dtype = resolve_dtype(dtype, load_device)
-    if load_device.type != "cpu" or offload_device.type != "cpu":
-        # packed weights cannot move: only an MLLM that always runs on the CPU packs ('onednn' is refused)
-        cpu_matmul = resolve_cpu_matmul(cpu_matmul, load_device if load_device.type != "cpu" else offload_device,
-                                        torch_dtype, quant)
+    if load_device.type != "cpu":
+        # the model is loaded on the (CPU) offload device but runs on this one: resolve against where it runs, so
+        # 'auto' does not pack it and 'onednn' is refused
+        cpu_matmul = resolve_cpu_matmul(cpu_matmul, load_device, torch_dtype, quant)
     if quant in ("bnb8", "bnb4"):
         offload_device = load_device  # bitsandbytes weights cannot move between devices
     with _LOCK:
