@@ -68,7 +68,7 @@ gpu-wheels: env
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels $(GPU_WHEELS)
 	-$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels liger-kernel
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels/refstack -r requirements/reference-stack.txt
-	$(PY) -c "from tools.comfy_host import ensure_comfyui; import os, shutil; shutil.copytree(os.path.join(ensure_comfyui(), 'comfy', 'text_encoders', 'qwen25_tokenizer'), '.gpu-wheels/qwen25_tokenizer')"
+	$(PY) -c "from tools.comfy_fetch import ensure_comfyui; import os, shutil; shutil.copytree(os.path.join(ensure_comfyui(), 'comfy', 'text_encoders', 'qwen25_tokenizer'), '.gpu-wheels/qwen25_tokenizer')"
 	du -sh .gpu-wheels
 
 clean-env:

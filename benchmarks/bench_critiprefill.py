@@ -172,7 +172,8 @@ def timed(fn, repeat: int, sync):
 
 def kernel_rows(args, lengths, dtype, sync):
     """One attention layer with a real model's head layout on random q/k/v: dense SDPA vs sparse."""
-    from x2i_core.mllm.critiprefill import CritiPrefillConfig, PrefillStats, sparse_attention
+    from x2i_core.mllm.critiprefill import CritiPrefillConfig
+    from x2i_core.ops.sparse_prefill import PrefillStats, sparse_attention
 
     s = SHAPES[args.kernel_shape]
     H, Hkv = s["num_attention_heads"], s["num_key_value_heads"]

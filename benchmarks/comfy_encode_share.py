@@ -79,7 +79,7 @@ def run_graphs(args):
     import torch
     from encode import build
 
-    from tools.comfy_host import ensure_comfyui, prepare_base
+    from tools.comfy_fetch import ensure_comfyui, prepare_base
     from x2i_core.tiny import build_alignnet, default_cache_dir, make_tiny_models
 
     tiny = make_tiny_models(default_cache_dir(), comfy=True)

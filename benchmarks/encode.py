@@ -58,7 +58,7 @@ def real_tokenizer(folder: str):
     more tokens)."""
     from transformers import Qwen2TokenizerFast
 
-    from tools.comfy_host import ensure_comfyui
+    from tools.comfy_fetch import ensure_comfyui
 
     src = os.path.join(ensure_comfyui(), "comfy", "text_encoders", "qwen25_tokenizer")
     tok = Qwen2TokenizerFast.from_pretrained(src)

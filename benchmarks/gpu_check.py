@@ -228,7 +228,7 @@ def step_oracle(ctx: Ctx) -> dict:
 
 
 def _comfy_vocab() -> str:
-    from tools.comfy_host import ensure_comfyui
+    from tools.comfy_fetch import ensure_comfyui
 
     return os.path.join(ensure_comfyui(), "comfy", "text_encoders", "qwen25_tokenizer")
 

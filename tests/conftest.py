@@ -59,7 +59,8 @@ def host(tmp_path_factory):
     """A real ComfyUI server (v0.3.75 from the registry wheel) with the pack and the tiny models."""
     import json
 
-    from tools.comfy_host import ComfyServer, ensure_comfyui, prepare_base
+    from tools.comfy_fetch import ensure_comfyui, prepare_base
+    from tools.comfy_server import ComfyServer
     from x2i_core.tiny import build_alignnet, default_cache_dir, make_tiny_models
 
     tiny = make_tiny_models(default_cache_dir(), comfy=True)

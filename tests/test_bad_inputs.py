@@ -556,7 +556,7 @@ ESCAPES = ["../../etc", "../x2i/alignnet-tiny.safetensors", "/etc/passwd", "C:\\
 @pytest.mark.comfy
 def test_model_names_cannot_escape_the_model_folders_through_prompt(host, tmp_path):
     from helpers.comfy import tiny_api
-    from tools.comfy_host import execution_error
+    from tools.comfy_server import execution_error
 
     s, base = host["server"], host["base"]
     # a file outside the model folders that a hostile prompt would like to load, and a symlink the

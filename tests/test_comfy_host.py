@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from helpers.comfy import _expect_node_error, node_of, tiny_api
-from tools.comfy_host import ROOT, execution_error
+from tools.comfy_fetch import ROOT
+from tools.comfy_server import execution_error
 
 pytestmark = pytest.mark.comfy
 

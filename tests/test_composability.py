@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers.composability import CACHE_STEPS, CELLS, EXPECTED_ERRORS, STEPS, cell_prompts, readme_table
-from tools.comfy_host import ROOT
+from tools.comfy_fetch import ROOT
 
 pytestmark = pytest.mark.comfy
 

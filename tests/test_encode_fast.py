@@ -82,7 +82,7 @@ def test_bitsandbytes_needs_cuda_and_says_so(tiny):
 @pytest.mark.comfy
 def test_comfyui_reencodes_nothing_when_only_the_sampler_changes_and_offloads_after_encode(host, tmp_path):
     from helpers.comfy import tiny_api
-    from tools.comfy_host import ROOT
+    from tools.comfy_fetch import ROOT
 
     def variant(text, seed, offload=False, matmul="auto"):
         return tiny_api(host, "x2i_sampler.json", X2IMLLMEncode={"text": text}, X2ISampler={"seed": seed},

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tools import frontend_check
-from tools.comfy_host import ROOT
+from tools.comfy_fetch import ROOT
 
 pytestmark = pytest.mark.frontend  # the browser tests also use the host (conftest adds `comfy` to those)
 

@@ -30,7 +30,7 @@ def _oracle(*args):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from tools.comfy_host import ensure_comfyui
+    from tools.comfy_fetch import ensure_comfyui
     from x2i_core.convert_internvl import convert_internvl
 
     work = tmp_path_factory.mktemp("internvl-oracle")

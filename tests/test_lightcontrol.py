@@ -101,7 +101,7 @@ def test_comfyui_controlnet_matches_diffusers_injection(host, tmp_path):
 
     from x2i_core.flux.convert import diffusers_flux_from_bfl
     from x2i_core.io import load_weights_file
-    from x2i_core.train.lora import pack_latents, unpack_latents
+    from x2i_core.train.flux_training import pack_latents, unpack_latents
 
     flux = diffusers_flux_from_bfl({k: v.float() for k, v in load_weights_file(host["tiny"]["comfy_flux"]).tensors.items()})
     img_ids = FluxPipeline._prepare_latent_image_ids(1, 2, 3, "cpu", torch.float32)
@@ -118,7 +118,7 @@ def test_comfyui_controlnet_matches_diffusers_injection(host, tmp_path):
 @pytest.mark.comfy
 def test_edit_workflow_strength_zero_is_exact_and_one_changes(host):
     from helpers.comfy import tiny_api
-    from tools.comfy_host import execution_error
+    from tools.comfy_server import execution_error
 
     s = host["server"]
 
@@ -175,7 +175,7 @@ def test_trainer_loss_falls_and_resume_is_exact(tiny, tmp_path):
 def test_trained_lightcontrol_runs_in_the_node(host, tmp_path):
     """Train 1 step against the stock-loadable 3072-wide FLUX, then use the file in the edit workflow."""
     from helpers.comfy import tiny_api
-    from tools.comfy_host import execution_error
+    from tools.comfy_server import execution_error
 
     data = make_triples(str(tmp_path / "data"), n=1)
     t = host["tiny"]

@@ -67,10 +67,43 @@ def test_jsonl_dataset_with_references(tmp_path):
         '{"image": "img0.png", "caption": "a red square"}\n'
         '{"image": "edit.png", "caption": "at night", "references": ["ref0.png"]}\n')
     samples = scan_dataset(str(tmp_path / "data.jsonl"))
-    assert [os.path.basename(s["image"]) for s in samples] == ["img0.png", "edit.png"]
-    assert [os.path.basename(r) for r in samples[1]["references"]] == ["ref0.png"]
+    assert [os.path.basename(s["image"].path) for s in samples] == ["img0.png", "edit.png"]
+    assert [os.path.basename(r.path) for r in samples[1]["references"]] == ["ref0.png"]
     folder = scan_dataset(str(tmp_path))
-    assert "ref0.png" not in [os.path.basename(s["image"]) for s in folder]  # references are not targets
+    assert "ref0.png" not in [os.path.basename(s["image"].path) for s in folder]  # references are not targets
+
+
+def test_tar_shard_dataset_and_bad_records(tmp_path):
+    """WebDataset shards go through the same walker as LightControl's: images open lazily, captions from txt or
+    json members, a JSONL line that is not an object is named by file and line."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from x2i_core.errors import X2IInputError
+    from x2i_core.train.lora import scan_dataset
+
+    def member(tf, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24), (200, 10, 10)).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tf:
+        member(tf, "a/000.png", buf.getvalue())
+        member(tf, "a/000.txt", b"a red square")
+        member(tf, "a/001.jpg", b"not really a jpeg")
+        member(tf, "a/001.json", b'{"caption": "broken image"}')
+    samples = scan_dataset(str(tmp_path / "shard.tar"))
+    assert [s["caption"] for s in samples] == ["a red square", "broken image"]
+    assert samples[0]["image"].open().size == (40, 24)
+    with pytest.raises(OSError):
+        samples[1]["image"].open()  # the trainer skips and counts it
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "caption": "x"}\n["not", "an", "object"]\n')
+    with pytest.raises(X2IInputError, match=r"bad.jsonl:2 must be a JSON object"):
+        scan_dataset(str(tmp_path / "bad.jsonl"))
 
 
 @pytest.mark.parametrize("case", ["missing_caption", "rank", "no_images"])
@@ -140,7 +173,7 @@ def test_comfyui_maps_every_key_and_matches_diffusers(host, big_lora, tmp_path):
 
     from x2i_core.flux.convert import diffusers_flux_from_bfl
     from x2i_core.io import load_weights_file
-    from x2i_core.train.lora import pack_latents, unpack_latents
+    from x2i_core.train.flux_training import pack_latents, unpack_latents
 
     transformer = diffusers_flux_from_bfl({k: v.float() for k, v in
                                            load_weights_file(host["tiny"]["comfy_flux"]).tensors.items()})
@@ -164,7 +197,7 @@ def test_trained_lora_in_the_shipped_workflow_with_stock_loader(host, big_lora):
     import shutil
 
     from helpers.comfy import tiny_api
-    from tools.comfy_host import execution_error
+    from tools.comfy_server import execution_error
 
     shutil.copy(big_lora, os.path.join(host["base"], "models", "loras", "trained_x2i_lora.safetensors"))
     s = host["server"]

@@ -59,7 +59,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
     """Run the worker once; its JSON report is what the tests check."""
-    from tools.comfy_host import ensure_comfyui, prepare_base
+    from tools.comfy_fetch import ensure_comfyui, prepare_base
     from x2i_core.tiny import default_cache_dir, make_tiny_models
 
     tiny = make_tiny_models(default_cache_dir(), comfy=True)
@@ -286,7 +286,8 @@ def _worker(spec_path: str) -> None:
     import types
 
     sys.path.insert(0, ROOT)
-    from tools.comfy_host import boot_in_process, load_workflow, point_at_tiny, ui_to_api
+    from tools.comfy_inprocess import boot_in_process
+    from tools.comfy_workflow import load_workflow, point_at_tiny, ui_to_api
 
     spec = boot_in_process(spec_path)  # ComfyUI in this process, the pack loaded as a custom node
     import numpy as np

@@ -82,7 +82,7 @@ def test_distilled_alignnet_records_its_mllm_and_pad_rows(tiny, tmp_path):
 @pytest.mark.comfy
 def test_the_project_node_refuses_another_family_in_the_real_executor(host):
     from helpers.comfy import _expect_node_error, tiny_api
-    from tools.comfy_host import execution_error
+    from tools.comfy_server import execution_error
 
     folder = os.path.join(host["base"], "models", "x2i")
     for name, family, model in (("rec-qwen3b.safetensors", "qwen2.5-vl", "Qwen2.5-VL-3B-Instruct"),

@@ -51,7 +51,7 @@ def _clip(seed, frames, w, h):
 @pytest.fixture(scope="module")
 def oracle_run(tmp_path_factory):
     """Build the released-format model and run every case on the reference stack (one subprocess)."""
-    from tools.comfy_host import ensure_comfyui
+    from tools.comfy_fetch import ensure_comfyui
 
     work = tmp_path_factory.mktemp("oracle")
     vocab = os.path.join(ensure_comfyui(), "comfy", "text_encoders", "qwen25_tokenizer")

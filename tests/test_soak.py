@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from helpers.comfy import tiny_api
-from tools.comfy_host import ROOT, ComfyServer, ensure_comfyui, execution_error, prepare_base
+from tools.comfy_fetch import ROOT, ensure_comfyui, prepare_base
+from tools.comfy_server import ComfyServer, execution_error
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ import sys
 
 
 def main(spec_path):
-    from comfy_host import boot_in_process
+    from comfy_inprocess import boot_in_process
 
     spec = boot_in_process(spec_path)
     import torch

@@ -19,7 +19,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tools.comfy_host import ui_to_api  # noqa: E402
+from tools.comfy_workflow import ui_to_api  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -428,7 +428,8 @@ def screenshots(workflows: dict[str, dict]) -> dict[str, str]:
     import tempfile
 
     from tools import frontend_check
-    from tools.comfy_host import ComfyServer, cache_root, ensure_comfyui, prepare_base
+    from tools.comfy_fetch import cache_root, ensure_comfyui, prepare_base
+    from tools.comfy_server import ComfyServer
     from x2i_core.tiny import default_cache_dir, make_tiny_models
 
     if not frontend_check.available():

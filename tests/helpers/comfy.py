@@ -4,7 +4,9 @@ as API prompts pointed at the tiny models, and the node-error check."""
 import json
 import os
 
-from tools.comfy_host import ROOT, PromptRejected, execution_error, load_workflow, ui_to_api
+from tools.comfy_fetch import ROOT
+from tools.comfy_server import PromptRejected, execution_error
+from tools.comfy_workflow import load_workflow, ui_to_api
 
 
 def tiny_mllm_name(names, model_name, family=None):
@@ -34,7 +36,8 @@ def shipped_api(host, workflow_name):
 
 def tiny_api(host, workflow_name, family=None, **overrides):
     """A shipped workflow, converted to API format, pointed at the tiny models, sample media and sizes."""
-    from tools.comfy_host import SAMPLE_IMAGES, point_at_tiny
+    from tools.comfy_fetch import SAMPLE_IMAGES
+    from tools.comfy_workflow import point_at_tiny
 
     n = host["names"]
     api = shipped_api(host, workflow_name)

