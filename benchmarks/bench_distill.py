@@ -167,7 +167,7 @@ def held_for_backward(trainer, fn):
 
 def bench_checkpointing(resolution, repeat, work):
     from x2i_core.tiny import build_flux_diffusers, build_qwen25vl
-    from x2i_core.train.distill import DEFAULTS, DistillTrainer
+    from x2i_core.train.distill import DistillTrainer, DistillTrainingConfig
     from x2i_core.train.runtime import load_config
 
     mllm = build_qwen25vl(os.path.join(work, "mllm"), seed=0)
@@ -180,7 +180,7 @@ def bench_checkpointing(resolution, repeat, work):
     res = {"resolution": resolution, "flux_blocks": "4 double + 8 single, width 64"}
     trainers = {}
     for ckpt in (False, True):
-        cfg = load_config(DEFAULTS, None, [f"mllm={mllm}", f"flux={flux}", f"output_dir={work}/out-{ckpt}",
+        cfg = load_config(DistillTrainingConfig, None, [f"mllm={mllm}", f"flux={flux}", f"output_dir={work}/out-{ckpt}",
                                            f"data.paths=[{caps}]", f"distill.resolution={resolution}",
                                            "train.batch_size=2", "train.max_grad_norm=1e9",
                                            f"train.gradient_checkpointing={ckpt}"])

@@ -294,27 +294,32 @@ def step_distill(ctx: Ctx) -> dict:
                                    f"peak {_gb(data['peak_bytes'])} | {pairs} pairs |"]}
 
 
-def step_flux(ctx: Ctx) -> dict:
+def _flux_text_encoders(ctx: Ctx, cfg: dict):
+    """Random T5-XXL and CLIP-L text encoders (tiny in a dry run) and an AlignNet of the 3B shape."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from x2i_core.alignnet import AlignNet, AlignNetConfig
 
+    dt, dry = ctx.dtype, ctx.dry
+    with torch.device(ctx.device):
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=cfg["joint_attention_dim"], d_kv=16 if dry else 64,
+                                     d_ff=64 if dry else 10240, num_layers=1 if dry else 24,
+                                     num_heads=2 if dry else 64, feed_forward_proj="gated-gelu")).to(dt).eval()
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=cfg["pooled_projection_dim"],
+                                            intermediate_size=64 if dry else 3072, num_hidden_layers=1 if dry else 12,
+                                            num_attention_heads=2 if dry else 12, projection_dim=768)).to(dt).eval()
+        c, h = (3, 32) if dry else (37, 2048)
+        net = AlignNet(AlignNetConfig(in_channels=c, input_dim=h, output_dim0=cfg["pooled_projection_dim"],
+                                      output_dim1=cfg["joint_attention_dim"])).to(dt).eval()
+    return t5, clip, net, (c, h)
+
+
+def step_flux(ctx: Ctx) -> dict:
     cfg = FLUX_TINY if ctx.dry else FLUX_DEV
     steps, side = (2, 4) if ctx.dry else (28, 64)
     dev, dt = ctx.device, ctx.dtype
     flux = _random_flux(ctx, cfg)
-    with torch.device(dev):
-        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=cfg["joint_attention_dim"],
-                                     d_kv=16 if ctx.dry else 64, d_ff=64 if ctx.dry else 10240,
-                                     num_layers=1 if ctx.dry else 24, num_heads=2 if ctx.dry else 64,
-                                     feed_forward_proj="gated-gelu")).to(dt).eval()
-        clip = CLIPTextModel(CLIPTextConfig(hidden_size=cfg["pooled_projection_dim"],
-                                            intermediate_size=64 if ctx.dry else 3072,
-                                            num_hidden_layers=1 if ctx.dry else 12,
-                                            num_attention_heads=2 if ctx.dry else 12, projection_dim=768)).to(dt).eval()
-        c, h = (3, 32) if ctx.dry else (37, 2048)
-        net = AlignNet(AlignNetConfig(in_channels=c, input_dim=h, output_dim0=cfg["pooled_projection_dim"],
-                                      output_dim1=cfg["joint_attention_dim"])).to(dt).eval()
+    t5, clip, net, (c, h) = _flux_text_encoders(ctx, cfg)
     g = torch.Generator().manual_seed(1)
     ids_t5 = torch.randint(0, 32000, (1, 512), generator=g).to(dev)
     ids_clip = torch.randint(0, 49000, (1, 77), generator=g).to(dev)

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..x2i_core.mllm.base import EncodeRequest
-from .comfy_qwen import NODE, encode_with_clip
+from .comfy_qwen import NODE, clip_description, clip_tooltip, encode_with_clip, vision_names
 from .common import CATEGORY, PRESET_OPTIONS, NodeError, pad_rows_input
 from .types import HIDDEN
 
@@ -29,12 +29,10 @@ class X2ICLIPEncode(io.ComfyNode):
             display_name="X2I CLIP Encode (Qwen2.5-VL text encoder)",
             category=CATEGORY,
             description="Uses the Qwen2.5-VL text encoder you already load with the stock Load CLIP node "
-                        "(Qwen-Image's Qwen2.5-VL-7B, type qwen_image; OmniGen2's Qwen2.5-VL-3B, type omnigen2) as "
-                        "X2I's MLLM: same prompt presets and hidden states as X2I MLLM Encode, run by ComfyUI.",
+                        f"({clip_description()}) as X2I's MLLM: same prompt presets and hidden states as X2I MLLM "
+                        "Encode, run by ComfyUI.",
             inputs=[
-                io.Clip.Input("clip", tooltip="From Load CLIP: type qwen_image (Qwen2.5-VL-7B, text + image; AlignNet "
-                                              "C=29, H=3584) or omnigen2 (Qwen2.5-VL-3B, text only; AlignNet C=37, "
-                                              "H=2048)."),
+                io.Clip.Input("clip", tooltip=clip_tooltip()),
                 io.String.Input("text", multiline=True, default="",
                                 tooltip="The prompt, any language. May be empty when an image is given."),
                 io.Combo.Input("preset", options=PRESET_OPTIONS, default=PRESET_OPTIONS[0], tooltip=PRESET_TOOLTIP),
@@ -43,7 +41,7 @@ class X2ICLIPEncode(io.ComfyNode):
                                      "Otherwise pixels per side."),
                 pad_rows_input(),
                 io.Image.Input("image", optional=True,
-                               tooltip="Optional images (Qwen2.5-VL-7B only); a batch is several images, in order, "
+                               tooltip=f"Optional images ({vision_names()} only); a batch is several images, in order, "
                                        "in one prompt."),
             ],
             outputs=[HIDDEN.Output(display_name="hidden",

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import comfy.model_management as mm
 import comfy.utils
 
-from ..x2i_core.alignnet import describe_mllm_dims
+from ..x2i_core import registry
 from ..x2i_core.errors import X2IError
 from ..x2i_core.mllm.base import EncodeRequest, HiddenStates
 from ..x2i_core.mllm.chat import check_pad_rows, pad_query_mask
@@ -60,22 +60,43 @@ QWEN25VL_IMAGE_PROCESSOR = dict(min_pixels=3136, max_pixels=12845056, patch_size
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    name: str           # "Qwen2.5-VL-7B"
+    release: str        # the MLLM's release name in x2i_core.registry.KNOWN_MLLMS (its family, C and H)
     comfy_class: str    # the class in comfy.text_encoders.llama
     clip_type: str      # the stock Load CLIP type that loads it
+    used_by: str        # the model family that ships it ("Qwen-Image")
     files: str          # what users have on disk
-    channels: int       # C of the released AlignNet (layers + 1)
-    hidden: int         # H of the released AlignNet
     vision: bool        # the ComfyUI model has its vision tower
 
+    @property
+    def known(self) -> registry.KnownMLLM:
+        return registry.release(self.release)
+
+    @property
+    def name(self) -> str:  # "Qwen2.5-VL-7B"
+        return self.release.removesuffix("-Instruct")
+
+    @property
+    def channels(self) -> int:  # C of the released AlignNet (layers + 1)
+        return self.known.channels
+
+    @property
+    def hidden(self) -> int:  # H of the released AlignNet
+        return self.known.hidden
+
     def fits(self) -> str:
-        return describe_mllm_dims(self.channels, self.hidden)
+        return registry.describe_dims(self.channels, self.hidden)
+
+    def summary(self) -> str:
+        """``"qwen_image (Qwen2.5-VL-7B, text + image; AlignNet C=<layers+1>, H=<width>)"``, for tooltips."""
+        return (f"{self.clip_type} ({self.name}, text{' + image' if self.vision else ' only'}; "
+                f"AlignNet C={self.channels}, H={self.hidden})")
 
 
 FAMILIES = (
-    Family("Qwen2.5-VL-7B", "Qwen25_7BVLI", "qwen_image",
-           "qwen_2.5_vl_7b.safetensors or qwen_2.5_vl_7b_fp8_scaled.safetensors", 29, 3584, True),
-    Family("Qwen2.5-VL-3B", "Qwen25_3B", "omnigen2", "OmniGen2's qwen_2.5_vl_fp16.safetensors", 37, 2048, False),
+    Family("Qwen2.5-VL-7B-Instruct", "Qwen25_7BVLI", "qwen_image", "Qwen-Image",
+           "qwen_2.5_vl_7b.safetensors or qwen_2.5_vl_7b_fp8_scaled.safetensors", True),
+    Family("Qwen2.5-VL-3B-Instruct", "Qwen25_3B", "omnigen2", "OmniGen2", "OmniGen2's qwen_2.5_vl_fp16.safetensors",
+           False),
 )
 
 
@@ -83,6 +104,21 @@ def supported_text() -> str:
     parts = [f"{f.name} (Load CLIP type '{f.clip_type}', e.g. {f.files}; text{' + image' if f.vision else ' only'}; "
              f"fits the X2I AlignNet for {f.fits()})" for f in FAMILIES]
     return " and ".join(parts)
+
+
+def clip_tooltip() -> str:
+    """The CLIP input's tooltip: which Load CLIP types, models and AlignNet dimensions fit."""
+    return f"From Load CLIP: type {' or '.join(f.summary() for f in FAMILIES)}."
+
+
+def clip_description() -> str:
+    """``"Qwen-Image's Qwen2.5-VL-7B, type qwen_image; OmniGen2's Qwen2.5-VL-3B, type omnigen2"``."""
+    return "; ".join(f"{f.used_by}'s {f.name}, type {f.clip_type}" for f in FAMILIES)
+
+
+def vision_names() -> str:
+    """The native text encoders that take images (``"Qwen2.5-VL-7B"``)."""
+    return " / ".join(f.name for f in FAMILIES if f.vision)
 
 
 @dataclasses.dataclass
@@ -346,6 +382,11 @@ def hidden_states(native: NativeQwen, batch: dict, device, pad_rows: str = "refe
     return out
 
 
+def _vision_encoders() -> str:
+    """``"Qwen2.5-VL-7B text encoder (type 'qwen_image')"``."""
+    return " or ".join(f"{f.name} text encoder (type '{f.clip_type}')" for f in FAMILIES if f.vision)
+
+
 def encode_with_clip(clip, request: EncodeRequest, preset: str | None = None,
                      image_size: int | None = None, pad_rows: str = "reference") -> HiddenStates:
     """X2I hidden states from a ComfyUI CLIP holding Qwen2.5-VL-7B/3B: the same presets, padding and tensors
@@ -354,8 +395,8 @@ def encode_with_clip(clip, request: EncodeRequest, preset: str | None = None,
     if request.images is not None and not native.family.vision:
         raise NodeError(
             f"{NODE}: images were given, but {native.family.name} as ComfyUI loads it ({native.family.clip_type} "
-            "type, language model only) has no vision tower. Disconnect the image, or use the Qwen2.5-VL-7B text "
-            "encoder (type 'qwen_image'), or X2I MLLM Loader with a full Qwen2.5-VL-3B-Instruct folder.")
+            f"type, language model only) has no vision tower. Disconnect the image, or use the {_vision_encoders()}, "
+            f"or X2I MLLM Loader with a full {native.family.release} folder.")
     try:
         pad_rows = check_pad_rows(pad_rows)
         batch, preset_name, lengths = _Prompter(native).prepare([request], preset, image_size)
@@ -374,6 +415,6 @@ def encode_with_clip(clip, request: EncodeRequest, preset: str | None = None,
                         "an fp8 text encoder file, or launch ComfyUI with --lowvram") from None
     left = bool(batch["attention_mask"][:, 0].eq(0).any())
     hs = HiddenStates(hidden.to(mm.intermediate_device()), batch["attention_mask"], native.name, preset_name, lengths,
-                      "qwen2.5-vl", pad_rows if left else None)
+                      native.family.known.family, pad_rows if left else None)
     hs.source_path = None
     return hs

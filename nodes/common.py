@@ -15,6 +15,7 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
+from ..x2i_core import registry
 from ..x2i_core.errors import X2IError, X2IInputError
 from ..x2i_core.media import VIDEO_FPS, VIDEO_MAX_FRAMES, sample_frames
 from ..x2i_core.prompt import DEFAULT_PRESET, PRESETS
@@ -115,8 +116,8 @@ def media_inputs(resolution: bool = True, optional_widgets: bool = False) -> lis
                        tooltip="Optional video as an IMAGE frame batch (e.g. from a video loader); its frame rate "
                                "is frames_fps."),
         io.Audio.Input("audio", optional=True,
-                       tooltip="Optional audio (stock Load Audio); needs an audio-capable MLLM such as "
-                               "Qwen2.5-Omni."),
+                       tooltip="Optional audio (stock Load Audio); needs an audio-capable MLLM: "
+                               f"{registry.labels(registry.families_with(modality='audio'), last=' or ')}."),
     ]
 
 

@@ -13,7 +13,7 @@ import nodes as comfy_nodes
 from comfy_api.latest import io
 
 from ..x2i_core.mllm.base import EncodeRequest
-from ..x2i_core.registry import MLLMIdentity, check_fits
+from ..x2i_core.registry import MLLMIdentity, check_fits, families_with, labels
 from . import paths
 from .common import (
     CATEGORY,
@@ -43,8 +43,8 @@ class X2IMLLMLoader(io.ComfyNode):
             node_id="X2IMLLMLoader",
             display_name="X2I MLLM Loader",
             category=f"{CATEGORY}/loaders",
-            description="Loads a multimodal LLM (a Hugging Face model folder in models/mllm: Qwen2.5-VL, Qwen2.5-Omni, "
-                        "InternVL -hf, MiniCPM-o) as X2I's prompt encoder; the family is read from its config.json.",
+            description=f"Loads a multimodal LLM (a Hugging Face model folder in models/mllm: {labels()}) as X2I's "
+                        "prompt encoder; the family is read from its config.json.",
             inputs=[
                 io.Combo.Input("model_name", options=paths.list_mllm_dirs(),
                                tooltip="A Hugging Face model folder under models/mllm (e.g. Qwen2.5-VL-7B-Instruct); "
@@ -63,10 +63,11 @@ class X2IMLLMLoader(io.ComfyNode):
                                          "(re-loaded on the next encode). Off = ComfyUI offloads it when memory is "
                                          "needed."),
                 io.Boolean.Input("trust_remote_code", default=False, optional=True,
-                                 tooltip="Needed only for MiniCPM-o. ON runs Python files shipped inside the model "
-                                         "folder with your rights: enable only for folders from a source you trust "
-                                         "whose .py files you have read. Qwen2.5-VL, Qwen2.5-Omni and InternVL (-hf) "
-                                         "never need it."),
+                                 tooltip=f"Needed only for {labels(families_with(remote_code=True), last=' and ')}. "
+                                         "ON runs Python files shipped inside the model folder with your rights: "
+                                         "enable only for folders from a source you trust whose .py files you have "
+                                         f"read. {labels(families_with(remote_code=False), last=' and ')} never need "
+                                         "it."),
                 io.Combo.Input("cpu_matmul", options=["auto", "torch", "onednn"], default="auto", optional=True,
                                tooltip="How the decoder multiplies when the MLLM runs on the CPU. onednn = weights "
                                        "packed once for oneDNN (about 2x faster encodes of short prompts in fp32; the "

@@ -38,13 +38,13 @@ def test_two_micro_batches_of_one_equal_one_batch_of_two(tiny, tmp_path, trainer
     from x2i_core.train.runtime import load_config
 
     if trainer == "distill":
-        from x2i_core.train.distill import DEFAULTS, DistillTrainer as cls
+        from x2i_core.train.distill import DistillTrainer as cls, DistillTrainingConfig as schema
 
         common = [f"mllm={tiny['mllm']}", f"flux={tiny['flux_small']}", "distill.resolution=32",
                   f"data.paths=[{caption_file(tmp_path / 'c.txt')}]", "data.shuffle=false"]
         params = "net"
     else:
-        from x2i_core.train.lightcontrol_trainer import DEFAULTS, LightControlTrainer as cls
+        from x2i_core.train.lightcontrol_trainer import LightControlTrainer as cls, LightControlTrainingConfig as schema
 
         common = [f"mllm={tiny['mllm']}", f"alignnet={tiny['alignnet_safetensors']}", f"flux={tiny['flux']}",
                   f"lightcontrol.init={tiny['lightcontrol']}", f"data.path={edit_triples(str(tmp_path / 'd'), n=4)}",
@@ -53,7 +53,7 @@ def test_two_micro_batches_of_one_equal_one_batch_of_two(tiny, tmp_path, trainer
     common += ["train.max_grad_norm=1e9", "train.lr=1e-4", "train.warmup_steps=1"]
     runs = {}
     for name, extra in (("big", ["train.batch_size=2"]), ("acc", ["train.batch_size=1", "train.gradient_accumulation=2"])):
-        t = cls(load_config(DEFAULTS, None, [*common, *extra, f"output_dir={tmp_path / name}"]))
+        t = cls(load_config(schema, None, [*common, *extra, f"output_dir={tmp_path / name}"]))
         try:
             runs[name] = []
             for step in range(2):

@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def defaults():
-    from x2i_core.train.distill import DEFAULTS
+    from x2i_core.train.distill import DistillTrainingConfig
 
-    return DEFAULTS
+    return DistillTrainingConfig
 
 
 @pytest.mark.parametrize("spelling,want", [
@@ -107,9 +107,55 @@ def test_trained_and_converted_files_are_readable_by_others_under_umask_022(tiny
 
 
 def test_an_unknown_loss_backend_is_refused_before_any_model_loads(tmp_path):
-    from x2i_core.train.distill import DEFAULTS, DistillTrainer
+    from x2i_core.train.distill import DistillTrainer, DistillTrainingConfig
 
-    cfg = load_config(DEFAULTS, None, ["mllm=/nonexistent", "flux=/nonexistent", f"output_dir={tmp_path / 'o'}",
-                                       "data.paths=[x.txt]", "distill.loss_backend=fast"])
+    cfg = load_config(DistillTrainingConfig, None, [
+        "mllm=/nonexistent", "flux=/nonexistent", f"output_dir={tmp_path / 'o'}",
+        "data.paths=[x.txt]", "distill.loss_backend=fast"])
     with pytest.raises(X2IInputError, match="distill.loss_backend 'fast': expected auto, fused, rowwise or reference"):
         DistillTrainer(cfg)
+
+
+def test_configs_are_typed_dataclasses(tmp_path):
+    """YAML's '1e-4' (text to YAML) reaches a float field as a float; whole numbers stay whole; a single path
+    becomes a list; sections are dataclasses read by attribute (and by key, for dict-style scripts)."""
+    import dataclasses
+
+    from x2i_core.train.lora import LoraTrainingConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train: {lr: 1e-4, steps: '20', sigma_std: 1}\nlora: {alpha: off}\nsamples: {prompts: a fox}\n")
+    cfg = load_config(LoraTrainingConfig, str(cfg_file), ["train.batch_size=2.0", "checkpoint.every=10"])
+    assert dataclasses.is_dataclass(cfg) and isinstance(cfg.train.lr, float) and cfg.train.lr == 1e-4
+    assert cfg.train.steps == 20 and isinstance(cfg.train.steps, int) and cfg.train.batch_size == 2
+    assert isinstance(cfg.train.sigma_std, float) and cfg.lora.alpha is None and cfg.samples.prompts == ["a fox"]
+    assert cfg.checkpoint.every == 10 and cfg["checkpoint"]["keep_last"] == 3  # the section's other defaults stay
+    assert LoraTrainingConfig().checkpoint.every == 250  # per-trainer section defaults
+    assert cfg.to_dict()["train"]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.steps=2.5", "train.steps 2.5: expected a whole number"),
+    ("train.lr=fast", "train.lr 'fast': expected a number"),
+    ("train.steps=true", "train.steps True: expected a whole number"),
+    ("preset=[a]", "preset ['a']: expected text"),
+    ("train=5", "'train' is a section of settings (steps, batch_size"),
+    ("train.learning_rate=1", "override key 'train.learning_rate' is unknown; known here: ['batch_size'"),
+    ("lora.rank", "is not key=value"),
+])
+def test_bad_typed_values_name_the_key_and_what_was_expected(override, needle):
+    from x2i_core.train.lora import LoraTrainingConfig
+
+    with pytest.raises(X2IInputError) as info:
+        load_config(LoraTrainingConfig, None, [override])
+    assert needle in str(info.value)
+
+
+def test_unknown_yaml_keys_list_the_known_ones(tmp_path):
+    from x2i_core.train.lightcontrol_trainer import LightControlTrainingConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lightcontrol: {modules: 4}\n")
+    with pytest.raises(X2IInputError, match=r"config key 'lightcontrol.modules' is unknown; known: \['init', "
+                                            r"'num_modules'\]"):
+        load_config(LightControlTrainingConfig, str(cfg_file))

@@ -183,14 +183,14 @@ def test_caption_sources_txt_jsonl_and_tar_shards(tmp_path):
 
 
 def test_shipped_configs_parse():
-    from x2i_core.train.distill import DEFAULTS
+    from x2i_core.train.distill import DistillTrainingConfig
     from x2i_core.train.runtime import load_config
 
     folder = os.path.join(ROOT, "configs")
     names = sorted(f for f in os.listdir(folder) if f.startswith("distill-"))
     assert len(names) >= 3
     for name in names:
-        cfg = load_config(DEFAULTS, os.path.join(folder, name))
+        cfg = load_config(DistillTrainingConfig, os.path.join(folder, name))
         assert cfg["distill"]["temperature"] == 3.0 and cfg["preset"] == "training"
 
 
@@ -213,14 +213,14 @@ def test_benchmark_script_runs(tmp_path):
 @pytest.mark.parametrize("backend", ["rowwise", "reference"])
 def test_gradient_checkpointing_gives_the_same_first_step(tiny, captions, tmp_path, backend):
     # Under activation checkpointing FLUX's blocks run again in backward, with the loss hooks inside them.
-    from x2i_core.train.distill import DEFAULTS, DistillTrainer
+    from x2i_core.train.distill import DistillTrainer, DistillTrainingConfig
     from x2i_core.train.runtime import load_config
 
     results = {}
     for ckpt in (False, True):
         args = base_args(tiny, captions, tmp_path / f"ckpt-{ckpt}", "train.max_grad_norm=1e9",
                          f"train.gradient_checkpointing={str(ckpt).lower()}", f"distill.loss_backend={backend}")[1:]
-        trainer = DistillTrainer(load_config(DEFAULTS, None, args))
+        trainer = DistillTrainer(load_config(DistillTrainingConfig, None, args))
         try:
             assert trainer.flux.is_gradient_checkpointing is ckpt
             info = trainer.step(0, CAPTIONS[:2])

@@ -192,8 +192,8 @@ def test_trained_lightcontrol_runs_in_the_node(host, tmp_path):
 
 
 def test_lightcontrol_config_parses():
-    from x2i_core.train.lightcontrol_trainer import DEFAULTS
+    from x2i_core.train.lightcontrol_trainer import LightControlTrainingConfig
     from x2i_core.train.runtime import load_config
 
-    cfg = load_config(DEFAULTS, os.path.join(ROOT, "configs", "lightcontrol-80gb.yaml"))
+    cfg = load_config(LightControlTrainingConfig, os.path.join(ROOT, "configs", "lightcontrol-80gb.yaml"))
     assert cfg["lightcontrol"]["num_modules"] == 19 and cfg["train"]["lr"] == 1e-5

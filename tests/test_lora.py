@@ -219,8 +219,8 @@ def test_trained_lora_in_the_shipped_workflow_with_stock_loader(host, big_lora):
 
 
 def test_lora_config_parses():
-    from x2i_core.train.lora import DEFAULTS
+    from x2i_core.train.lora import LoraTrainingConfig
     from x2i_core.train.runtime import load_config
 
-    cfg = load_config(DEFAULTS, os.path.join(ROOT, "configs", "lora-24gb.yaml"))
+    cfg = load_config(LoraTrainingConfig, os.path.join(ROOT, "configs", "lora-24gb.yaml"))
     assert cfg["lora"]["rank"] == 16 and cfg["train"]["gradient_checkpointing"] is True

@@ -73,9 +73,9 @@ def run(name, args):
 
 
 def test_every_config_has_a_trainer_and_loads():
-    from x2i_core.train.distill import DEFAULTS as DISTILL
-    from x2i_core.train.lightcontrol_trainer import DEFAULTS as LIGHTCONTROL
-    from x2i_core.train.lora import DEFAULTS as LORA
+    from x2i_core.train.distill import DistillTrainingConfig as DISTILL
+    from x2i_core.train.lightcontrol_trainer import LightControlTrainingConfig as LIGHTCONTROL
+    from x2i_core.train.lora import LoraTrainingConfig as LORA
     from x2i_core.train.runtime import load_config
 
     defaults = {"distill": DISTILL, "train-lora": LORA, "train-lightcontrol": LIGHTCONTROL}

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from . import registry
 from .errors import X2IError
 
 log = logging.getLogger("x2i")
@@ -75,7 +76,7 @@ def _out_image(value):
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate an image from a text/image/video prompt")
     g.add_argument("--mllm", required=True, type=_existing_dir("MLLM"),
-                   help="Hugging Face MLLM folder (Qwen2.5-VL, Qwen2.5-Omni, InternVL -hf, MiniCPM-o)")
+                   help=f"Hugging Face MLLM folder ({registry.labels()})")
     g.add_argument("--alignnet", required=True, type=_existing_file("AlignNet"),
                    help="AlignNet file (.safetensors or published .pt)")
     g.add_argument("--alignnet-config", default=None, help="config for a bare AlignNet state dict: JSON file or preset name")
@@ -85,7 +86,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--video-frames", nargs="+", default=None, type=_existing_file("video frame"),
                    help="one video given as its frame images, in order")
     g.add_argument("--audio", action="append", default=[], type=_existing_file("audio"),
-                   help="input audio file (repeatable; WAV read without torchaudio; needs Qwen2.5-Omni / MiniCPM-o)")
+                   help="input audio file (repeatable; WAV read without torchaudio; needs "
+                        f"{registry.labels(registry.families_with('audio'), ' / ')})")
     g.add_argument("--instruction", default=None, help="editing instruction (the 'Instruction editing description')")
     g.add_argument("--sparse-prefill", default="off",
                    help="CritiPrefill sparse attention for long inputs: off (exact), auto (inputs of 4096+ tokens), "
@@ -100,7 +102,9 @@ def _add_generate(sub) -> None:
                    help="the MLLM decoder's products on a CPU: onednn packs the weights once (faster for short "
                         "prompts); auto = onednn for fp32 on a CPU, else torch's nn.Linear")
     g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow MLLM folders that ship Python code (MiniCPM-o); runs that code - only for trusted folders")
+                   help="allow MLLM folders that ship Python code "
+                        f"({registry.labels(registry.families_with(remote_code=True))}); runs that code - only for "
+                        "trusted folders")
     g.add_argument("--preset", default="auto", choices=["auto", "training", "comfyui", "scripts"],
                    help="X2I prompt convention (auto: training for text, comfyui with media)")
     g.add_argument("--steps", type=_positive_int("steps"), default=28, help="sampling steps (FLUX-dev 28, schnell 4)")

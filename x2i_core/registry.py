@@ -1,5 +1,10 @@
 """Facts about the MLLMs X2I knows: families, hidden-state dimensions, released AlignNets.
 
+The one place for them: the loader (``x2i_core.mllm.load_mllm``) detects families from
+:data:`MLLM_FAMILIES`, AlignNet presets come from :data:`KNOWN_MLLMS`, and the nodes' tooltips, the CLI help
+and the ComfyUI-native text encoders (``nodes/comfy_qwen.py``) read both; :func:`check_fits` is the one
+compatibility check (one error type, :class:`~x2i_core.errors.X2IShapeError`).
+
 ``(C, H)`` - hidden-state channels (decoder layers + 1) and width - does not identify an MLLM: Qwen2.5-VL-3B
 and InternVL2.5-4B are both (37, 2048); Qwen2.5-VL-7B, MiniCPM-o-2.6 and Qwen2.5-Omni-7B all (29, 3584).
 So an AlignNet records the MLLM it was trained for (:class:`Provenance`, written by the distillation trainer and
@@ -39,6 +44,79 @@ KNOWN_MLLMS: tuple[KnownMLLM, ...] = (
     KnownMLLM("Qwen2.5-Omni-7B", "qwen2.5-omni", 29, 3584),
     KnownMLLM("Qwen2.5-Omni-3B", "qwen2.5-omni", 37, 2048),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMFamily:
+    """An encoder family: how a model folder is recognised (config.json ``model_type``) and loaded."""
+
+    id: str                          # ``ChatEncoder.family`` ("qwen2.5-vl"); ``KnownMLLM.family``; provenance
+    display: str                     # ``ChatEncoder.display``, the name in messages ("Qwen2.5-VL")
+    model_types: tuple[str, ...]     # config.json model_type values this family loads
+    module: str                      # module in x2i_core.mllm
+    encoder: str                     # encoder class in that module
+    remote_code: bool                # loading runs Python shipped in the model folder (trust_remote_code)
+    description: str                 # what it is, for messages ("Qwen2.5-VL-3B/7B-Instruct")
+    modalities: frozenset[str]       # what the encoder takes: text, image, video, audio
+    folder: str = ""                 # the folder format users need, where it matters ("-hf")
+
+    @property
+    def label(self) -> str:
+        """The family as lists of supported folders name it ("InternVL -hf")."""
+        return f"{self.display} {self.folder}" if self.folder else self.display
+
+    @property
+    def releases(self) -> tuple[KnownMLLM, ...]:
+        return tuple(m for m in KNOWN_MLLMS if m.family == self.id)
+
+
+_VISUAL = frozenset({"text", "image", "video"})
+
+MLLM_FAMILIES: tuple[MLLMFamily, ...] = (
+    MLLMFamily("qwen2.5-vl", "Qwen2.5-VL", ("qwen2_5_vl",), "qwen25vl", "Qwen25VLEncoder", False,
+               "Qwen2.5-VL-3B/7B-Instruct", _VISUAL),
+    MLLMFamily("qwen2.5-omni", "Qwen2.5-Omni", ("qwen2_5_omni", "qwen2_5_omni_thinker"), "qwen25omni",
+               "Qwen25OmniEncoder", False, "Qwen2.5-Omni-3B/7B (thinker)", _VISUAL | {"audio"}),
+    MLLMFamily("internvl", "InternVL", ("internvl",), "internvl", "InternVLEncoder", False,
+               "InternVL2.5/3 (-hf transformers format)", _VISUAL, folder="-hf"),
+    MLLMFamily("minicpm-o", "MiniCPM-o", ("minicpmo",), "minicpmo", "MiniCPMOEncoder", True,
+               "MiniCPM-o-2.6 (remote code)", _VISUAL | {"audio"}),
+)
+
+
+def family(family_id: str) -> MLLMFamily:
+    """The family with this id (``ChatEncoder.family``); KeyError if there is none."""
+    for f in MLLM_FAMILIES:
+        if f.id == family_id:
+            return f
+    raise KeyError(family_id)
+
+
+def family_of_model_type(model_type: str | None) -> MLLMFamily | None:
+    """The family that loads a config.json ``model_type``, or None."""
+    return next((f for f in MLLM_FAMILIES if model_type in f.model_types), None)
+
+
+def families_with(modality: str | None = None, remote_code: bool | None = None) -> tuple[MLLMFamily, ...]:
+    """The families taking ``modality`` and/or with this remote-code flag (None = any), in registry order."""
+    return tuple(f for f in MLLM_FAMILIES if (modality is None or modality in f.modalities)
+                 and (remote_code is None or f.remote_code == remote_code))
+
+
+def labels(families=MLLM_FAMILIES, sep: str = ", ", last: str | None = None) -> str:
+    """``"Qwen2.5-VL, Qwen2.5-Omni, InternVL -hf, MiniCPM-o"`` (``last``: the separator before the last one)."""
+    names = [f.label for f in families]
+    if last is None or len(names) < 2:
+        return sep.join(names)
+    return f"{sep.join(names[:-1])}{last}{names[-1]}"
+
+
+def release(name: str) -> KnownMLLM:
+    """The known MLLM with this release name; KeyError if there is none."""
+    for m in KNOWN_MLLMS:
+        if m.name == name:
+            return m
+    raise KeyError(name)
 
 
 def candidates(channels: int, hidden: int) -> list[KnownMLLM]:
@@ -152,5 +230,6 @@ def provenance_from_metadata(meta: Mapping[str, Any] | None, where: str) -> Prov
     return None
 
 
-__all__ = ["KNOWN_MLLMS", "KnownMLLM", "MLLMIdentity", "Provenance", "candidates", "check_fits", "describe_dims",
-           "identity_of", "provenance_from_metadata", "released_file", "warn_if_ambiguous"]
+__all__ = ["KNOWN_MLLMS", "KnownMLLM", "MLLM_FAMILIES", "MLLMFamily", "MLLMIdentity", "Provenance", "candidates",
+           "check_fits", "describe_dims", "families_with", "family", "family_of_model_type", "identity_of", "labels",
+           "provenance_from_metadata", "release", "released_file", "warn_if_ambiguous"]

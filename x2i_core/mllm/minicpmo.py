@@ -56,6 +56,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .. import registry
 from ..audio import prepare_audio
 from ..errors import X2IInputError, X2IShapeError
 from ..media import as_video_list, to_pil_list
@@ -65,6 +66,7 @@ from .cache import FORWARD_CALLS
 from .chat import ChatEncoder, check_pad_rows
 from .prompting import _as_list
 
+FAMILY = registry.family("minicpm-o")
 IMAGE_TAG = "(<image>./</image>)\n"
 AUDIO_TAG = "(<audio>./</audio>)\n"
 MAX_FRAMES = 64  # the reference's cap for video frames
@@ -89,11 +91,11 @@ def recipe_of(preset: str | None) -> str:
 
 
 class MiniCPMOEncoder(ChatEncoder):
-    family = "minicpm-o"
-    display = "MiniCPM-o"
-    model_types = ("minicpmo",)
-    modalities = frozenset({"text", "image", "video", "audio"})
-    trust_remote_code = True
+    family = FAMILY.id  # the facts: x2i_core.registry
+    display = FAMILY.display
+    model_types = FAMILY.model_types
+    modalities = FAMILY.modalities
+    trust_remote_code = FAMILY.remote_code
     placeholders = ("<image>", "</image>", "<audio>", "</audio>")
     max_audio_seconds = 300.0
 

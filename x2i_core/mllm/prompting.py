@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import registry
 from ..audio import prepare_audio
 from ..errors import X2IInputError
 from ..media import as_video_list, to_pil_list
@@ -67,11 +68,12 @@ class ChatPrompt:
         for m in given:
             if m not in self.modalities:
                 supported = sorted(self.modalities - {"text"})
+                others = [f.display for f in registry.families_with(m, remote_code=False)]
                 raise X2IInputError(
                     f"prompt {i + 1}: {MODALITY_NAMES[m]} given, but {self.name} does not take {MODALITY_NAMES[m]} "
                     f"(it takes text{''.join(', ' + MODALITY_NAMES[s] for s in supported)}); "
-                    + ("load an audio-capable MLLM such as Qwen2.5-Omni" if m == "audio" else
-                       "load an MLLM that supports it (Qwen2.5-VL, Qwen2.5-Omni, InternVL)")
+                    + (f"load an audio-capable MLLM such as {' or '.join(others)}" if m == "audio" else
+                       f"load an MLLM that supports it ({', '.join(others)})")
                 )
 
     def build_prompt(self, req: EncodeRequest, preset: str | None, image_size: int | None, index: int = 0,

@@ -18,7 +18,10 @@ import contextlib
 
 import torch
 
+from .. import registry
 from .chat import ChatEncoder, read_model_config
+
+FAMILY = registry.family("qwen2.5-omni")
 
 OMNI_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
                       "perceiving auditory and visual inputs, as well as generating text and speech.")
@@ -32,10 +35,10 @@ class _NoHead(torch.nn.Module):
 
 
 class Qwen25OmniEncoder(ChatEncoder):
-    family = "qwen2.5-omni"
-    display = "Qwen2.5-Omni"
-    model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")
-    modalities = frozenset({"text", "image", "video", "audio"})
+    family = FAMILY.id  # the facts: x2i_core.registry
+    display = FAMILY.display
+    model_types = FAMILY.model_types
+    modalities = FAMILY.modalities
     system_prompt = OMNI_SYSTEM_PROMPT
     placeholders = ("<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|vision_bos|>", "<|vision_eos|>", "<|audio_bos|>",
                     "<|audio_eos|>")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import registry
 from .chat import ChatEncoder, read_model_config, resolve_dtype
 from .prompting import ChatPrompt
 
-MODEL_TYPE = "qwen2_5_vl"
+FAMILY = registry.family("qwen2.5-vl")
+MODEL_TYPE = FAMILY.model_types[0]
 
 __all__ = ["Qwen25VLEncoder", "Qwen25VLPrompt", "read_model_config", "resolve_dtype", "MODEL_TYPE"]
 
@@ -23,10 +25,10 @@ class Qwen25VLPrompt(ChatPrompt):
 class Qwen25VLEncoder(Qwen25VLPrompt, ChatEncoder):
     """Loads a Qwen2.5-VL model folder and encodes X2I prompts."""
 
-    family = "qwen2.5-vl"
-    display = "Qwen2.5-VL"
-    model_types = (MODEL_TYPE,)
-    modalities = frozenset({"text", "image", "video"})
+    family = FAMILY.id  # the facts: x2i_core.registry
+    display = FAMILY.display
+    model_types = FAMILY.model_types
+    modalities = FAMILY.modalities
     left_pad_exact = True  # tests/test_encoder_parity.py: pad rows equal across prompts, real rows = unpadded
     right_pad_rows_shared = True  # the same tests compare the right-padded presets with the padded forward
 

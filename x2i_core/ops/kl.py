@@ -11,9 +11,11 @@ For a pair of captured attention outputs ``student, teacher`` of shape
   it materialises the normalised, softmax and log tensors.
 * :func:`kl_rowwise` - a PyTorch autograd function that keeps only the inputs
   and recomputes per row in backward, in chunks of rows (CPU / fallback).
-* :func:`kl_fused` - Triton kernels: forward and backward each make one pass
-  over a row (normalise -> softmax(T) -> KL, and its gradient) without
-  materialising any softmax tensor.  Runs on CUDA, and on CPU under
+* :func:`kl_fused` - Triton kernels, one program per row (normalise ->
+  softmax(T) -> KL, and its gradient) without materialising any softmax
+  tensor: a row up to ``kl_triton.MAX_BLOCK`` (4096) wide is read once into
+  registers; a wider one is walked in chunks of that width (a few passes
+  over the row, see :mod:`x2i_core.ops.kl_triton`).  Runs on CUDA, and on CPU under
   ``TRITON_INTERPRET=1`` (how CI checks it).
 
 Gradients flow to ``student`` only (the teacher is a frozen target).
@@ -124,7 +126,7 @@ def _triton_kernels():
 
         from . import kl_triton
 
-        _KERNELS = (triton, kl_triton.kl_fwd, kl_triton.kl_bwd)
+        _KERNELS = (triton, kl_triton)
     return _KERNELS
 
 
@@ -137,37 +139,54 @@ def triton_available(device: torch.device | str) -> bool:
     return dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _launch(triton, kernels, d: int, chunk: int | None):
+    """(forward kernel, backward kernel, BLOCK, num_warps).  A row that fits one block (its width padded to a
+    power of two, at most ``kl_triton.MAX_BLOCK`` or ``chunk``) runs the whole-row kernels with Triton's default
+    warps, as before the chunked kernels existed; a wider row runs the chunked kernels on chunks of the cap,
+    with 8 warps for chunks of 2048+ (ptxas, sm_90: 4 warps on a 4096 chunk take 222-254 registers a thread,
+    8 warps 80-128)."""
+    cap = kernels.MAX_BLOCK if chunk is None else int(chunk)
+    if cap < 1 or cap & (cap - 1):
+        raise ValueError(f"fused loss chunk must be a positive power of two, got {chunk!r}")
+    whole = triton.next_power_of_2(d)
+    if whole <= cap:
+        return kernels.kl_fwd_row, kernels.kl_bwd_row, whole, 4
+    return kernels.kl_fwd, kernels.kl_bwd, cap, 8 if cap >= 2048 else 4
+
+
 class _FusedKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, temperature):
-        triton, kl_fwd, _ = _triton_kernels()
+    def forward(ctx, student, teacher, temperature, chunk):
+        triton, kernels = _triton_kernels()
         d = student.shape[-1]
+        fwd, bwd, block, warps = _launch(triton, kernels, d, chunk)
         s2 = student.detach().reshape(-1, d).contiguous()
         t2 = teacher.detach().reshape(-1, d).contiguous()
         rows = s2.shape[0]
         out = torch.empty(rows, dtype=torch.float32, device=student.device)
-        block = triton.next_power_of_2(d)
-        kl_fwd[(rows,)](s2, t2, out, d, 1.0 / temperature, EPS, BLOCK=block)
+        fwd[(rows,)](s2, t2, out, d, 1.0 / temperature, EPS, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(s2, t2)
         ctx.temperature = temperature
+        ctx.launch = bwd, block, warps
         ctx.batch = student.shape[0]
         ctx.shape = student.shape
         return out.sum() / student.shape[0]
 
     @staticmethod
     def backward(ctx, grad_out):
-        triton, _, kl_bwd = _triton_kernels()
         s2, t2 = ctx.saved_tensors
         rows, d = s2.shape
         grad = torch.empty_like(s2)
         scale = float(grad_out) / ctx.batch
-        kl_bwd[(rows,)](s2, t2, grad, d, 1.0 / ctx.temperature, EPS, scale, BLOCK=triton.next_power_of_2(d))
-        return grad.view(ctx.shape), None, None
+        bwd, block, warps = ctx.launch
+        bwd[(rows,)](s2, t2, grad, d, 1.0 / ctx.temperature, EPS, scale, BLOCK=block, num_warps=warps)
+        return grad.view(ctx.shape), None, None, None
 
 
-def kl_fused(student, teacher, temperature: float = TEMPERATURE) -> torch.Tensor:
+def kl_fused(student, teacher, temperature: float = TEMPERATURE, chunk: int | None = None) -> torch.Tensor:
+    """``chunk`` (a power of two) overrides the kernels' column chunk cap ``kl_triton.MAX_BLOCK`` (tests)."""
     _check(student, teacher)
-    return _FusedKL.apply(student, teacher, float(temperature))
+    return _FusedKL.apply(student, teacher, float(temperature), chunk)
 
 
 def _check(student, teacher):

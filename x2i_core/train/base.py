@@ -17,6 +17,7 @@ import os
 
 from ..errors import X2IInputError
 from . import runtime as rt
+from .config import Section
 
 
 class Trainer:
@@ -26,7 +27,7 @@ class Trainer:
     metric_columns: tuple[str, ...] = ("loss", "grad_norm", "lr", "seconds")
     write_config = True                    # the run's config.json in the output folder
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: Section):
         rt.setup_trainer(self, cfg, self.required)
         self._setup()
         self._load_models()
@@ -89,18 +90,19 @@ class Trainer:
         return 0 if state is None else int(state["step"])
 
     def _after_step(self, done: int) -> None:
-        every = int((self.cfg.get("samples") or {}).get("every") or 0)
+        samples = getattr(self.cfg, "samples", None)
+        every = int(samples.every) if samples is not None else 0
         if every and done % every == 0 and self.dist.main:
             self.sample(done)
 
     def fit(self) -> str:
-        total = int(self.tcfg["steps"])
-        ckpt = rt.CheckpointManager(self.out, self.cfg["checkpoint"]["keep_last"], quiet=not self.dist.main)
+        total = int(self.tcfg.steps)
+        ckpt = rt.CheckpointManager(self.out, self.cfg.checkpoint.keep_last, quiet=not self.dist.main)
         start = self._resume(ckpt)
         if self.dist.main and self.write_config:
-            rt.write_json(os.path.join(self.out, "config.json"), self.cfg)
+            rt.write_json(os.path.join(self.out, "config.json"), self.cfg.to_dict())
         metrics = rt.MetricsLog(self.out, list(self.metric_columns), resume_step=start or None,
-                                enabled=self.dist.main, tensorboard=bool(self.cfg["log"]["tensorboard"]))
+                                enabled=self.dist.main, tensorboard=bool(self.cfg.log.tensorboard))
         eval_start = self._eval_start(start) if self.dist.main and start == 0 else None
         try:
             rt.run_steps(self, start, total, metrics, self.run_name, self._step_fn(), lambda s: self._save(ckpt, s),
@@ -128,20 +130,20 @@ def load_frozen_x2i_and_flux(trainer):
     from ..mllm import load_mllm
 
     cfg = trainer.cfg
-    flux_dir = cfg["flux"]
+    flux_dir = cfg.flux
     if not os.path.isdir(os.path.join(flux_dir, "vae")):
         raise X2IInputError(f"FLUX folder '{flux_dir}' has no vae/; expected a diffusers FLUX folder")
-    trainer.encoder = load_mllm(cfg["mllm"], dtype=trainer.weight_dtype, device=trainer.device)
-    trainer.alignnet = load_alignnet(cfg["alignnet"], dtype=trainer.weight_dtype, device=trainer.device)
-    rt.check_alignnet(trainer, cfg["alignnet"])
+    trainer.encoder = load_mllm(cfg.mllm, dtype=trainer.weight_dtype, device=trainer.device)
+    trainer.alignnet = load_alignnet(cfg.alignnet, dtype=trainer.weight_dtype, device=trainer.device)
+    rt.check_alignnet(trainer, cfg.alignnet)
     trainer.vae = AutoencoderKL.from_pretrained(flux_dir, subfolder="vae",
                                                 torch_dtype=trainer.weight_dtype).to(trainer.device)
     trainer.vae.requires_grad_(False).eval()
-    if cfg["flux_transformer"]:
+    if cfg.flux_transformer:
         from ..flux.convert import diffusers_flux_from_bfl
         from ..io import load_weights_file
 
-        sd = load_weights_file(cfg["flux_transformer"], what="FLUX").tensors
+        sd = load_weights_file(cfg.flux_transformer, what="FLUX").tensors
         flux = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, trainer.weight_dtype)
     else:
         flux = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer", torch_dtype=trainer.weight_dtype)
@@ -151,9 +153,9 @@ def load_frozen_x2i_and_flux(trainer):
 def make_optimizer_and_schedule(trainer, params) -> None:
     """``trainer.optimizer`` over ``params`` and its cosine schedule with warm-up, from ``train.*``."""
     t = trainer.tcfg
-    trainer.optimizer = rt.make_optimizer(params, t["optimizer"], float(t["lr"]), float(t["weight_decay"]))
-    trainer.scheduler = rt.cosine_with_warmup(trainer.optimizer, int(t["warmup_steps"]), int(t["steps"]),
-                                              float(t["min_lr_ratio"]))
+    trainer.optimizer = rt.make_optimizer(params, t.optimizer, float(t.lr), float(t.weight_decay))
+    trainer.scheduler = rt.cosine_with_warmup(trainer.optimizer, int(t.warmup_steps), int(t.steps),
+                                              float(t.min_lr_ratio))
 
 
 __all__ = ["Trainer", "load_frozen_x2i_and_flux", "make_optimizer_and_schedule"]

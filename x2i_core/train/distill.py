@@ -21,6 +21,7 @@ until then).  The loss and the gradients equal the run without it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -35,30 +36,76 @@ from ..ops.kl import distill_loss, finite_or_skip
 from ..registry import Provenance, check_fits, identity_of
 from . import runtime as rt
 from .base import Trainer, make_optimizer_and_schedule
+from .config import CheckpointSection, LogSection, Section, TrainSection, section
 from .data import CaptionStream
 
 log = logging.getLogger("x2i")
 
-DEFAULTS = {
-    "mllm": None,               # Hugging Face MLLM folder (Qwen2.5-VL)
-    "flux": None,               # diffusers FLUX folder *with* its T5 / CLIP (the teacher encoders)
-    "output_dir": None,
-    "seed": 0,
-    "preset": "training",       # student prompt convention (what the released AlignNets used)
-    "pad_rows": "reference",    # left-pad rows as the released AlignNets saw them; "constant" = newer transformers
-    "alignnet": {"init": None, "fusion": "conv", "kernel_size": 5, "use_t5": False, "t5_layers": 2,
-                 "t5_heads": 16, "t5_head_dim": 128},
-    "data": {"paths": [], "caption_key": None, "shuffle": True, "validate_first": 1000, "skip_long": False},
-    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 100,
-              "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
-              "gradient_checkpointing": False, "gradient_accumulation": 1},
-    "distill": {"resolution": 1024, "tokens": 512, "guidance": 3.5, "timestep": "first", "temperature": 3.0,
-                "loss_backend": "auto", "cache_teacher_embeddings": False},
-    "checkpoint": {"every": 500, "keep_last": 3, "resume": "auto"},
-    "distributed": {"fsdp_flux": False},   # shard the frozen FLUX over the ranks (FSDP2) when it does not fit
-    "log": {"every": 1, "tensorboard": False},
-    "samples": {"every": 0, "prompts": ["A red fox in the snow at dawn."], "steps": 4, "size": 256},
-}
+@dataclasses.dataclass
+class AlignNetSection(Section):
+    init: str | None = None          # start from this AlignNet file instead of a fresh one
+    fusion: str = "conv"             # conv / scale / mean
+    kernel_size: int = 5
+    use_t5: bool = False
+    t5_layers: int = 2
+    t5_heads: int = 16
+    t5_head_dim: int = 128
+
+
+@dataclasses.dataclass
+class CaptionDataSection(Section):
+    paths: list[str] = dataclasses.field(default_factory=list)  # .txt / .jsonl / .parquet / .tar (globs, folders)
+    caption_key: str | None = None
+    shuffle: bool = True
+    validate_first: int = 1000       # captions checked against distill.tokens before training
+    skip_long: bool = False
+
+
+@dataclasses.dataclass
+class DistillTrainSection(TrainSection):
+    gradient_checkpointing: bool = False
+
+
+@dataclasses.dataclass
+class DistillSection(Section):
+    resolution: int = 1024
+    tokens: int = 512
+    guidance: float = 3.5
+    timestep: str = "first"          # first (sigma 1) / uniform
+    temperature: float = 3.0
+    loss_backend: str = "auto"       # auto / fused / rowwise / reference
+    cache_teacher_embeddings: bool = False
+
+
+@dataclasses.dataclass
+class DistributedSection(Section):
+    fsdp_flux: bool = False          # shard the frozen FLUX over the ranks (FSDP2) when it does not fit
+
+
+@dataclasses.dataclass
+class DistillSamples(Section):
+    every: int = 0
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["A red fox in the snow at dawn."])
+    steps: int = 4
+    size: int = 256
+
+
+@dataclasses.dataclass
+class DistillTrainingConfig(Section):
+    mllm: str | None = None          # Hugging Face MLLM folder (Qwen2.5-VL)
+    flux: str | None = None          # diffusers FLUX folder *with* its T5 / CLIP (the teacher encoders)
+    output_dir: str | None = None
+    seed: int = 0
+    preset: str = "training"         # student prompt convention (what the released AlignNets used)
+    pad_rows: str = "reference"      # left-pad rows as the released AlignNets saw them; "constant" = newer transformers
+    alignnet: AlignNetSection = section(AlignNetSection)
+    data: CaptionDataSection = section(CaptionDataSection)
+    train: DistillTrainSection = section(DistillTrainSection)
+    distill: DistillSection = section(DistillSection)
+    checkpoint: CheckpointSection = section(CheckpointSection)
+    distributed: DistributedSection = section(DistributedSection)
+    log: LogSection = section(LogSection)
+    samples: DistillSamples = section(DistillSamples)
 
 
 class DistillTrainer(Trainer):
@@ -67,38 +114,38 @@ class DistillTrainer(Trainer):
     weights_name = "alignnet.safetensors"
     metric_columns = ("loss", "pairs", "skipped", "grad_norm", "lr", "seconds")
 
-    def __init__(self, cfg: dict):
-        if not cfg["data"]["paths"]:
+    def __init__(self, cfg: Section):
+        if not cfg.data.paths:
             raise X2IInputError("config needs data.paths (caption files: .txt, .jsonl, .parquet or .tar shards)")
         super().__init__(cfg)
 
     def _setup(self):
         self.train_cfg = self.tcfg
-        self.dcfg = self.cfg["distill"]
-        self.pad_rows = check_pad_rows(self.cfg["pad_rows"])
-        res = int(self.dcfg["resolution"])
+        self.dcfg = self.cfg.distill
+        self.pad_rows = check_pad_rows(self.cfg.pad_rows)
+        res = int(self.dcfg.resolution)
         if res % 16:
             raise X2IInputError(f"distill.resolution {res} must be a multiple of 16")
-        if self.dcfg["loss_backend"] not in ("auto", "fused", "rowwise", "reference"):
-            raise X2IInputError(f"distill.loss_backend {self.dcfg['loss_backend']!r}: expected auto, fused, rowwise "
+        if self.dcfg.loss_backend not in ("auto", "fused", "rowwise", "reference"):
+            raise X2IInputError(f"distill.loss_backend {self.dcfg.loss_backend!r}: expected auto, fused, rowwise "
                                 "or reference")
-        if self.dcfg["timestep"] not in ("first", "uniform"):
-            raise X2IInputError(f"distill.timestep {self.dcfg['timestep']!r}: expected 'first' (sigma 1) or 'uniform'")
+        if self.dcfg.timestep not in ("first", "uniform"):
+            raise X2IInputError(f"distill.timestep {self.dcfg.timestep!r}: expected 'first' (sigma 1) or 'uniform'")
 
     def _prepare_data(self):
         cfg = self.cfg
-        self.stream = CaptionStream(cfg["data"]["paths"], cfg["data"]["caption_key"], cfg["seed"],
-                                    cfg["data"]["shuffle"])
+        self.stream = CaptionStream(cfg.data.paths, cfg.data.caption_key, cfg.seed,
+                                    cfg.data.shuffle)
         self._validate_data()
 
     # -- setup --------------------------------------------------------------------
     def _load_models(self):
         from ..mllm import load_mllm
 
-        self.encoder = load_mllm(self.cfg["mllm"], dtype=self.weight_dtype, device=self.device)
+        self.encoder = load_mllm(self.cfg.mllm, dtype=self.weight_dtype, device=self.device)
         self._load_teacher_flux()
         self.net = self._build_alignnet().to(self.device)
-        if self.train_cfg["gradient_checkpointing"]:
+        if self.train_cfg.gradient_checkpointing:
             self.flux.enable_gradient_checkpointing()
             if self.net.config.use_t5:
                 self.net.t5stack.gradient_checkpointing = True
@@ -107,7 +154,7 @@ class DistillTrainer(Trainer):
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
             self.model = self.net
-        if self.cfg["distributed"]["fsdp_flux"] and self.dist.enabled:
+        if self.cfg.distributed.fsdp_flux and self.dist.enabled:
             self._shard_flux()
         self.capture = AttentionCapture(self.flux)
         make_optimizer_and_schedule(self, self.net.parameters())
@@ -116,7 +163,7 @@ class DistillTrainer(Trainer):
         """The one FLUX both passes share, with its own CLIP and T5 as the teacher's encoders (frozen)."""
         from diffusers import FluxPipeline
 
-        flux_dir = self.cfg["flux"]
+        flux_dir = self.cfg.flux
         no_teacher = X2IInputError(
             f"FLUX folder '{flux_dir}' lacks text_encoder / text_encoder_2 (or their tokenizers): distillation "
             "needs FLUX's own CLIP and T5 as the teacher's encoders (a full diffusers FLUX download has them)")
@@ -144,29 +191,29 @@ class DistillTrainer(Trainer):
     def _build_alignnet(self) -> AlignNet:
         """The student: ``alignnet.init`` or a fresh AlignNet for this MLLM and FLUX, checked against both and
         stamped with what it is distilled on."""
-        cfg, acfg, tcfg = self.cfg, self.cfg["alignnet"], self.flux.config
-        if acfg["init"]:
-            net = load_alignnet(acfg["init"])
+        cfg, acfg, tcfg = self.cfg, self.cfg.alignnet, self.flux.config
+        if acfg.init:
+            net = load_alignnet(acfg.init)
         else:
-            fusion = acfg["fusion"]
+            fusion = acfg.fusion
             if fusion not in ("conv", "scale", "mean"):
                 raise X2IInputError(f"alignnet.fusion {fusion!r}: expected conv, scale or mean")
-            torch.manual_seed(int(cfg["seed"]))
+            torch.manual_seed(int(cfg.seed))
             net = AlignNet(AlignNetConfig(
                 in_channels=self.encoder.channels, input_dim=self.encoder.hidden_size,
                 output_dim0=tcfg.pooled_projection_dim, output_dim1=tcfg.joint_attention_dim,
-                kernel_size=int(acfg["kernel_size"]), use_t5=bool(acfg["use_t5"]), use_scale=fusion == "scale",
-                use_cnn=fusion == "conv", num_layers=int(acfg["t5_layers"]), num_heads=int(acfg["t5_heads"]),
-                head_dim=int(acfg["t5_head_dim"])))
+                kernel_size=int(acfg.kernel_size), use_t5=bool(acfg.use_t5), use_scale=fusion == "scale",
+                use_cnn=fusion == "conv", num_layers=int(acfg.t5_layers), num_heads=int(acfg.t5_heads),
+                head_dim=int(acfg.t5_head_dim)))
         c = net.config
         mllm = identity_of(self.encoder)
-        check_fits(net.provenance, c.in_channels, c.input_dim, mllm, f"AlignNet '{acfg['init']}'")
+        check_fits(net.provenance, c.in_channels, c.input_dim, mllm, f"AlignNet '{acfg.init}'")
         # What the file will record: the MLLM, prompt convention and pad rows it is distilled on.
-        net.provenance = Provenance(mllm.family, mllm.model, mllm.channels, mllm.hidden, cfg["preset"],
+        net.provenance = Provenance(mllm.family, mllm.model, mllm.channels, mllm.hidden, cfg.preset,
                                     self.pad_rows, "trained")
         if (c.output_dim1, c.output_dim0) != (tcfg.joint_attention_dim, tcfg.pooled_projection_dim):
             raise X2IShapeError(
-                f"AlignNet outputs widths {c.output_dim1}/{c.output_dim0} but FLUX '{cfg['flux']}' expects "
+                f"AlignNet outputs widths {c.output_dim1}/{c.output_dim0} but FLUX '{cfg.flux}' expects "
                 f"{tcfg.joint_attention_dim}/{tcfg.pooled_projection_dim}")
         return net.requires_grad_(True).train()
 
@@ -181,18 +228,18 @@ class DistillTrainer(Trainer):
         fully_shard(self.flux)
 
     def _too_long(self, caption: str) -> str | None:
-        limit = int(self.dcfg["tokens"])
+        limit = int(self.dcfg.tokens)
         n = len(self.pipe.tokenizer_2(caption).input_ids)
         if n > limit:
             return f"{n} T5 tokens > distill.tokens {limit}"
         return None
 
     def _validate_data(self):
-        head = self.stream.head(int(self.cfg["data"]["validate_first"]))
+        head = self.stream.head(int(self.cfg.data.validate_first))
         if not head:
             raise X2IInputError(f"dataset {self.stream.files[:3]} has no captions")
         long = [(c, why) for c in head if (why := self._too_long(c))]
-        if long and not self.cfg["data"]["skip_long"]:
+        if long and not self.cfg.data.skip_long:
             cap, why = long[0]
             raise X2IInputError(
                 f"{len(long)} of the first {len(head)} captions exceed the token limit ({why}), e.g. "
@@ -200,8 +247,8 @@ class DistillTrainer(Trainer):
 
     # -- one step ------------------------------------------------------------------
     def _teacher_embeds(self, captions):
-        tokens = int(self.dcfg["tokens"])
-        if not self.dcfg["cache_teacher_embeddings"]:
+        tokens = int(self.dcfg.tokens)
+        if not self.dcfg.cache_teacher_embeddings:
             with torch.no_grad():
                 pe, pooled, _ = self.pipe.encode_prompt(captions, captions, device=self.device,
                                                         max_sequence_length=tokens)
@@ -228,13 +275,13 @@ class DistillTrainer(Trainer):
         return torch.stack(pes).to(self.weight_dtype), torch.stack(pools).to(self.weight_dtype)
 
     def _latents(self, step: int, first_index: int):
-        res = int(self.dcfg["resolution"])
+        res = int(self.dcfg.resolution)
         side = res // 16
         lat, sig = [], []
         for k in range(self.local_batch):
-            g = rt.step_generator(self.cfg["seed"], step, first_index + k)
+            g = rt.step_generator(self.cfg.seed, step, first_index + k)
             lat.append(torch.randn(side * side, 64, generator=g))
-            sig.append(1.0 if self.dcfg["timestep"] == "first" else float(torch.rand((), generator=g)))
+            sig.append(1.0 if self.dcfg.timestep == "first" else float(torch.rand((), generator=g)))
         latents = torch.stack(lat).to(self.device, self.weight_dtype)
         sigmas = torch.tensor(sig, device=self.device, dtype=self.weight_dtype)
         img_ids = self.pipe._prepare_latent_image_ids(self.local_batch, side, side, self.device, self.weight_dtype)
@@ -244,7 +291,7 @@ class DistillTrainer(Trainer):
         txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.weight_dtype)
         guidance = None
         if self.flux.config.guidance_embeds:
-            guidance = torch.full((latents.shape[0],), float(self.dcfg["guidance"]), device=self.device,
+            guidance = torch.full((latents.shape[0],), float(self.dcfg.guidance), device=self.device,
                                   dtype=self.weight_dtype)
         return self.flux(hidden_states=latents, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
                          encoder_hidden_states=seq, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
@@ -272,14 +319,14 @@ class DistillTrainer(Trainer):
         t_seq, t_pooled = self._teacher_embeds(captions)
         with torch.no_grad():
             teacher = collect(self.capture, lambda: self._flux(latents, sigmas, img_ids, t_seq, t_pooled))
-            hidden = self.encoder.encode_text(captions, preset=self.cfg["preset"], pad_rows=self.pad_rows).hidden
+            hidden = self.encoder.encode_text(captions, preset=self.cfg.preset, pad_rows=self.pad_rows).hidden
         s_tokens = hidden.shape[2]
         t_tokens = t_seq.shape[1]
-        temperature = float(self.dcfg["temperature"])
-        backend = self.dcfg["loss_backend"]
+        temperature = float(self.dcfg.temperature)
+        backend = self.dcfg.loss_backend
         # Under activation checkpointing each block's forward (and the loss its hooks add) runs again in
         # backward, so the teacher captures stay until then; otherwise each is dropped once used.
-        recomputed = bool(self.train_cfg["gradient_checkpointing"])
+        recomputed = bool(self.train_cfg.gradient_checkpointing)
         terms, skipped = [], []
 
         def pair_loss(key, out):
@@ -327,7 +374,7 @@ class DistillTrainer(Trainer):
         return {"data_position": self.position}
 
     def _write_extra(self, folder: str, step: int) -> None:
-        rt.write_json(os.path.join(folder, "meta.json"), {"step": step, "config": self.cfg})
+        rt.write_json(os.path.join(folder, "meta.json"), {"step": step, "config": self.cfg.to_dict()})
 
     def _read_weights(self, folder: str):
         return load_alignnet(os.path.join(folder, self.weights_name))
@@ -342,7 +389,7 @@ class DistillTrainer(Trainer):
     def _step_fn(self):
         """Each optimiser step reads the next global batch from the caption stream (every rank the same
         batch, then its share), skipping captions over the token limit when ``data.skip_long``."""
-        skip_long = bool(self.cfg["data"]["skip_long"])
+        skip_long = bool(self.cfg.data.skip_long)
         stream = self.stream.iterate_from(self.position)
         self.skipped_long = 0
 
@@ -374,11 +421,11 @@ class DistillTrainer(Trainer):
         self.net.eval()
         pipe = X2IPipeline(self.encoder, self.net, self.pipe, alignnet_name="AlignNet (training)")
         paths = []
-        scfg = self.cfg["samples"]
+        scfg = self.cfg.samples
         try:
-            for i, prompt in enumerate(scfg["prompts"]):
-                img = pipe.generate(prompt, preset=self.cfg["preset"], steps=int(scfg["steps"]), seed=i,
-                                    width=int(scfg["size"]), height=int(scfg["size"]), progress=False)
+            for i, prompt in enumerate(scfg.prompts):
+                img = pipe.generate(prompt, preset=self.cfg.preset, steps=int(scfg.steps), seed=i,
+                                    width=int(scfg.size), height=int(scfg.size), progress=False)
                 path = os.path.join(folder, f"step-{step:08d}-{i}.png")
                 img.save(path)
                 paths.append(path)
@@ -392,7 +439,7 @@ class DistillTrainer(Trainer):
 
 
 def run(config_path: str | None, overrides: list[str]) -> str:
-    return rt.run_trainer(DistillTrainer, DEFAULTS, config_path, overrides)
+    return rt.run_trainer(DistillTrainer, DistillTrainingConfig, config_path, overrides)
 
 
-__all__ = ["DEFAULTS", "DistillTrainer", "run"]
+__all__ = ["DistillTrainingConfig", "DistillTrainer", "run"]

@@ -123,14 +123,14 @@ class FluxTrainer(Trainer):
         """X2I's conditioning of a caption (+ images): ``(pooled [768], sequence [S, 4096])`` on the CPU."""
         from ..mllm.base import EncodeRequest
 
-        hs = self.encoder.encode(EncodeRequest(text=text, images=images or None), preset=self.cfg["preset"])
+        hs = self.encoder.encode(EncodeRequest(text=text, images=images or None), preset=self.cfg.preset)
         pooled, seq = self.alignnet(hs.hidden)
         return pooled[0].cpu(), seq[0].cpu()
 
     def draws(self, step: int, first: int, n: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise [n, *shape] and sigmas [n] of samples ``first .. first+n-1`` at ``step``, on the device."""
-        pairs = [draw_noise_and_sigma(self.cfg["seed"], step, first + k, shape, self.tcfg["sigma_mean"],
-                                      self.tcfg["sigma_std"]) for k in range(n)]
+        pairs = [draw_noise_and_sigma(self.cfg.seed, step, first + k, shape, self.tcfg.sigma_mean,
+                                      self.tcfg.sigma_std) for k in range(n)]
         return (torch.stack([p[0] for p in pairs]).to(self.device),
                 torch.stack([p[1] for p in pairs]).to(self.device))
 

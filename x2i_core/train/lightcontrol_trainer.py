@@ -16,6 +16,7 @@ WebDataset ``.tar`` shards whose samples hold ``source.png``, ``target.png`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -24,21 +25,42 @@ import torch
 from ..errors import X2IInputError
 from . import runtime as rt, samples as sm
 from .base import load_frozen_x2i_and_flux, make_optimizer_and_schedule
+from .config import CheckpointSection, FluxTrainSection, LogSection, Section, section
 from .flux_training import FluxTrainer, flow_matching_loss, stack, to_pixels, vae_latent
 
 log = logging.getLogger("x2i")
 
-DEFAULTS = {
-    "mllm": None, "alignnet": None, "flux": None, "flux_transformer": None, "output_dir": None, "seed": 0,
-    "preset": "auto",
-    "lightcontrol": {"init": None, "num_modules": 19},
-    "data": {"path": None, "resolution": 512},
-    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-5, "weight_decay": 1e-2, "warmup_steps": 100,
-              "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
-              "guidance": 3.5, "sigma_mean": 0.0, "sigma_std": 1.0, "gradient_accumulation": 1},
-    "checkpoint": {"every": 500, "keep_last": 3, "resume": "auto"},
-    "log": {"every": 1, "tensorboard": False},
-}
+@dataclasses.dataclass
+class LightControlSection(Section):
+    init: str | None = None          # start from this LightControl file
+    num_modules: int = 19            # one per FLUX double block (at most the transformer's count)
+
+
+@dataclasses.dataclass
+class TripleDataSection(Section):
+    path: str | None = None          # a folder, a .jsonl or a .tar shard (see scan_triples)
+    resolution: int = 512
+
+
+@dataclasses.dataclass
+class LightControlTrainSection(FluxTrainSection):
+    lr: float = 1e-5
+
+
+@dataclasses.dataclass
+class LightControlTrainingConfig(Section):
+    mllm: str | None = None
+    alignnet: str | None = None
+    flux: str | None = None
+    flux_transformer: str | None = None
+    output_dir: str | None = None
+    seed: int = 0
+    preset: str = "auto"
+    lightcontrol: LightControlSection = section(LightControlSection)
+    data: TripleDataSection = section(TripleDataSection)
+    train: LightControlTrainSection = section(LightControlTrainSection)
+    checkpoint: CheckpointSection = section(CheckpointSection)
+    log: LogSection = section(LogSection)
 
 
 def scan_triples(path: str) -> list[dict]:
@@ -104,7 +126,7 @@ class LightControlTrainer(FluxTrainer):
     weights_name = "lightcontrol.safetensors"
 
     def _setup(self):
-        self.triples = scan_triples(self.cfg["data"]["path"])
+        self.triples = scan_triples(self.cfg.data.path)
 
     def _load_models(self):
         from ..lightcontrol import LightControl, LightControlConfig, load_lightcontrol
@@ -112,12 +134,12 @@ class LightControlTrainer(FluxTrainer):
         cfg = self.cfg
         self.flux = load_frozen_x2i_and_flux(self).to(self.device).eval()
         width = self.flux.config.num_attention_heads * self.flux.config.attention_head_dim
-        lcfg = cfg["lightcontrol"]
-        if lcfg["init"]:
-            lc = load_lightcontrol(lcfg["init"])
+        lcfg = cfg.lightcontrol
+        if lcfg.init:
+            lc = load_lightcontrol(lcfg.init)
         else:
-            torch.manual_seed(int(cfg["seed"]))
-            n = min(int(lcfg["num_modules"]), len(self.flux.transformer_blocks))
+            torch.manual_seed(int(cfg.seed))
+            n = min(int(lcfg.num_modules), len(self.flux.transformer_blocks))
             lc = LightControl(LightControlConfig(num_modules=n, out_dim=width))
         if lc.config.out_dim != width:
             raise X2IInputError(f"LightControl width {lc.config.out_dim} differs from the FLUX transformer's {width}")
@@ -126,7 +148,7 @@ class LightControlTrainer(FluxTrainer):
         make_optimizer_and_schedule(self, self.lc.parameters())
 
     def _prepare_data(self):
-        res = int(self.cfg["data"]["resolution"])
+        res = int(self.cfg.data.resolution)
         if res % 16:
             raise X2IInputError(f"data.resolution {res} must be a multiple of 16")
         self.items, self.skipped = [], []
@@ -149,7 +171,7 @@ class LightControlTrainer(FluxTrainer):
         hint = stack(items, "hint", self.device)
         residuals = (self.model if train else self.lc)(hint, sigma * 1000.0, len(self.flux.transformer_blocks))
         return flow_matching_loss(self.flux, self.flux.config, x0, noise, sigma, stack(items, "seq", self.device),
-                                  stack(items, "pooled", self.device), self.tcfg["guidance"], self.weight_dtype,
+                                  stack(items, "pooled", self.device), self.tcfg.guidance, self.weight_dtype,
                                   context=inject(self.flux, [r.to(self.weight_dtype) for r in residuals]))
 
     def step(self, step: int) -> dict:
@@ -181,4 +203,4 @@ class LightControlTrainer(FluxTrainer):
 
 
 def run(config_path: str | None, overrides: list[str]) -> str:
-    return rt.run_trainer(LightControlTrainer, DEFAULTS, config_path, overrides)
+    return rt.run_trainer(LightControlTrainer, LightControlTrainingConfig, config_path, overrides)

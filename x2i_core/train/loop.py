@@ -17,23 +17,23 @@ from .metrics import MetricsLog
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def setup_trainer(trainer, cfg: dict, required: tuple[str, ...]) -> None:
+def setup_trainer(trainer, cfg, required: tuple[str, ...]) -> None:
     """Checks and attributes every trainer needs: ``dist``, ``out``, ``tcfg``, ``global_batch``,
     ``local_batch``, ``device``, ``weight_dtype`` (errors name the config key)."""
     trainer.cfg = cfg
     trainer.dist = Dist()
     for key in required:
-        if not cfg.get(key):
+        if not getattr(cfg, key):
             raise X2IInputError(f"config needs '{key}'")
-    trainer.out = check_output_dir(cfg["output_dir"])
-    trainer.tcfg = cfg["train"]
-    trainer.global_batch = int(trainer.tcfg["batch_size"])
+    trainer.out = check_output_dir(cfg.output_dir)
+    trainer.tcfg = cfg.train
+    trainer.global_batch = int(trainer.tcfg.batch_size)
     if trainer.global_batch < 1 or trainer.global_batch % trainer.dist.world:
         raise X2IInputError(f"train.batch_size {trainer.global_batch} (global) must be a positive multiple of the "
                             f"{trainer.dist.world} processes")
     trainer.local_batch = trainer.global_batch // trainer.dist.world
     trainer.device = trainer.dist.device
-    mp = trainer.tcfg["mixed_precision"]  # load_config has mapped the other spellings (false, none, fp32, ...)
+    mp = trainer.tcfg.mixed_precision  # load_config has mapped the other spellings (false, none, fp32, ...)
     if mp not in WEIGHT_DTYPES:
         raise X2IInputError(f"train.mixed_precision {mp!r}: expected no, bf16 or fp16")
     trainer.weight_dtype = WEIGHT_DTYPES[mp]
@@ -77,7 +77,7 @@ def resume_trainer(trainer, ckpt: "CheckpointManager", read_weights, apply_weigh
     ``checkpoint.resume`` is off.  ``read_weights(folder)`` reads the trained weights; they are applied with
     ``apply_weights(weights)`` only after the trainer state has been read too, so a damaged folder changes
     nothing.  Returns the stored trainer state (with its ``step``), or None for a fresh start."""
-    if trainer.cfg["checkpoint"]["resume"] in ("never", False, None):  # load_config maps no / off / none
+    if trainer.cfg.checkpoint.resume in ("never", False, None):  # load_config maps no / off / none
         return None
     found = {}
 
@@ -95,7 +95,7 @@ def resume_trainer(trainer, ckpt: "CheckpointManager", read_weights, apply_weigh
 
 def accumulation(trainer) -> int:
     """``train.gradient_accumulation``: micro-batches per optimizer step (1 = none)."""
-    n = trainer.tcfg.get("gradient_accumulation", 1)
+    n = trainer.tcfg.gradient_accumulation
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise X2IInputError(f"train.gradient_accumulation {n!r}: expected a whole number of at least 1")
     return n
@@ -120,7 +120,7 @@ def optimize(trainer, step: int, micro_fn, params) -> dict:
         total += float(loss) / n
         for k, v in (more or {}).items():
             extras[k] = extras.get(k, 0) + v
-    gnorm = torch.nn.utils.clip_grad_norm_(params, float(trainer.tcfg["max_grad_norm"]))
+    gnorm = torch.nn.utils.clip_grad_norm_(params, float(trainer.tcfg.max_grad_norm))
     trainer.optimizer.step()
     lr = trainer.scheduler.get_last_lr()[0]
     trainer.scheduler.step()
@@ -141,8 +141,8 @@ def run_steps(trainer, start: int, total: int, metrics: "MetricsLog", desc: str,
 
     from tqdm import tqdm
 
-    every = int(trainer.cfg["checkpoint"]["every"])
-    log_every = max(1, int(trainer.cfg["log"]["every"]))
+    every = int(trainer.cfg.checkpoint.every)
+    log_every = max(1, int(trainer.cfg.log.every))
     bar = tqdm(total=total, initial=start, desc=desc, disable=not trainer.dist.main)
     try:
         for step in range(start, total):

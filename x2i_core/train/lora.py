@@ -18,6 +18,7 @@ The saved file is one safetensors in the diffusers/PEFT layout with a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import torch
 from ..errors import X2IInputError
 from . import runtime as rt, samples as sm
 from .base import load_frozen_x2i_and_flux, make_optimizer_and_schedule
+from .config import CheckpointSection, FluxTrainSection, LogSection, Section, section
 from .flux_training import FluxTrainer, flow_matching_loss, pack_latents, stack, to_pixels, unpack_latents, vae_latent
 
 log = logging.getLogger("x2i")
@@ -40,25 +42,53 @@ DEFAULT_TARGETS = (
     r"|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out)"
 )
 
-DEFAULTS = {
-    "mllm": None,
-    "alignnet": None,
-    "flux": None,                  # diffusers FLUX folder (transformer, vae, scheduler)
-    "flux_transformer": None,      # optional: a single-file FLUX (ComfyUI / BFL layout) replacing transformer/
-    "output_dir": None,
-    "seed": 0,
-    "preset": "auto",
-    "lora": {"rank": 16, "alpha": None, "targets": DEFAULT_TARGETS, "dropout": 0.0},
-    "data": {"path": None, "resolution": 512, "buckets": True, "bucket_step": 64},
-    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 50,
-              "min_lr_ratio": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw", "mixed_precision": "no",
-              "gradient_checkpointing": False, "guidance": 1.0, "sigma_mean": 0.0, "sigma_std": 1.0,
-              "gradient_accumulation": 1},
-    "checkpoint": {"every": 250, "keep_last": 3, "resume": "auto"},
-    "log": {"every": 1, "tensorboard": False},
-    "samples": {"every": 0, "prompts": ["A portrait in the trained style."], "steps": 28, "size": 512,
-                "guidance": 3.5},
-}
+@dataclasses.dataclass
+class LoraSection(Section):
+    rank: int = 16
+    alpha: float | None = None       # None: alpha = rank
+    targets: str = DEFAULT_TARGETS   # a regular expression over the transformer's module names
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class ImageDataSection(Section):
+    path: str | None = None          # a folder, a JSONL or a .tar shard (see scan_dataset)
+    resolution: int = 512
+    buckets: bool = True             # aspect-ratio buckets of about resolution^2 pixels
+    bucket_step: int = 64
+
+
+@dataclasses.dataclass
+class LoraTrainSection(FluxTrainSection):
+    warmup_steps: int = 50
+    guidance: float = 1.0
+    gradient_checkpointing: bool = False
+
+
+@dataclasses.dataclass
+class LoraSamples(Section):
+    every: int = 0
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["A portrait in the trained style."])
+    steps: int = 28
+    size: int = 512
+    guidance: float = 3.5
+
+
+@dataclasses.dataclass
+class LoraTrainingConfig(Section):
+    mllm: str | None = None
+    alignnet: str | None = None
+    flux: str | None = None                  # diffusers FLUX folder (transformer, vae, scheduler)
+    flux_transformer: str | None = None      # optional: a single-file FLUX (ComfyUI / BFL layout) replacing transformer/
+    output_dir: str | None = None
+    seed: int = 0
+    preset: str = "auto"
+    lora: LoraSection = section(LoraSection)
+    data: ImageDataSection = section(ImageDataSection)
+    train: LoraTrainSection = section(LoraTrainSection)
+    checkpoint: CheckpointSection = section(CheckpointSection, every=250)
+    log: LogSection = section(LogSection)
+    samples: LoraSamples = section(LoraSamples)
 
 
 # -- dataset --------------------------------------------------------------------
@@ -166,7 +196,7 @@ class LoraTrainer(FluxTrainer):
     weights_name = "lora.safetensors"
 
     def _setup(self):
-        self.samples = scan_dataset(self.cfg["data"]["path"])
+        self.samples = scan_dataset(self.cfg.data.path)
 
     def _load_models(self):
         from peft import LoraConfig
@@ -178,31 +208,31 @@ class LoraTrainer(FluxTrainer):
                                               transformer.config.pooled_projection_dim):
             raise X2IInputError(f"AlignNet outputs {a.output_dim1}/{a.output_dim0} but the FLUX transformer expects "
                                 f"{transformer.config.joint_attention_dim}/{transformer.config.pooled_projection_dim}")
-        lcfg = cfg["lora"]
-        rank = int(lcfg["rank"])
-        alpha = float(lcfg["alpha"]) if lcfg["alpha"] is not None else float(rank)
+        lcfg = cfg.lora
+        rank = int(lcfg.rank)
+        alpha = float(lcfg.alpha) if lcfg.alpha is not None else float(rank)
         if rank < 1:
             raise X2IInputError(f"lora.rank must be at least 1, found {rank}")
         import re
 
-        pattern = re.compile(lcfg["targets"])
+        pattern = re.compile(lcfg.targets)
         targets = [(n, m) for n, m in transformer.named_modules()
                    if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
         if not targets:
-            raise X2IInputError(f"lora.targets {lcfg['targets']!r} matches no Linear layer of the FLUX transformer")
+            raise X2IInputError(f"lora.targets {lcfg.targets!r} matches no Linear layer of the FLUX transformer")
         for name, mod in targets:
             if rank > min(mod.in_features, mod.out_features):
                 raise X2IInputError(
                     f"lora.rank {rank} is larger than layer '{name}' ({mod.in_features} -> {mod.out_features}); "
                     f"use a rank of at most {min(mod.in_features, mod.out_features)}")
         self.rank, self.alpha = rank, alpha
-        torch.manual_seed(int(cfg["seed"]))
-        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=lcfg["targets"],
-                                           lora_dropout=float(lcfg["dropout"]), init_lora_weights="gaussian"))
+        torch.manual_seed(int(cfg.seed))
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=lcfg.targets,
+                                           lora_dropout=float(lcfg.dropout), init_lora_weights="gaussian"))
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        if self.tcfg["gradient_checkpointing"]:
+        if self.tcfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.transformer = self.trained = transformer.to(self.device).train()
         self.params = [p for p in transformer.parameters() if p.requires_grad]
@@ -213,12 +243,12 @@ class LoraTrainer(FluxTrainer):
 
     def _prepare_data(self):
         """Load, bucket, VAE-encode and X2I-encode every sample once (corrupt images skipped and counted)."""
-        dcfg = self.cfg["data"]
-        res = int(dcfg["resolution"])
-        step = int(dcfg["bucket_step"])
+        dcfg = self.cfg.data
+        res = int(dcfg.resolution)
+        step = int(dcfg.bucket_step)
         if res % 16 or step % 16:
             raise X2IInputError(f"data.resolution {res} and data.bucket_step {step} must be multiples of 16")
-        sizes = bucket_sizes(res, step) if dcfg["buckets"] else [(res, res)]
+        sizes = bucket_sizes(res, step) if dcfg.buckets else [(res, res)]
         self.items, self.skipped = [], []
         for s in self.samples:
             try:
@@ -240,7 +270,7 @@ class LoraTrainer(FluxTrainer):
             self.by_bucket.setdefault((it["bucket"], it["seq"].shape[0]), []).append(i)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(f"{self.cfg['seed']}:{epoch}")
+        rng = random.Random(f"{self.cfg.seed}:{epoch}")
         batches = []
         for key in sorted(self.by_bucket):
             idx = list(self.by_bucket[key])
@@ -276,7 +306,7 @@ class LoraTrainer(FluxTrainer):
     def loss(self, items, x0, noise, sigma, train=True):
         return flow_matching_loss(self.model if train else self.transformer, self.transformer.config, x0, noise, sigma,
                                   stack(items, "seq", self.device), stack(items, "pooled", self.device),
-                                  self.tcfg["guidance"], self.weight_dtype)
+                                  self.tcfg.guidance, self.weight_dtype)
 
     def sample(self, step: int) -> list[str]:
         """Images from the fixed prompts with the current LoRA (rank 0)."""
@@ -284,23 +314,23 @@ class LoraTrainer(FluxTrainer):
 
         from ..mllm.base import EncodeRequest
 
-        scfg = self.cfg["samples"]
+        scfg = self.cfg.samples
         folder = os.path.join(self.out, "samples")
         os.makedirs(folder, exist_ok=True)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.cfg["flux"], subfolder="scheduler")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.cfg.flux, subfolder="scheduler")
         pipe = FluxPipeline(scheduler=scheduler, vae=self.vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                             tokenizer_2=None, transformer=self.transformer)
         pipe.set_progress_bar_config(disable=True)
         paths = []
         self.transformer.eval()
         try:
-            for i, prompt in enumerate(scfg["prompts"]):
+            for i, prompt in enumerate(scfg.prompts):
                 with torch.no_grad():
-                    hs = self.encoder.encode(EncodeRequest(text=prompt), preset=self.cfg["preset"])
+                    hs = self.encoder.encode(EncodeRequest(text=prompt), preset=self.cfg.preset)
                     pooled, seq = self.alignnet(hs.hidden)
                     img = pipe(prompt_embeds=seq.to(self.weight_dtype), pooled_prompt_embeds=pooled.to(self.weight_dtype),
-                               num_inference_steps=int(scfg["steps"]), guidance_scale=float(scfg["guidance"]),
-                               width=int(scfg["size"]), height=int(scfg["size"]),
+                               num_inference_steps=int(scfg.steps), guidance_scale=float(scfg.guidance),
+                               width=int(scfg.size), height=int(scfg.size),
                                generator=torch.Generator().manual_seed(i)).images[0]
                 path = os.path.join(folder, f"step-{step:08d}-{i}.png")
                 img.save(path)
@@ -325,10 +355,10 @@ class LoraTrainer(FluxTrainer):
         from ..io import atomic_save_safetensors
 
         meta = {"x2i_format": "lora", "x2i_lora": json.dumps({
-            "rank": self.rank, "alpha": self.alpha, "targets": self.cfg["lora"]["targets"], "step": step,
-            "mllm": os.path.basename(os.path.normpath(self.cfg["mllm"])),
-            "alignnet": os.path.basename(self.cfg["alignnet"]), "preset": self.cfg["preset"],
-            "resolution": self.cfg["data"]["resolution"]})}
+            "rank": self.rank, "alpha": self.alpha, "targets": self.cfg.lora.targets, "step": step,
+            "mllm": os.path.basename(os.path.normpath(self.cfg.mllm)),
+            "alignnet": os.path.basename(self.cfg.alignnet), "preset": self.cfg.preset,
+            "resolution": self.cfg.data.resolution})}
         atomic_save_safetensors(self.lora_state(), path, metadata=meta)
 
     def _write_weights(self, path: str, step: int) -> None:
@@ -355,7 +385,7 @@ class LoraTrainer(FluxTrainer):
 
 
 def run(config_path: str | None, overrides: list[str]) -> str:
-    return rt.run_trainer(LoraTrainer, DEFAULTS, config_path, overrides)
+    return rt.run_trainer(LoraTrainer, LoraTrainingConfig, config_path, overrides)
 
 
-__all__ = ["DEFAULTS", "LoraTrainer", "run", "scan_dataset", "bucket_sizes", "pack_latents", "unpack_latents"]
+__all__ = ["LoraTrainingConfig", "LoraTrainer", "run", "scan_dataset", "bucket_sizes", "pack_latents", "unpack_latents"]

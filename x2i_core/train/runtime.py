@@ -2,7 +2,7 @@
 (``config``, ``distributed``, ``checkpoints``, ``metrics``, ``optim``, ``loop``); this module gathers their
 public names (``from . import runtime as rt``) and runs a trainer from a config.
 
-* config: a YAML file + ``key.sub=value`` overrides over a dict of defaults;
+* config: typed config dataclasses, read from a YAML file + ``key.sub=value`` overrides;
 * distributed: ``torch.distributed`` (env:// as set by torchrun; gloo on CPU,
   nccl on CUDA), world/rank helpers, DDP wrapping;
 * checkpoints: ``checkpoints/step-XXXXXXXX/`` folders written in a temporary
@@ -22,8 +22,6 @@ run and an uninterrupted one draw identical numbers, on any number of ranks.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 from .checkpoints import (
     MANIFEST,
     MANIFEST_FORMAT,
@@ -33,7 +31,7 @@ from .checkpoints import (
     load_state,
     save_state,
 )
-from .config import CHOICES, OFF_WORDS, deep_update, load_config
+from .config import OFF_WORDS, Section, load_config
 from .distributed import Dist, step_generator
 from .loop import (
     WEIGHT_DTYPES,
@@ -52,17 +50,17 @@ from .metrics import MetricsLog, read_metrics, write_eval_report, write_json
 from .optim import cosine_with_warmup, make_optimizer
 
 
-def run_trainer(trainer_cls, defaults: Mapping, config_path: str | None, overrides: list[str] | None) -> str:
-    """Config file + overrides -> trainer -> fit; the path of the trained file."""
-    trainer = trainer_cls(load_config(defaults, config_path, overrides))
+def run_trainer(trainer_cls, schema: type[Section], config_path: str | None, overrides: list[str] | None) -> str:
+    """Config file + overrides -> typed config (``schema``) -> trainer -> fit; the path of the trained file."""
+    trainer = trainer_cls(load_config(schema, config_path, overrides))
     try:
         return trainer.fit()
     finally:
         trainer.close()
 
 
-__all__ = ["CHOICES", "MANIFEST", "MANIFEST_FORMAT", "OFF_WORDS", "WEIGHT_DTYPES", "CheckpointManager", "Dist",
-           "MetricsLog", "X2ICheckpointError", "accumulation", "backward", "check_alignnet", "check_output_dir",
-           "cosine_with_warmup", "deep_update", "load_config", "load_state", "make_optimizer", "optimize",
+__all__ = ["MANIFEST", "MANIFEST_FORMAT", "OFF_WORDS", "WEIGHT_DTYPES", "CheckpointManager", "Dist",
+           "MetricsLog", "Section", "X2ICheckpointError", "accumulation", "backward", "check_alignnet", "check_output_dir",
+           "cosine_with_warmup", "load_config", "load_state", "make_optimizer", "optimize",
            "read_metrics", "read_trainer_state", "resume_trainer", "run_steps", "run_trainer", "save_checkpoint",
            "save_state", "setup_trainer", "step_generator", "trainer_state", "write_eval_report", "write_json"]
