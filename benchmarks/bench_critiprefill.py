@@ -67,7 +67,7 @@ def build_encoder(shape: str, attention: str, device: str, dtype: torch.dtype, s
 
     from x2i_core.mllm import Qwen25VLEncoder
     from x2i_core.tiny import QWEN_SPECIAL_TOKENS, build_tokenizer
-    from x2i_core.tiny_parts import shaped_qwen25vl_config
+    from x2i_core.tiny.parts import shaped_qwen25vl_config
 
     tok = build_tokenizer("")
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}

@@ -77,7 +77,7 @@ def build(folder: str, shape: str, layers: int | None = None, tokenizer: str = "
 
     from x2i_core.prompt import QWEN25VL_CHAT_TEMPLATE
     from x2i_core.tiny import QWEN_SPECIAL_TOKENS, build_tokenizer
-    from x2i_core.tiny_parts import shaped_qwen25vl_config
+    from x2i_core.tiny.parts import shaped_qwen25vl_config
 
     tok = real_tokenizer(folder) if tokenizer == "real" else build_tokenizer(folder)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}

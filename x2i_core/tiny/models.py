@@ -8,7 +8,7 @@
   tokens and chat template, and the image/video processor configs;
 * ``mllm/Qwen2.5-Omni-tiny/`` and ``mllm/InternVL-tiny/`` - the other MLLM
   families in their released folder formats, same depth and width (so one
-  AlignNet fits all three), see :mod:`x2i_core.tiny_families`;
+  AlignNet fits all three), see :mod:`x2i_core.tiny.families`;
 * ``x2i/alignnet-tiny.pt`` - a matching AlignNet in the *published* layout
   (``torch.save({"config", "state_dict"})``), plus ``x2i/alignnet-tiny.safetensors``
   in ours;
@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from .io import atomic_save_safetensors, atomic_write_json
-from .prompt import QWEN25VL_CHAT_TEMPLATE  # the published template, reproduced
-from .tiny_parts import (  # noqa: F401  (re-exported: the tokenizer and helpers are part of this module's API)
+from ..io import atomic_save_safetensors, atomic_write_json
+from ..prompt import QWEN25VL_CHAT_TEMPLATE  # the published template, reproduced
+from .parts import (  # noqa: F401  (re-exported: the tokenizer and helpers are part of this module's API)
     QWEN_SPECIAL_TOKENS,
     _bpe,
     _spread,
@@ -138,7 +138,7 @@ def build_qwen25vl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int
 
 def build_alignnet(channels: int, hidden: int, seed: int = 0, fusion: str = "conv", use_t5: bool = False,
                    output_dim0: int = 768, output_dim1: int = 4096):
-    from .alignnet import AlignNet, AlignNetConfig
+    from ..alignnet import AlignNet, AlignNetConfig
 
     cfg = AlignNetConfig(in_channels=channels, input_dim=hidden, output_dim0=output_dim0, output_dim1=output_dim1,
                          num_layers=2, num_heads=2, head_dim=hidden // 2, use_t5=use_t5,
@@ -153,7 +153,7 @@ def build_alignnet(channels: int, hidden: int, seed: int = 0, fusion: str = "con
 
 def save_published_alignnet(net, path: str) -> None:
     """``torch.save({"config": …, "state_dict": …})`` as the released checkpoints are."""
-    from .io import atomic_path
+    from ..io import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save({"config": net.config.to_dict(), "state_dict": net.state_dict()}, tmp)
@@ -308,7 +308,7 @@ def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool =
     }
     log.info("building tiny models in %s", root)
     build_qwen25vl(os.path.join(root, paths["mllm"]), seed=seed)
-    from .tiny_families import build_internvl, build_qwen25omni
+    from .families import build_internvl, build_qwen25omni
 
     paths["mllm_omni"] = "mllm/Qwen2.5-Omni-tiny"
     build_qwen25omni(os.path.join(root, paths["mllm_omni"]), seed=seed + 10)
@@ -320,12 +320,12 @@ def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool =
     net.save(os.path.join(root, paths["alignnet_safetensors"]))
     build_flux_diffusers(os.path.join(root, paths["flux"]), seed=seed + 2)
     # LightControl for the diffusers tiny FLUX (width 32), in the published layout (a bare ModuleList state dict).
-    from .lightcontrol import LightControl, LightControlConfig
+    from ..lightcontrol import LightControl, LightControlConfig
 
     paths["lightcontrol"] = "x2i/lightcontrol-tiny-w32.bin"
     torch.manual_seed(seed + 6)
     lc = LightControl(LightControlConfig(num_modules=1, out_dim=32))
-    from .io import atomic_path
+    from ..io import atomic_path
 
     with atomic_path(os.path.join(root, paths["lightcontrol"])) as tmp:
         torch.save(lc.state_dict(), tmp)

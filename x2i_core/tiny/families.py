@@ -19,9 +19,9 @@ import os
 
 import torch
 
-from .convert_internvl import chat_template
-from .mllm.qwen25omni import OMNI_SYSTEM_PROMPT
-from .tiny_parts import _spread, _staging, build_tokenizer
+from ..convert_internvl import chat_template
+from ..mllm.qwen25omni import OMNI_SYSTEM_PROMPT
+from .parts import _spread, _staging, build_tokenizer
 
 OMNI_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|box_end|>",

@@ -1,4 +1,4 @@
-"""Pieces shared by the tiny-model builders (:mod:`x2i_core.tiny`, :mod:`x2i_core.tiny_families`): the
+"""Pieces shared by the tiny-model builders (:mod:`x2i_core.tiny.models`, :mod:`x2i_core.tiny.families`): the
 tiny Qwen-style tokenizer, random initialisation with a visible spread, and building a folder in a
 temporary sibling that is renamed into place when complete."""
 
@@ -9,8 +9,8 @@ import shutil
 
 import torch
 
-from .io import make_temp_dir
-from .prompt import QWEN25VL_CHAT_TEMPLATE
+from ..io import make_temp_dir
+from ..prompt import QWEN25VL_CHAT_TEMPLATE
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
