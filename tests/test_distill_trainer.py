@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from helpers.datasets import CAPTIONS
+from helpers.datasets import CAPTIONS, write_tar_shard
 from helpers.trainers import distill_args, run_cli
-from x2i_core.train.data import CaptionStream, write_tar_shard
+from x2i_core.train.data import CaptionStream
 from x2i_core.train.runtime import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

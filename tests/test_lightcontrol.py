@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from helpers.datasets import edit_triples as make_triples
 from helpers.trainers import lightcontrol_args, run_cli
 from x2i_core.errors import X2IFileError, X2IInputError
-from x2i_core.lightcontrol import LightControl, LightControlConfig, inject, load_lightcontrol, pixels_to_hint
+from x2i_core.lightcontrol import LightControl, LightControlConfig, inject, load_lightcontrol
 from x2i_core.train.runtime import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def test_comfyui_controlnet_matches_diffusers_injection(host, tmp_path):
     assert "_Holder" in facts["managed"]  # the modules are a managed model that loads with the UNet
 
     lc = load_lightcontrol(host["tiny"]["comfy_lightcontrol"])
-    hint = pixels_to_hint(inputs["image"])
+    hint = inputs["image"][..., :3].movedim(-1, 1) * 2.0 - 1.0  # ComfyUI IMAGE [B,H,W,C] 0..1 -> [B,3,H,W] -1..1
     residuals = lc(hint, inputs["sigma"] * 1000.0)
     assert torch.allclose(got["r_0"], residuals[0], atol=1e-5, rtol=1e-5)  # same residuals in both paths
     assert torch.allclose(got["chain_0"], 2 * residuals[0], atol=1e-4, rtol=1e-5)  # chaining adds them

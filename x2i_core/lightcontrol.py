@@ -204,8 +204,3 @@ def inject(transformer, residuals: list[torch.Tensor] | None):
     finally:
         for h in handles:
             h.remove()
-
-
-def pixels_to_hint(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE ``[B, H, W, C]`` in 0..1 -> ``[B, 3, H, W]`` in [-1, 1]."""
-    return images[..., :3].movedim(-1, 1) * 2.0 - 1.0

@@ -186,12 +186,6 @@ def _check_has_words(text: str, processor) -> None:
                             "or audio")
 
 
-def build_message(text: str | None, images: list[Image.Image], videos: list[list[Any]], spec: PresetSpec,
-                  processor, chat_kwargs: dict[str, Any] | None = None) -> BuiltPrompt:
-    """One single-turn prompt (see :func:`build_conversation`)."""
-    return build_conversation([Turn("user", text, images, videos)], spec, processor, chat_kwargs)
-
-
 def build_conversation(turns: list[Turn], spec: PresetSpec, processor, chat_kwargs: dict[str, Any] | None = None,
                        system: str | None = None, placeholders: tuple[str, ...] = ()) -> BuiltPrompt:
     """Build the prompt exactly as the reference does for ``spec``.

@@ -1,7 +1,9 @@
 """Small on-disk training datasets for the trainers' tests."""
 
+import io
 import json
 import os
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -15,6 +17,16 @@ def caption_file(path, captions=CAPTIONS):
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(captions) + "\n")
     return str(path)
+
+
+def write_tar_shard(path, captions):
+    """A WebDataset-style shard of ``NNNNNN.json`` caption members (distillation data)."""
+    with tarfile.open(path, "w") as tf:
+        for i, cap in enumerate(captions):
+            data = json.dumps({"caption": cap}).encode("utf-8")
+            info = tarfile.TarInfo(f"{i:06d}.json")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
 
 
 def lora_dataset(folder, n=4, with_reference=True, corrupt=False, missing_caption=False):

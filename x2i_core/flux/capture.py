@@ -25,7 +25,6 @@ class AttentionCapture:
             self.handles.append(block.attn.register_forward_hook(self._double_hook(i)))
         for j, block in enumerate(transformer.single_transformer_blocks):
             self.handles.append(block.attn.register_forward_hook(self._single_hook(j)))
-        self.num_pairs = 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
 
     def _double_hook(self, i):
         def hook(module, args, output):

@@ -14,6 +14,7 @@ written against the earlier dict configs.  ``to_dict()`` gives the plain mapping
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -56,8 +57,9 @@ class Section:
 
 
 def section(cls, **defaults):
-    """A section field whose defaults differ from the section class's own (e.g. ``checkpoint.every``)."""
-    return dataclasses.field(default_factory=lambda: cls(**defaults))
+    """A section field whose defaults differ from the section class's own (e.g. ``checkpoint.every``); each
+    config gets its own copy of them."""
+    return dataclasses.field(default_factory=lambda: cls(**copy.deepcopy(defaults)))
 
 
 # -- sections every trainer has ------------------------------------------------------
@@ -86,6 +88,16 @@ class CheckpointSection(Section):
 class LogSection(Section):
     every: int = 1
     tensorboard: bool = False
+
+
+@dataclasses.dataclass
+class SamplesSection(Section):
+    """Sample images from fixed prompts during training."""
+
+    every: int = 0                  # every N optimizer steps (0: never)
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    steps: int = 4                  # sampling steps
+    size: int = 256                 # square side in pixels
 
 
 @dataclasses.dataclass
@@ -230,5 +242,5 @@ def _as_bool(key: str, value) -> bool:
     raise X2IInputError(f"{key} {value!r}: expected true or false (also yes/no, on/off, 1/0)")
 
 
-__all__ = ["CheckpointSection", "FluxTrainSection", "LogSection", "OFF_WORDS", "Section", "TrainSection", "build",
-           "choice", "load_config", "section"]
+__all__ = ["CheckpointSection", "FluxTrainSection", "LogSection", "OFF_WORDS", "SamplesSection", "Section",
+           "TrainSection", "build", "choice", "load_config", "section"]

@@ -9,7 +9,6 @@ skips that many captions (cheap for captions) and the order continues exactly.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import random
@@ -152,12 +151,3 @@ class CaptionStream:
                     return out
         return out
 
-
-def write_tar_shard(path: str, captions: Sequence[str]) -> None:
-    """A WebDataset-style shard of ``NNNNNN.json`` members (tests and tooling)."""
-    with tarfile.open(path, "w") as tf:
-        for i, cap in enumerate(captions):
-            data = json.dumps({"caption": cap}).encode("utf-8")
-            info = tarfile.TarInfo(f"{i:06d}.json")
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))

@@ -36,7 +36,7 @@ from ..ops.kl import distill_loss, finite_or_skip
 from ..registry import Provenance, check_fits, identity_of
 from . import runtime as rt
 from .base import Trainer, make_optimizer_and_schedule
-from .config import CheckpointSection, LogSection, Section, TrainSection, section
+from .config import CheckpointSection, LogSection, SamplesSection, Section, TrainSection, section
 from .data import CaptionStream
 
 log = logging.getLogger("x2i")
@@ -83,14 +83,6 @@ class DistributedSection(Section):
 
 
 @dataclasses.dataclass
-class DistillSamples(Section):
-    every: int = 0
-    prompts: list[str] = dataclasses.field(default_factory=lambda: ["A red fox in the snow at dawn."])
-    steps: int = 4
-    size: int = 256
-
-
-@dataclasses.dataclass
 class DistillTrainingConfig(Section):
     mllm: str | None = None          # Hugging Face MLLM folder (Qwen2.5-VL)
     flux: str | None = None          # diffusers FLUX folder *with* its T5 / CLIP (the teacher encoders)
@@ -105,7 +97,7 @@ class DistillTrainingConfig(Section):
     checkpoint: CheckpointSection = section(CheckpointSection)
     distributed: DistributedSection = section(DistributedSection)
     log: LogSection = section(LogSection)
-    samples: DistillSamples = section(DistillSamples)
+    samples: SamplesSection = section(SamplesSection, prompts=["A red fox in the snow at dawn."])
 
 
 class DistillTrainer(Trainer):

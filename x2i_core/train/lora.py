@@ -30,7 +30,7 @@ import torch
 from ..errors import X2IInputError
 from . import runtime as rt, samples as sm
 from .base import load_frozen_x2i_and_flux, make_optimizer_and_schedule
-from .config import CheckpointSection, FluxTrainSection, LogSection, Section, section
+from .config import CheckpointSection, FluxTrainSection, LogSection, SamplesSection, Section, section
 from .flux_training import FluxTrainer, flow_matching_loss, pack_latents, stack, to_pixels, unpack_latents, vae_latent
 
 log = logging.getLogger("x2i")
@@ -66,11 +66,7 @@ class LoraTrainSection(FluxTrainSection):
 
 
 @dataclasses.dataclass
-class LoraSamples(Section):
-    every: int = 0
-    prompts: list[str] = dataclasses.field(default_factory=lambda: ["A portrait in the trained style."])
-    steps: int = 28
-    size: int = 512
+class LoraSamples(SamplesSection):
     guidance: float = 3.5
 
 
@@ -88,7 +84,7 @@ class LoraTrainingConfig(Section):
     train: LoraTrainSection = section(LoraTrainSection)
     checkpoint: CheckpointSection = section(CheckpointSection, every=250)
     log: LogSection = section(LogSection)
-    samples: LoraSamples = section(LoraSamples)
+    samples: LoraSamples = section(LoraSamples, prompts=["A portrait in the trained style."], steps=28, size=512)
 
 
 # -- dataset --------------------------------------------------------------------
