@@ -21,36 +21,22 @@ import os
 import shutil
 import sys
 
-if __package__:  # imported as tools.comfy_host
-    from .comfy_fetch import (
-        COMFY_VERSION,
-        PACK_LINK_NAME,
-        ROOT,
-        SAMPLE_IMAGES,
-        WHEEL,
-        cache_root,
-        ensure_comfyui,
-        prepare_base,
-        write_sample_media,
-    )
-    from .comfy_inprocess import boot_in_process, run_in_process
-    from .comfy_server import ComfyServer, PromptRejected, dump_object_info, execution_error, free_port
-    from .comfy_workflow import load_workflow, point_at_tiny, ui_to_api
-else:  # run as a script (tools/ is on sys.path)
-    from comfy_fetch import (
-        COMFY_VERSION,
-        PACK_LINK_NAME,
-        ROOT,
-        SAMPLE_IMAGES,
-        WHEEL,
-        cache_root,
-        ensure_comfyui,
-        prepare_base,
-        write_sample_media,
-    )
-    from comfy_inprocess import boot_in_process, run_in_process
-    from comfy_server import ComfyServer, PromptRejected, dump_object_info, execution_error, free_port
-    from comfy_workflow import load_workflow, point_at_tiny, ui_to_api
+if not __package__:  # run as a script: import the tools as the package they are
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.comfy_fetch import (
+    COMFY_VERSION,
+    PACK_LINK_NAME,
+    ROOT,
+    SAMPLE_IMAGES,
+    WHEEL,
+    cache_root,
+    ensure_comfyui,
+    prepare_base,
+    write_sample_media,
+)
+from tools.comfy_inprocess import boot_in_process, run_in_process
+from tools.comfy_server import ComfyServer, PromptRejected, dump_object_info, execution_error, free_port
+from tools.comfy_workflow import load_workflow, point_at_tiny, ui_to_api
 
 __all__ = [
     "COMFY_VERSION", "PACK_LINK_NAME", "ROOT", "SAMPLE_IMAGES", "WHEEL", "cache_root", "ensure_comfyui",

@@ -18,10 +18,8 @@ import os
 import sys
 import time
 
-if __package__:  # imported as tools.comfy_inprocess
-    from .comfy_fetch import ROOT
-else:  # imported by a script run from tools/ (tools/ is on sys.path)
-    from comfy_fetch import ROOT
+from .comfy_fetch import ROOT
+
 
 def boot_in_process(spec_path: str, with_nodes: bool = True) -> dict:
     """Read a probe's JSON spec and start ComfyUI inside this process (CPU; the spec's base

@@ -9,11 +9,13 @@ sigma, seq, pooled, guidance and image [B, 8h, 8w, 3] (ComfyUI IMAGE).  Writes t
 """
 
 import json
+import os
 import sys
 
 
 def main(spec_path):
-    from comfy_inprocess import boot_in_process
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools.comfy_inprocess import boot_in_process
 
     spec = boot_in_process(spec_path)
     import torch

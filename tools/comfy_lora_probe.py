@@ -8,11 +8,13 @@ predicts (``[B, 16, H, W]``) and the LoRA keys ComfyUI could not map.
 
 import json
 import logging
+import os
 import sys
 
 
 def main(spec_path):
-    from comfy_inprocess import boot_in_process
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools.comfy_inprocess import boot_in_process
 
     spec = boot_in_process(spec_path, with_nodes=False)
     import torch

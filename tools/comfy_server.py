@@ -20,10 +20,7 @@ import time
 import urllib.error
 import urllib.request
 
-if __package__:  # imported as tools.comfy_server
-    from .comfy_fetch import ROOT, cache_root, ensure_comfyui, prepare_base
-else:  # imported by a script run from tools/ (tools/ is on sys.path)
-    from comfy_fetch import ROOT, cache_root, ensure_comfyui, prepare_base
+from .comfy_fetch import ROOT, cache_root, ensure_comfyui, prepare_base
 
 
 def free_port() -> int:

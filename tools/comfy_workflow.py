@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-if __package__:  # imported as tools.comfy_workflow
-    from .comfy_fetch import ROOT
-else:  # imported by a script run from tools/ (tools/ is on sys.path)
-    from comfy_fetch import ROOT
+from .comfy_fetch import ROOT
 
 SKIP_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
