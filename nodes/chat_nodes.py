@@ -17,11 +17,13 @@ from .types import CHAT, HIDDEN, MLLM
 
 
 class X2IChatTurn(io.ComfyNode):
+    DISPLAY = "X2I Chat Turn"  # the name users see, and every error's prefix
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="X2IChatTurn",
-            display_name="X2I Chat Turn",
+            display_name=cls.DISPLAY,
             category=f"{CATEGORY}/chat",
             description="Adds one turn (text and media) to a conversation. Chain turns, then connect the chat to "
                         "X2I MLLM Encode: the MLLM reads the whole conversation.",
@@ -38,7 +40,7 @@ class X2IChatTurn(io.ComfyNode):
     @classmethod
     def execute(cls, role="user", text="", video_fps=1.0, max_frames=768, frames_fps=24.0, image=None, video=None,
                 frames=None, audio=None, chat=None) -> io.NodeOutput:
-        node = "X2I Chat Turn"
+        node = cls.DISPLAY
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
                            frames_fps=frames_fps, empty="the turn is empty - type its text or connect an image, "
                                                         "video or audio")
@@ -52,11 +54,13 @@ ANSWER_MODES = {"answer states": "states", "answer text": "text", "reference mul
 
 
 class X2IMLLMReason(io.ComfyNode):
+    DISPLAY = "X2I MLLM Reason"  # the name users see, and every error's prefix
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="X2IMLLMReason",
-            display_name="X2I MLLM Reason",
+            display_name=cls.DISPLAY,
             category=CATEGORY,
             description="Reasoning -> image: the MLLM first answers the prompt (e.g. a riddle, a question about an "
                         "image), then the answer is encoded for the AlignNet. The answer is also output as text.",
@@ -93,7 +97,7 @@ class X2IMLLMReason(io.ComfyNode):
     def execute(cls, mllm, text="", max_new_tokens=128, temperature=0.0, seed=0, answer_mode="answer states",
                 preset=PRESET_OPTIONS[0], image_resolution=0, video_resolution=0, video_fps=1.0, max_frames=768,
                 frames_fps=24.0, image=None, video=None, frames=None, audio=None, chat=None) -> io.NodeOutput:
-        node = "X2I MLLM Reason"
+        node = cls.DISPLAY
         if answer_mode not in ANSWER_MODES:
             raise NodeError(f"{node}: answer_mode {answer_mode!r}; expected one of {list(ANSWER_MODES)}")
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,

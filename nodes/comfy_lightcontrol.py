@@ -16,7 +16,6 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..x2i_core.lightcontrol import load_lightcontrol
-from .common import user_errors
 from .models import managed
 
 
@@ -67,8 +66,8 @@ class LightControlNet(comfy.controlnet.ControlBase):
 
 
 def load_lightcontrol_net(path: str, name: str) -> LightControlNet:
-    with user_errors("X2I LightControl Loader"):
-        module = load_lightcontrol(path)
+    """A LightControl file as a managed CONTROL_NET (its X2I errors reach the calling node's ``user_errors``)."""
+    module = load_lightcontrol(path)
     return LightControlNet(managed(module, mm.get_torch_device(), mm.unet_offload_device()), name)
 
 

@@ -7,17 +7,19 @@ from comfy_api.latest import io
 
 from . import paths
 from .comfy_lightcontrol import load_lightcontrol_net
-from .common import CATEGORY, NodeError
+from .common import CATEGORY, user_errors
 
 
 class X2ILightControlLoader(io.ComfyNode):
+    DISPLAY = "X2I LightControl Loader"  # the name users see, and every error's prefix
+
     @classmethod
     def define_schema(cls):
         import folder_paths
 
         return io.Schema(
             node_id="X2ILightControlLoader",
-            display_name="X2I LightControl Loader",
+            display_name=cls.DISPLAY,
             category=f"{CATEGORY}/loaders",
             description="Loads X2I LightControl (per-double-block modules that keep instruction edits faithful to "
                         "the source image) as a CONTROL_NET for the stock Apply ControlNet node.",
@@ -30,11 +32,8 @@ class X2ILightControlLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, lightcontrol_name) -> io.NodeOutput:
-        try:
-            path = paths.resolve_x2i_file(lightcontrol_name)
-        except ValueError as exc:
-            raise NodeError(f"X2I LightControl Loader: {exc}") from None
-        return io.NodeOutput(load_lightcontrol_net(path, lightcontrol_name))
+        with user_errors(cls.DISPLAY):
+            return io.NodeOutput(load_lightcontrol_net(paths.resolve_x2i_file(lightcontrol_name), lightcontrol_name))
 
 
 NODES = [X2ILightControlLoader]

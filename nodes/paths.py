@@ -2,7 +2,8 @@
 
 Registered with ``folder_paths`` without clobbering entries users configured in
 ``extra_model_paths.yaml``.  Names coming from widgets or API prompts are
-resolved only inside the configured folders.
+resolved only inside the configured folders; a bad name is an X2I error (shown on the node by
+``common.user_errors``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 
 import folder_paths
+
+from ..x2i_core.errors import X2IFileError, X2IInputError
 
 MLLM_FOLDER = "mllm"
 X2I_FOLDER = "x2i"
@@ -60,7 +63,7 @@ def _safe_name(name: str, what: str) -> str:
     parts = name.replace("\\", "/").split("/") if isinstance(name, str) else []
     if (not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\"))
             or ".." in parts or (len(name) > 1 and name[1] == ":")):
-        raise ValueError(f"{what} name {name!r} is not a plain name inside the {what} folders")
+        raise X2IInputError(f"{what} name {name!r} is not a plain name inside the {what} folders")
     return name
 
 
@@ -75,7 +78,7 @@ def _resolve(folder: str, name: str, what: str, exists, listed) -> str:
             path = os.path.join(root, name)
             if exists(path) and _inside(root, path):
                 return path
-    raise ValueError(f"{what} '{name}' was not found in the {folder} folders ({', '.join(roots)}); "
+    raise X2IFileError(f"{what} '{name}' was not found in the {folder} folders ({', '.join(roots)}); "
                      "expected one of the names the loader lists")
 
 

@@ -37,11 +37,13 @@ DEFAULT_PRESET = PRESET_OPTIONS[0]
 
 
 class X2IMLLMLoader(io.ComfyNode):
+    DISPLAY = "X2I MLLM Loader"  # the name users see, and every error's prefix
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="X2IMLLMLoader",
-            display_name="X2I MLLM Loader",
+            display_name=cls.DISPLAY,
             category=f"{CATEGORY}/loaders",
             description=f"Loads a multimodal LLM (a Hugging Face model folder in models/mllm: {labels()}) as X2I's "
                         "prompt encoder; the family is read from its config.json.",
@@ -80,21 +82,20 @@ class X2IMLLMLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, dtype="auto", device="default", quantization="none", offload_after_encode=False,
                 trust_remote_code=False, cpu_matmul="auto") -> io.NodeOutput:
-        try:
+        with user_errors(cls.DISPLAY):
             path = paths.resolve_mllm_dir(model_name)
-        except ValueError as exc:
-            raise NodeError(f"X2I MLLM Loader: {exc}") from None
-        with user_errors("X2I MLLM Loader"):
             return io.NodeOutput(load_managed_mllm(path, model_name, dtype, device, trust_remote_code, quantization,
                                                    offload_after_encode, cpu_matmul))
 
 
 class X2IMLLMEncode(io.ComfyNode):
+    DISPLAY = "X2I MLLM Encode"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="X2IMLLMEncode",
-            display_name="X2I MLLM Encode",
+            display_name=cls.DISPLAY,
             category=CATEGORY,
             description="Runs the MLLM once over the prompt - text in any language, images, video, audio, any mix, "
                         "optionally after a chat - and returns all its hidden states for an AlignNet.",
@@ -128,7 +129,7 @@ class X2IMLLMEncode(io.ComfyNode):
     def execute(cls, mllm, text="", preset=DEFAULT_PRESET, image_resolution=0, instruction="", video_resolution=0,
                 video_fps=1.0, max_frames=768, frames_fps=24.0, sparse_prefill="off", image=None, video=None,
                 frames=None, audio=None, chat=None, pad_rows="reference") -> io.NodeOutput:
-        node = "X2I MLLM Encode"
+        node = cls.DISPLAY
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
                            frames_fps=frames_fps)
         history = tuple(chat or ())
@@ -151,13 +152,15 @@ class X2IMLLMEncode(io.ComfyNode):
 
 
 class X2IAlignNetLoader(io.ComfyNode):
+    DISPLAY = "X2I AlignNet Loader"
+
     @classmethod
     def define_schema(cls):
         import folder_paths
 
         return io.Schema(
             node_id="X2IAlignNetLoader",
-            display_name="X2I AlignNet Loader",
+            display_name=cls.DISPLAY,
             category=f"{CATEGORY}/loaders",
             description="Loads an AlignNet (the X2I projector MLLM -> FLUX text space) from models/x2i: our "
                         "safetensors or the published .pt files.",
@@ -171,21 +174,17 @@ class X2IAlignNetLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, alignnet_name) -> io.NodeOutput:
-        try:
-            path = paths.resolve_x2i_file(alignnet_name)
-        except ValueError as exc:
-            raise NodeError(f"X2I AlignNet Loader: {exc}") from None
-        with user_errors("X2I AlignNet Loader"):
-            return io.NodeOutput(load_managed_alignnet(path, alignnet_name))
+        with user_errors(cls.DISPLAY):
+            return io.NodeOutput(load_managed_alignnet(paths.resolve_x2i_file(alignnet_name), alignnet_name))
 
 
-def project(hs, alignnet, guidance: float | None = 3.5):
-    """Hidden states -> stock FLUX CONDITIONING ``[[seq, {"pooled_output", "guidance"}]]``."""
+def project(hs, alignnet, guidance: float | None = 3.5, node: str = "X2I AlignNet Project"):
+    """Hidden states -> stock FLUX CONDITIONING ``[[seq, {"pooled_output", "guidance"}]]`` (errors name ``node``)."""
     cfg = alignnet.net.config
     if (hs.channels, hs.hidden_size) != (cfg.in_channels, cfg.input_dim):
         src = getattr(hs, "source_path", None) or hs.mllm
         raise NodeError(
-            f"X2I AlignNet Project: AlignNet '{alignnet.name}' expects hidden states of "
+            f"{node}: AlignNet '{alignnet.name}' expects hidden states of "
             f"{alignnet.net.fits}, but MLLM '{os.path.basename(str(src))}' "
             f"produced C={hs.channels}, H={hs.hidden_size}. Load the AlignNet trained for this MLLM."
         )
@@ -199,7 +198,7 @@ def project(hs, alignnet, guidance: float | None = 3.5):
     with torch.no_grad():
         pooled, seq = alignnet.net(hs.hidden.to(device=p.device, dtype=p.dtype))
     if not (torch.isfinite(seq).all() and torch.isfinite(pooled).all()):
-        raise NodeError(f"X2I AlignNet Project: AlignNet '{alignnet.name}' produced NaN or infinite values from "
+        raise NodeError(f"{node}: AlignNet '{alignnet.name}' produced NaN or infinite values from "
                         "finite hidden states; the file's weights are damaged - download or convert it again")
     out_dev = mm.intermediate_device()
     extra = {"pooled_output": pooled.float().to(out_dev)}
@@ -209,11 +208,13 @@ def project(hs, alignnet, guidance: float | None = 3.5):
 
 
 class X2IAlignNetProject(io.ComfyNode):
+    DISPLAY = "X2I AlignNet Project"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="X2IAlignNetProject",
-            display_name="X2I AlignNet Project",
+            display_name=cls.DISPLAY,
             category=CATEGORY,
             description="Turns MLLM hidden states into a stock FLUX CONDITIONING (sequence in T5's place, pooled "
                         "vector in CLIP's). Works with KSampler, FluxGuidance, ConditioningZeroOut, Apply ControlNet.",
@@ -228,8 +229,8 @@ class X2IAlignNetProject(io.ComfyNode):
 
     @classmethod
     def execute(cls, hidden, alignnet, guidance=3.5) -> io.NodeOutput:
-        with user_errors("X2I AlignNet Project"):
-            return io.NodeOutput(project(hidden, alignnet, guidance))
+        with user_errors(cls.DISPLAY):
+            return io.NodeOutput(project(hidden, alignnet, guidance, cls.DISPLAY))
 
 
 def check_conditioning(node: str, conditioning) -> None:
@@ -256,13 +257,15 @@ def _zero_out(conditioning):
 
 
 class X2ISampler(io.ComfyNode):
+    DISPLAY = "X2I Sampler"
+
     @classmethod
     def define_schema(cls):
         import comfy.samplers
 
         return io.Schema(
             node_id="X2ISampler",
-            display_name="X2I Sampler",
+            display_name=cls.DISPLAY,
             category=CATEGORY,
             description="One-node FLUX sampling with X2I's defaults: guidance in the conditioning, cfg 1, "
                         "an empty latent of the given size, decode with the VAE.",
@@ -299,10 +302,10 @@ class X2ISampler(io.ComfyNode):
                 sampler_name="euler", scheduler="simple", control_strength=1.0, control_net=None,
                 source_image=None) -> io.NodeOutput:
         if width % 16 or height % 16:
-            raise NodeError(f"X2I Sampler: width and height must be multiples of 16, got {width}x{height}")
+            raise NodeError(f"{cls.DISPLAY}: width and height must be multiples of 16, got {width}x{height}")
         if (control_net is None) != (source_image is None):
-            raise NodeError("X2I Sampler: connect both control_net and source_image, or neither")
-        check_conditioning("X2I Sampler", conditioning)
+            raise NodeError(f"{cls.DISPLAY}: connect both control_net and source_image, or neither")
+        check_conditioning(cls.DISPLAY, conditioning)
         positive = node_helpers.conditioning_set_values(conditioning, {"guidance": float(guidance)})
         if control_net is not None:
             from .comfy_lightcontrol import apply_lightcontrol
