@@ -197,3 +197,21 @@ def test_lightcontrol_config_parses():
 
     cfg = load_config(LightControlTrainingConfig, os.path.join(ROOT, "configs", "lightcontrol-80gb.yaml"))
     assert cfg["lightcontrol"]["num_modules"] == 19 and cfg["train"]["lr"] == 1e-5
+
+
+def test_an_alignnet_that_does_not_fit_the_flux_is_refused_before_training(tiny, tmp_path):
+    """Both FLUX trainers check the AlignNet's output widths against the transformer once it is loaded
+    (an X2IShapeError naming both), instead of failing inside FLUX's first forward."""
+    from x2i_core.errors import X2IShapeError
+    from x2i_core.tiny import build_alignnet
+    from x2i_core.train.lightcontrol_trainer import LightControlTrainer, LightControlTrainingConfig
+    from x2i_core.train.runtime import load_config
+
+    narrow = tmp_path / "narrow.safetensors"
+    build_alignnet(channels=3, hidden=64, output_dim1=128).save(str(narrow))
+    cfg = load_config(LightControlTrainingConfig, None, [
+        f"mllm={tiny['mllm']}", f"alignnet={narrow}", f"flux={tiny['flux']}", "data.resolution=32",
+        f"data.path={make_triples(str(tmp_path / 'data'))}", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(X2IShapeError, match=r"outputs token/pooled widths 128/768, but the FLUX transformer "
+                                            r"expects 4096/768"):
+        LightControlTrainer(cfg)

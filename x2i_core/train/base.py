@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import X2IInputError
+from ..errors import X2IInputError, X2IShapeError
 from . import runtime as rt
 from .config import Section
 
@@ -121,8 +121,8 @@ class Trainer:
 
 
 def load_frozen_x2i_and_flux(trainer):
-    """The frozen parts the LoRA and LightControl trainers share: the MLLM, its AlignNet (checked to fit it)
-    and the VAE -> ``trainer.encoder / alignnet / vae``; returns the FLUX transformer (diffusers folder, or
+    """The frozen parts the LoRA and LightControl trainers share: the MLLM, its AlignNet (checked to fit it and
+    the FLUX transformer) and the VAE -> ``trainer.encoder / alignnet / vae``; returns the FLUX transformer (diffusers folder, or
     ``flux_transformer``: a BFL single file) in the weight dtype, frozen, not yet moved to the device."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
@@ -147,6 +147,11 @@ def load_frozen_x2i_and_flux(trainer):
         flux = diffusers_flux_from_bfl({k: v.float() for k, v in sd.items()}, trainer.weight_dtype)
     else:
         flux = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer", torch_dtype=trainer.weight_dtype)
+    a, f = trainer.alignnet.config, flux.config
+    if (a.output_dim1, a.output_dim0) != (f.joint_attention_dim, f.pooled_projection_dim):
+        raise X2IShapeError(f"AlignNet '{cfg.alignnet}' outputs token/pooled widths {a.output_dim1}/{a.output_dim0}, "
+                            f"but the FLUX transformer expects {f.joint_attention_dim}/{f.pooled_projection_dim}; "
+                            "use an AlignNet trained for this FLUX")
     return flux.requires_grad_(False)
 
 

@@ -199,11 +199,6 @@ class LoraTrainer(FluxTrainer):
 
         cfg = self.cfg
         transformer = load_frozen_x2i_and_flux(self)
-        a = self.alignnet.config
-        if (a.output_dim1, a.output_dim0) != (transformer.config.joint_attention_dim,
-                                              transformer.config.pooled_projection_dim):
-            raise X2IInputError(f"AlignNet outputs {a.output_dim1}/{a.output_dim0} but the FLUX transformer expects "
-                                f"{transformer.config.joint_attention_dim}/{transformer.config.pooled_projection_dim}")
         lcfg = cfg.lora
         rank = int(lcfg.rank)
         alpha = float(lcfg.alpha) if lcfg.alpha is not None else float(rank)
