@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from safetensors import SafetensorError
 
+from .. import registry
 from ..errors import X2IFileError, X2IInputError
 from .attention import given_mask
 from .base import EncodeRequest, HiddenStates
@@ -101,6 +102,15 @@ class ChatEncoder(ChatPrompt):
     display = "MLLM"
     model_types: tuple[str, ...] = ()
     trust_remote_code = False
+
+    def __init_subclass__(cls, family: str | None = None, **kwargs):
+        """``class X(ChatEncoder, family="internvl")``: the family's facts (id, display name, config.json model
+        types, modalities, remote code) come from :data:`x2i_core.registry.MLLM_FAMILIES`."""
+        super().__init_subclass__(**kwargs)
+        if family is not None:
+            facts = registry.family(family)
+            cls.family, cls.display, cls.model_types = facts.id, facts.display, facts.model_types
+            cls.modalities, cls.trust_remote_code = facts.modalities, facts.remote_code
 
     def __init__(self, module, model, processor, name: str, path: str | None = None):
         self.module = module        # the full model (LM head included, used only by generate)

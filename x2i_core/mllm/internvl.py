@@ -29,14 +29,11 @@ import dataclasses
 import torch
 from PIL import Image
 
-from .. import registry
 from ..errors import X2IInputError
 from ..media import as_video_list, to_pil_list
 from ..prompt import SPECS, BuiltPrompt, _check_has_words, _check_placeholders, resolve_preset, with_image_size
 from .chat import ChatEncoder
 from .prompting import _as_list, _turns_of
-
-FAMILY = registry.family("internvl")
 
 # The system message of InternVL's ``internvl2_5`` conversation template, which the reference sets.
 INTERNVL25_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
@@ -56,11 +53,7 @@ def internvl25_prompt(question: str, system: str = INTERNVL25_SYSTEM) -> str:
             "<|im_start|>assistant\n")
 
 
-class InternVLEncoder(ChatEncoder):
-    family = FAMILY.id  # the facts: x2i_core.registry
-    display = FAMILY.display
-    model_types = FAMILY.model_types
-    modalities = FAMILY.modalities
+class InternVLEncoder(ChatEncoder, family="internvl"):  # facts: x2i_core.registry
     placeholders = (IMAGE_TOKEN, "<img>", "</img>", "<video>")
     left_pad_exact = False  # no InternVL recipe pads on the left; positions 0..S-1 would differ per pad anyway
     right_pad_rows_shared = False  # positions 0..S-1: every right-pad row sits at its own position

@@ -56,7 +56,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import registry
 from ..audio import prepare_audio
 from ..errors import X2IInputError, X2IShapeError
 from ..media import as_video_list, to_pil_list
@@ -66,7 +65,6 @@ from .cache import FORWARD_CALLS
 from .chat import ChatEncoder, check_pad_rows
 from .prompting import _as_list
 
-FAMILY = registry.family("minicpm-o")
 IMAGE_TAG = "(<image>./</image>)\n"
 AUDIO_TAG = "(<audio>./</audio>)\n"
 MAX_FRAMES = 64  # the reference's cap for video frames
@@ -90,12 +88,7 @@ def recipe_of(preset: str | None) -> str:
                         "recipe)")
 
 
-class MiniCPMOEncoder(ChatEncoder):
-    family = FAMILY.id  # the facts: x2i_core.registry
-    display = FAMILY.display
-    model_types = FAMILY.model_types
-    modalities = FAMILY.modalities
-    trust_remote_code = FAMILY.remote_code
+class MiniCPMOEncoder(ChatEncoder, family="minicpm-o"):  # facts: x2i_core.registry
     placeholders = ("<image>", "</image>", "<audio>", "</audio>")
     max_audio_seconds = 300.0
 

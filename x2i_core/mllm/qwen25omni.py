@@ -18,10 +18,7 @@ import contextlib
 
 import torch
 
-from .. import registry
 from .chat import ChatEncoder, read_model_config
-
-FAMILY = registry.family("qwen2.5-omni")
 
 OMNI_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
                       "perceiving auditory and visual inputs, as well as generating text and speech.")
@@ -34,11 +31,7 @@ class _NoHead(torch.nn.Module):
         return x[..., :0]
 
 
-class Qwen25OmniEncoder(ChatEncoder):
-    family = FAMILY.id  # the facts: x2i_core.registry
-    display = FAMILY.display
-    model_types = FAMILY.model_types
-    modalities = FAMILY.modalities
+class Qwen25OmniEncoder(ChatEncoder, family="qwen2.5-omni"):  # facts: x2i_core.registry
     system_prompt = OMNI_SYSTEM_PROMPT
     placeholders = ("<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|vision_bos|>", "<|vision_eos|>", "<|audio_bos|>",
                     "<|audio_eos|>")

@@ -22,13 +22,9 @@ class Qwen25VLPrompt(ChatPrompt):
         return {"add_vision_id": True} if spec.vision_ids else {}
 
 
-class Qwen25VLEncoder(Qwen25VLPrompt, ChatEncoder):
+class Qwen25VLEncoder(Qwen25VLPrompt, ChatEncoder, family="qwen2.5-vl"):  # facts: x2i_core.registry
     """Loads a Qwen2.5-VL model folder and encodes X2I prompts."""
 
-    family = FAMILY.id  # the facts: x2i_core.registry
-    display = FAMILY.display
-    model_types = FAMILY.model_types
-    modalities = FAMILY.modalities
     left_pad_exact = True  # tests/test_encoder_parity.py: pad rows equal across prompts, real rows = unpadded
     right_pad_rows_shared = True  # the same tests compare the right-padded presets with the padded forward
 
