@@ -97,34 +97,44 @@ def _gb(n):
 
 
 # -- steps -----------------------------------------------------------------------------------------------
-def step_loss(ctx: Ctx) -> dict:
-    from bench_distill import bench_loss
-
-    rows, width = (64, 32) if ctx.dry else (4608, 3072)
-    res = bench_loss(rows, width, ctx.dtype, ctx.device, 1 if ctx.dry else 5)
-    try:  # optional: Liger-Kernel's KL (it takes log-probabilities and probabilities)
+def _liger_loss(ctx: Ctx, rows: int, width: int) -> dict:
+    """Liger-Kernel's KL (it takes log-probabilities and probabilities) at the same shape, when installed."""
+    try:
         from liger_kernel.transformers import LigerKLDIVLoss
     except ImportError:
-        res["liger"] = {"note": "not installed"}
-    else:
-        kl = LigerKLDIVLoss(reduction="sum", log_target=False)
-        g = torch.Generator(device="cpu").manual_seed(0)
-        s0 = torch.randn(rows, width, generator=g).to(ctx.device, ctx.dtype)
-        t0 = torch.softmax(torch.randn(rows, width, generator=g).float(), -1).to(ctx.device)
-        times = []
-        for i in range(3):
-            x = s0.clone().requires_grad_()
-            m0 = ctx.reset_peak()
-            start = time.perf_counter()
-            kl(torch.log_softmax(x.float(), -1), t0).backward()
-            ctx.sync()
-            if i:
-                times.append(time.perf_counter() - start)
-        res["liger"] = {"seconds": min(times), "bytes": ctx.peak(m0) or 0}
-    e = res["eager"]
-    rows_md = [f"| loss {rows}x{width} | {name} | {e['seconds'] / r['seconds']:.2f}x faster | "
-               f"{r['bytes'] / max(1, e['bytes']):.2f}x memory |" for name, r in res.items() if "seconds" in r]
-    return {"data": res, "rows": rows_md}
+        return {"note": "not installed"}
+    kl = LigerKLDIVLoss(reduction="sum", log_target=False)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s0 = torch.randn(rows, width, generator=g).to(ctx.device, ctx.dtype)
+    t0 = torch.softmax(torch.randn(rows, width, generator=g).float(), -1).to(ctx.device)
+    times = []
+    for i in range(3):
+        x = s0.clone().requires_grad_()
+        m0 = ctx.reset_peak()
+        start = time.perf_counter()
+        kl(torch.log_softmax(x.float(), -1), t0).backward()
+        ctx.sync()
+        if i:
+            times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "bytes": ctx.peak(m0) or 0}
+
+
+def step_loss(ctx: Ctx) -> dict:
+    """The loss backends on 4608 rows (a 1024² capture: 4096 image + 512 text tokens) at FLUX's width 3072,
+    which fits one kernel block (the whole-row kernels), and at 4608, wider than one block (the chunked
+    kernels, for models wider than FLUX)."""
+    from bench_distill import bench_loss
+
+    rows = 64 if ctx.dry else 4608
+    data, rows_md = {}, []
+    for width in ((32, 48) if ctx.dry else (3072, 4608)):
+        res = bench_loss(rows, width, ctx.dtype, ctx.device, 1 if ctx.dry else 5)
+        res["liger"] = _liger_loss(ctx, rows, width)
+        data[str(width)] = res
+        e = res["eager"]
+        rows_md += [f"| loss {rows}x{width} | {name} | {e['seconds'] / r['seconds']:.2f}x faster | "
+                    f"{r['bytes'] / max(1, e['bytes']):.2f}x memory |" for name, r in res.items() if "seconds" in r]
+    return {"data": data, "rows": rows_md}
 
 
 def step_encode(ctx: Ctx) -> dict:
