@@ -199,6 +199,7 @@ def test_lightcontrol_config_parses():
     assert cfg["lightcontrol"]["num_modules"] == 19 and cfg["train"]["lr"] == 1e-5
 
 
+@pytest.mark.slow  # loads the tiny MLLM, VAE and FLUX: ~20 s on 2 cores
 def test_an_alignnet_that_does_not_fit_the_flux_is_refused_before_training(tiny, tmp_path):
     """Both FLUX trainers check the AlignNet's output widths against the transformer once it is loaded
     (an X2IShapeError naming both), instead of failing inside FLUX's first forward."""
