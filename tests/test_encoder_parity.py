@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reference_recipe import reference_hidden
+from helpers.reference_recipe import reference_hidden
 from x2i_core.mllm import EncodeRequest
 
 TOL = 1e-5

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reference_recipe import _frames, _resize_budget
+from helpers.reference_recipe import _frames, _resize_budget
 from x2i_core.errors import X2IInputError
 from x2i_core.mllm import ChatTurn, EncodeRequest, load_mllm
 
