@@ -348,7 +348,7 @@ def _worker(spec_path: str) -> None:
 
     def stub_alignnet(c, h, name):
         net = types.SimpleNamespace(config=cfg(in_channels=c, input_dim=h), provenance=None,
-                                    fits=alignnet_mod.describe_mllm_dims(c, h))  # a file without an MLLM record
+                                    fits=alignnet_mod.describe_dims(c, h))  # a file without an MLLM record
         return types.SimpleNamespace(net=net, name=name)
 
     hs3b = mllm.HiddenStates(torch.zeros(1, 37, 4, 2048), torch.ones(1, 4, dtype=torch.long),

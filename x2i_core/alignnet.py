@@ -44,11 +44,6 @@ log = logging.getLogger("x2i")
 FORMAT_TAG = "alignnet"
 
 
-def describe_mllm_dims(channels: int, hidden: int) -> str:
-    """Which MLLMs a ``(C, H)`` stack could come from (see :mod:`x2i_core.registry`)."""
-    return describe_dims(channels, hidden)
-
-
 @dataclasses.dataclass
 class AlignNetConfig:
     """The published config keys, with the published defaults of the 7B net."""
@@ -186,7 +181,7 @@ class AlignNet(nn.Module):
     def fits(self) -> str:
         if self.provenance is not None:
             return self.provenance.describe()
-        return describe_mllm_dims(self.config.in_channels, self.config.input_dim)
+        return describe_dims(self.config.in_channels, self.config.input_dim)
 
     def check_hidden(self, hidden: torch.Tensor, mllm_name: str = "the MLLM", alignnet_name: str = "AlignNet") -> None:
         """Raise X2IShapeError unless ``hidden`` is ``[B, C, S, H]`` with this net's C and H."""
@@ -199,7 +194,7 @@ class AlignNet(nn.Module):
         if (c, h) != (self.config.in_channels, self.config.input_dim):
             raise X2IShapeError(
                 f"{alignnet_name} expects hidden states of {self.fits}, but {mllm_name} produced "
-                f"C={c}, H={h} ({describe_mllm_dims(c, h)}). Use the AlignNet trained for that MLLM."
+                f"C={c}, H={h} ({describe_dims(c, h)}). Use the AlignNet trained for that MLLM."
             )
         if s == 0:
             raise X2IShapeError(f"{alignnet_name}: hidden states have no tokens (S=0)")
