@@ -156,10 +156,7 @@ def _scan_tar(path: str):
             continue
         caption = sm.tar_text(group, "txt")
         if caption is None and "json" in group:
-            try:
-                caption = json.loads(group["json"]).get("caption")
-            except (json.JSONDecodeError, AttributeError) as exc:
-                raise X2IInputError(f"{path}: member {key}.json is not a JSON object ({exc})") from exc
+            caption = sm.json_object(group["json"], f"{path}:{key}.json").get("caption")
         s = _sample(image, caption)
         if s:
             samples.append(s)

@@ -53,13 +53,7 @@ def jsonl_records(path: str) -> Iterator[tuple[str, dict]]:
             if not line.strip():
                 continue
             where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise X2IInputError(f"{where} is not valid JSON ({exc})") from exc
-            if not isinstance(rec, dict):
-                raise X2IInputError(f"{where} must be a JSON object, found {type(rec).__name__}")
-            yield where, rec
+            yield where, json_object(line, where)
 
 
 def relative_to(jsonl_path: str, name: str) -> str:
@@ -82,15 +76,21 @@ def first_image(files: dict[str, str]) -> str | None:
     return next((files[e] for e in IMAGE_EXTS if e in files), None)
 
 
+def json_object(text: str | bytes, where: str) -> dict:
+    """``text`` parsed as one JSON object; anything else is an error naming ``where`` (a file, file:line or
+    shard:member)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise X2IInputError(f"{where} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise X2IInputError(f"{where} must be a JSON object, found {type(data).__name__}")
+    return data
+
+
 def read_json_file(path: str) -> dict:
     with open(path, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise X2IInputError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise X2IInputError(f"{path} must hold a JSON object")
-    return data
+        return json_object(fh.read(), path)
 
 
 def read_text(path: str) -> str:
@@ -131,5 +131,5 @@ def tar_text(group: dict[str, bytes], *fields: str) -> str | None:
     return None
 
 
-__all__ = ["IMAGE_EXTS", "ImageSource", "check_exists", "first_image", "folder_index", "image_file", "jsonl_records",
-           "read_json_file", "read_text", "relative_to", "tar_groups", "tar_image", "tar_text"]
+__all__ = ["IMAGE_EXTS", "ImageSource", "check_exists", "first_image", "folder_index", "image_file", "json_object",
+           "jsonl_records", "read_json_file", "read_text", "relative_to", "tar_groups", "tar_image", "tar_text"]
