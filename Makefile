@@ -1,13 +1,29 @@
 # Two commands on a fresh machine:
 #   make demo   - environment + tiny models + the text2image workflow run in a real ComfyUI (prints the PNG path)
 #   make test   - environment + the test suite
+# Two supported stacks (README, Supported versions), each with its own environment:
+#   STACK=current (default): torch 2.14.1, transformers 5.24, diffusers 0.42.1, ComfyUI 0.28.1, frontend 1.58.1
+#   STACK=2025             : torch 2.11.0, transformers 4.57.6, diffusers 0.35.2, ComfyUI 0.3.75, frontend 1.32.9
 PYTHON ?= python3
+STACK  ?= current
+ifeq ($(STACK),current)
 VENV   ?= .venv
+COMFY_VERSION := 0.28.1
+else ifeq ($(STACK),2025)
+VENV   ?= .venv-2025
+COMFY_VERSION := 0.3.75
+else
+$(error STACK must be 'current' or '2025', not '$(STACK)')
+endif
 PY     := $(VENV)/bin/python
-REQS   := requirements.txt requirements/dev.txt requirements/comfyui.txt requirements/constraints.txt pyproject.toml
+PINS   := requirements/stack-$(STACK).txt
+HOST_REQS := requirements/comfyui-$(COMFY_VERSION).txt
+REQS   := requirements.txt requirements/dev.txt $(HOST_REQS) $(PINS) pyproject.toml
 # The environment's fingerprint; pyproject.toml's [tool.pytest*] / [tool.ruff*] tables (markers, lint) leave it alone.
 ENV_FILES := $(filter-out pyproject.toml,$(REQS))
 STAMP  := $(VENV)/.x2i-env-$(shell { cat $(ENV_FILES); awk '/^\[/ { skip = /^\[tool\.(pytest|ruff)/ } !skip' pyproject.toml; } 2>/dev/null | sha1sum | cut -c1-12)
+# The tools and tests read the stack's host version from here (tools/comfy_fetch.py).
+export X2I_COMFY_VERSION := $(COMFY_VERSION)
 
 REFSTACK   ?= .refstack
 REF_REQS   := requirements/reference-stack.txt
@@ -32,7 +48,8 @@ $(STAMP): $(ENV_FILES)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=64,<82" wheel
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/dev.txt -r requirements/comfyui.txt
+	$(PY) -m pip install --quiet -c $(PINS) -r requirements/dev.txt -r $(HOST_REQS)
+	$(PY) -m pip check
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -56,15 +56,17 @@ def hf_model(tiny):
 
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
-    """A real ComfyUI server (v0.3.75 from the registry wheel) with the pack and the tiny models."""
+    """A real ComfyUI server (the stack's host: v0.28.1 or v0.3.75) with the pack and the tiny models."""
     import json
 
-    from tools.comfy_fetch import ensure_comfyui, prepare_base
+    from tools.comfy_fetch import prepare_base
     from tools.comfy_server import ComfyServer
     from x2i_core.tiny import build_alignnet, default_cache_dir, make_tiny_models
 
+    from helpers.comfy import comfy_host_dir
+
+    comfy_dir = comfy_host_dir()
     tiny = make_tiny_models(default_cache_dir(), comfy=True)
-    comfy_dir = ensure_comfyui()
     base = str(tmp_path_factory.mktemp("comfy-base"))
     names = prepare_base(base, tiny)
     # A folder that is not a Qwen2.5-VL model, and an AlignNet for another MLLM.

@@ -46,6 +46,46 @@ def test_published_layout_names_and_any_size_divisible_by_16(tmp_path):
         load_lightcontrol(tmp_path / "other.safetensors")
 
 
+def test_own_blocks_equal_the_diffusers_blocks_they_replace():
+    """The modules are built from our own blocks (the nodes need no diffusers); a module assembled from diffusers'
+    Timesteps / TimestepEmbedding / ResnetBlock2D / Downsample2D (the published training code's parts) has the same
+    state-dict names and shapes, and given the same weights computes the same residuals."""
+    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+
+    cfg = LightControlConfig(num_modules=1, out_dim=48)
+    ours = LightControl(cfg).blocks[0].eval()
+    theirs = LightControl(cfg).blocks[0].eval()
+    theirs.time_proj = Timesteps(128, True, downscale_freq_shift=0)
+    theirs.time_embedding = TimestepEmbedding(128, cfg.time_embed_dim)
+    theirs.down_res = torch.nn.ModuleList(
+        ResnetBlock2D(in_channels=i, out_channels=o, temb_channels=cfg.time_embed_dim, groups=g)
+        for i, o, g in zip(cfg.in_channels, cfg.out_channels, cfg.groups))
+    theirs.down_sample = torch.nn.ModuleList(Downsample2D(o, use_conv=True, out_channels=o, padding=1, name="op")
+                                             for o in cfg.out_channels)
+    want = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
+    theirs.load_state_dict(ours.state_dict())
+    hint = torch.rand(2, 3, 64, 48) * 2 - 1
+    for t in (torch.tensor([1000.0]), torch.tensor([3.5, 871.25])):
+        with torch.no_grad():
+            a, b = ours(hint, t), theirs(hint, t)
+        assert a.shape == (2, 12, 48)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_lightcontrol_imports_no_diffusers():
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "import torch\nfrom x2i_core.lightcontrol import LightControl, LightControlConfig\n"
+            "m = LightControl(LightControlConfig(num_modules=2, out_dim=8))\n"
+            "r = m(torch.zeros(1, 3, 32, 32), torch.tensor([500.0]))\n"
+            "assert len(r) == 2 and r[0].shape == (1, 4, 8), r[0].shape\n"
+            "assert 'diffusers' not in [k for k, v in sys.modules.items() if v is not None]\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_residual_token_order_matches_flux_patches():
     """Tokens are the 16x16-pixel patches in row-major order: shifting the image by one patch to the right
     shifts every interior token by one column (GroupNorm statistics are unchanged by a circular roll)."""

@@ -59,7 +59,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
     """Run the worker once; its JSON report is what the tests check."""
-    from tools.comfy_fetch import ensure_comfyui, prepare_base
+    from helpers.comfy import comfy_host_dir
+    from tools.comfy_fetch import prepare_base
     from x2i_core.tiny import default_cache_dir, make_tiny_models
 
     tiny = make_tiny_models(default_cache_dir(), comfy=True)
@@ -69,7 +70,7 @@ def native(tmp_path_factory):
     # A placeholder under the workflow's file name: the stock Load CLIP validates the name, the test's loader
     # stands in for reading it.
     open(os.path.join(base, "models", "text_encoders", CLIP_FILE), "wb").close()
-    spec = {"comfy_dir": ensure_comfyui(), "base": base, "tiny": tiny, "names": names,
+    spec = {"comfy_dir": comfy_host_dir(), "base": base, "tiny": tiny, "names": names,
             "out": os.path.join(base, "report.json")}
     spec_path = os.path.join(base, "spec.json")
     with open(spec_path, "w", encoding="utf-8") as fh:
@@ -389,7 +390,7 @@ def _worker(spec_path: str) -> None:
     for run in range(2):
         valid = asyncio.run(execution.validate_prompt(f"native-{run}", api, None))
         assert valid[0], (valid[1], valid[3])
-        executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+        executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         executor.execute(api, f"native-{run}", {}, valid[2])
         w["success"].append(bool(executor.success))
         if not executor.success:

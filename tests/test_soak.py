@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from helpers.comfy import tiny_api
-from tools.comfy_fetch import ROOT, ensure_comfyui, prepare_base
+from helpers.comfy import comfy_host_dir
+from tools.comfy_fetch import ROOT, prepare_base
 from tools.comfy_server import ComfyServer, execution_error
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -147,7 +148,7 @@ def soak(tmp_path_factory):
         fh.write(PROBE)
     missing = {"mllm", "mllm_omni", "mllm_internvl", "alignnet", "alignnet_published"} - set(names)
     assert not missing, f"tiny models missing from the soak host: {sorted(missing)}"
-    server = ComfyServer(ensure_comfyui(), base, extra_args=["--bf16-unet"]).start()
+    server = ComfyServer(comfy_host_dir(), base, extra_args=["--bf16-unet"]).start()
     try:
         info = server.object_info()
         assert "LoadAudio" in info, "stock Load Audio did not import in the host (torchaudio?): " + server.log()[-3000:]

