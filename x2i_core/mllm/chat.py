@@ -28,7 +28,7 @@ from ..errors import X2IFileError, X2IInputError
 from .attention import given_mask
 from .base import EncodeRequest, HiddenStates
 from .cache import FORWARD_CALLS, EncodeCache, digest
-from .prompting import ChatPrompt
+from .prompting import TOKEN_KEYS, ChatPrompt, with_tokens
 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -286,13 +286,13 @@ class ChatEncoder(ChatPrompt):
             if hit is not None:
                 return HiddenStates(hit.to(self.device), mask, self.name, preset_name, lengths, self.family,
                                     pad_rows if left else None)
-        if left and exact_fill and self.left_pad_exact and set(batch) == {"input_ids", "attention_mask"}:
+        text_only = set(batch) - set(TOKEN_KEYS) == {"input_ids", "attention_mask"}
+        if left and exact_fill and self.left_pad_exact and text_only:
             hidden = self.forward_left_padded(batch, pad_rows, preset_name)
         elif left and pad_rows == "reference":
             hidden = self.forward_hidden(batch, unmask_pad_rows=True)
         elif exact_fill and right and self.right_pad_rows_shared:
-            hidden = self.forward_right_padded(batch, preset_name if set(batch) == {"input_ids", "attention_mask"}
-                                               else None)
+            hidden = self.forward_right_padded(batch, preset_name if text_only else None)
         else:
             hidden = self.forward_hidden(batch)
         if key is not None and bool(torch.isfinite(hidden).all()):  # a damaged result is never served again
@@ -377,7 +377,9 @@ class ChatEncoder(ChatPrompt):
             tail = h[:, :, -1:, :].expand(h.shape[0], h.shape[1], ids.shape[1] - keep, h.shape[3])
             return torch.cat([h, tail], dim=2)
         cut = dict(batch)
-        cut["input_ids"], cut["attention_mask"] = ids[:, :keep], mask[:, :keep]
+        for key in ("input_ids", "attention_mask", *TOKEN_KEYS):
+            if key in cut:
+                cut[key] = cut[key][:, :keep]
         h = self.forward_hidden(cut)
         tail = h[:, :, -1:, :].expand(h.shape[0], h.shape[1], ids.shape[1] - keep, h.shape[3])
         return torch.cat([h, tail], dim=2)
@@ -532,9 +534,7 @@ class ChatEncoder(ChatPrompt):
         batch, _, lengths = self.prepare([request], "scripts", image_size, video_size)
         # No padding for generation: keep the real tokens only.
         n = lengths[0]
-        batch = dict(batch)
-        batch["input_ids"] = batch["input_ids"][:, :n]
-        batch["attention_mask"] = batch["attention_mask"][:, :n]
+        batch = with_tokens(batch, batch["input_ids"][:, :n])
         inputs = self._to_device(batch)
         gen_kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "min_new_tokens": 1, "use_cache": True}
         if temperature > 0:
@@ -562,9 +562,7 @@ class ChatEncoder(ChatPrompt):
                 "max_new_tokens, set a temperature above 0 or rephrase the question")
         if answer == "text":
             return text, self.encode(EncodeRequest(text=text), preset=preset)  # text only: auto = training
-        full = dict(batch)
-        full["input_ids"] = torch.cat([batch["input_ids"], new[None]], dim=1)
-        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        full = with_tokens(batch, torch.cat([batch["input_ids"], new[None]], dim=1))
         hidden = self.forward_hidden(full)[:, :, n:]
         mask = torch.ones(1, keep, dtype=torch.long)
         return text, HiddenStates(hidden, mask, self.name, "answer", [keep], self.family)
@@ -586,9 +584,7 @@ class ChatEncoder(ChatPrompt):
             out = self.generator().generate(**self._to_device(batch), max_new_tokens=int(max_new_tokens))
         new = out[0, n:].to("cpu")
         answer = self.processor.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        full = dict(batch)
-        full["input_ids"] = torch.cat([batch["input_ids"], new[None, :-1].to(batch["input_ids"].dtype)], dim=1)
-        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        full = with_tokens(batch, torch.cat([batch["input_ids"], new[None, :-1].to(batch["input_ids"].dtype)], dim=1))
         hidden = self.forward_hidden(full)
         mask = torch.ones(1, hidden.shape[2], dtype=torch.long)
         return answer, HiddenStates(hidden, mask, self.name, "multiturn", [hidden.shape[2]], self.family)

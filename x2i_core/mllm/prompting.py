@@ -60,7 +60,14 @@ class ChatPrompt:
             kwargs["videos"] = built.videos
         if built.audios:
             kwargs["audio"] = built.audios
-        return dict(self.processor(**kwargs))
+        out = dict(self.processor(**kwargs))
+        if built.videos and "second_per_grid_ts" in out:
+            # Seconds per temporal grid step as 4.x's processor computed it for the reference: its default rate
+            # of 2 fps, temporal_patch_size / 2.0 per video (transformers 5 takes 24 fps when given no
+            # metadata, which moves every video's time positions).
+            step = getattr(self.processor.video_processor, "temporal_patch_size", 2) / 2.0
+            out["second_per_grid_ts"] = torch.full((len(built.videos),), float(step), dtype=torch.float32)
+        return out
 
     # -- prompt -------------------------------------------------------------
     def _check_modalities(self, i: int, turn: ChatTurn, images, videos, audios) -> None:
@@ -127,6 +134,7 @@ class ChatPrompt:
                 "the text, use fewer or smaller images, fewer video frames or shorter audio")
         media_ids = self.media_token_ids()
         ids_rows, mask_rows = [], []
+        token_rows: dict[str, list[torch.Tensor]] = {k: [] for k in TOKEN_KEYS if k in per_prompt[0]}
         for i, (enc, n) in enumerate(zip(per_prompt, lengths)):
             ids = enc["input_ids"][0]
             if n > target:
@@ -142,13 +150,15 @@ class ChatPrompt:
             pad = torch.full((target - ids.shape[0],), pad_id, dtype=ids.dtype)
             mask = torch.ones(ids.shape[0], dtype=torch.long)
             zeros = torch.zeros(pad.shape[0], dtype=torch.long)
-            if spec.padding_side == "left":
-                ids_rows.append(torch.cat([pad, ids]))
-                mask_rows.append(torch.cat([zeros, mask]))
-            else:
-                ids_rows.append(torch.cat([ids, pad]))
-                mask_rows.append(torch.cat([mask, zeros]))
+            left = spec.padding_side == "left"
+            ids_rows.append(torch.cat([pad, ids] if left else [ids, pad]))
+            mask_rows.append(torch.cat([zeros, mask] if left else [mask, zeros]))
+            for key, rows in token_rows.items():  # per-token processor outputs follow the ids (0 on pads)
+                row = torch.as_tensor(enc[key])[0][:ids.shape[0]]
+                fill = torch.zeros(pad.shape[0], dtype=row.dtype)
+                rows.append(torch.cat([fill, row] if left else [row, fill]))
         batch: dict[str, torch.Tensor] = {"input_ids": torch.stack(ids_rows), "attention_mask": torch.stack(mask_rows)}
+        batch.update({key: torch.stack(rows) for key, rows in token_rows.items()})
         batch.update(_collate_media(per_prompt))
         return batch, spec.name, lengths
 
@@ -172,12 +182,30 @@ def _as_list(x) -> list:
     return [x]
 
 
+# Processor outputs with one entry per token (transformers 5's processors add ``mm_token_type_ids``: 0 text,
+# 1 image, 2 video, ...); they are padded and cut with the ids, never concatenated like media tensors.
+TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+def with_tokens(batch: dict[str, Any], input_ids: torch.Tensor) -> dict[str, Any]:
+    """``batch`` over new ``input_ids`` that start with its own (e.g. a prompt cut to its real tokens, or a prompt
+    followed by an answer): the attention mask is all ones and per-token keys are cut or extended with 0 (text)."""
+    out = dict(batch)
+    n = input_ids.shape[1]
+    out["input_ids"], out["attention_mask"] = input_ids, torch.ones_like(input_ids)
+    for key in TOKEN_KEYS:
+        if key in out:
+            row = out[key][:, :n]
+            out[key] = torch.cat([row, row.new_zeros(row.shape[0], n - row.shape[1])], dim=1)
+    return out
+
+
 def _collate_media(per_prompt: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Concatenate the processors' media tensors of several prompts along their first dimension."""
     out: dict[str, torch.Tensor] = {}
     keys = []
     for e in per_prompt:
-        keys.extend(k for k in e if k not in ("input_ids", "attention_mask") and k not in keys)
+        keys.extend(k for k in e if k not in ("input_ids", "attention_mask", *TOKEN_KEYS) and k not in keys)
     for key in keys:
         parts = [e[key] for e in per_prompt if e.get(key) is not None]
         if not parts:

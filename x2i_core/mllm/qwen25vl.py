@@ -37,3 +37,20 @@ class Qwen25VLEncoder(Qwen25VLPrompt, ChatEncoder, family="qwen2.5-vl"):  # fact
         # with torch's bicubic and differs by ~1e-2 (tests/test_reference_oracle.py).
         processor = AutoProcessor.from_pretrained(path, use_fast=False)
         return full, full.model, processor
+
+    def forward_inputs(self, batch):
+        """M-RoPE positions computed by the pack, as 4.49 computed them (:func:`~.mrope.qwen25vl_positions`), so
+        every transformers gets the same ones; the model's cached rope deltas (for decoding) are cleared."""
+        from .mrope import qwen25vl_positions
+
+        cfg = self.model.config
+        self.model.rope_deltas = None
+        if "input_ids" not in batch:
+            return {}
+        pos = qwen25vl_positions(
+            batch["input_ids"], batch.get("attention_mask"), image_token_id=cfg.image_token_id,
+            video_token_id=cfg.video_token_id, vision_start_token_id=cfg.vision_start_token_id,
+            merge=cfg.vision_config.spatial_merge_size, tokens_per_second=cfg.vision_config.tokens_per_second,
+            image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
+            second_per_grid_ts=batch.get("second_per_grid_ts"))
+        return {"position_ids": pos.to(batch["input_ids"].device)}

@@ -65,10 +65,20 @@ def build_tokenizer(out_dir: str, vocab_size: int = 1024, special_tokens: list[s
         unk_token=None, errors="replace", clean_up_tokenization_spaces=False,
         additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)], **kwargs,
     )
-    fast.add_special_tokens({"additional_special_tokens": special_tokens}, replace_additional_special_tokens=True)
+    _set_special_tokens(fast, special_tokens)
     fast.model_max_length = 32768
     fast.chat_template = chat_template or QWEN25VL_CHAT_TEMPLATE
     return fast
+
+
+def _set_special_tokens(fast, special_tokens: list[str]) -> None:
+    """The tokenizer's special-token list becomes exactly ``special_tokens`` (ids in that order after the vocabulary).
+    transformers 5 renamed the keyword (``replace_additional_special_tokens`` -> ``replace_extra_special_tokens``)."""
+    import inspect
+
+    params = inspect.signature(fast.add_special_tokens).parameters
+    key = next(k for k in ("replace_additional_special_tokens", "replace_extra_special_tokens") if k in params)
+    fast.add_special_tokens({"additional_special_tokens": special_tokens}, **{key: True})
 
 
 def _bpe(special: list[str], vocab_size: int = 512):
