@@ -41,13 +41,14 @@ from .parts import (  # noqa: F401  (re-exported: the tokenizer and helpers are 
     QWEN_SPECIAL_TOKENS,
     _bpe,
     _spread,
+    _unigram,
     _staging,
     build_tokenizer,
 )
 
 log = logging.getLogger("x2i")
 
-TINY_VERSION = 7
+TINY_VERSION = 8
 
 def build_teacher_text_encoders(seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768):
     """Tiny CLIP-L and T5-XXL stand-ins (2 layers) with their tokenizers: FLUX's teacher encoders."""
@@ -68,7 +69,7 @@ def build_teacher_text_encoders(seed: int = 0, joint_dim: int = 4096, pooled_dim
     # A generic fast tokenizer with CLIP's special tokens (CLIPTokenizerFast insists on CLIP's own BPE).
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=clip_tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77)
-    t5_tok = _bpe(["<pad>", "</s>", "<unk>"])
+    t5_tok = _unigram(["<pad>", "</s>", "<unk>"])
     t5_tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", t5_tok.token_to_id("</s>"))])
     tokenizer_2 = T5TokenizerFast(tokenizer_object=t5_tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                                   model_max_length=512, extra_ids=0)

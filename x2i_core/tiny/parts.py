@@ -93,6 +93,20 @@ def _bpe(special: list[str], vocab_size: int = 512):
     return tok
 
 
+def _unigram(special: list[str], vocab_size: int = 512):
+    """A Unigram (SentencePiece-style) tokenizer with T5's Metaspace pre-tokenizer, as T5 tokenizers are saved:
+    ``special`` first (ids 0, 1, 2, ...; the last is the unknown token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=special,
+                                      unk_token=special[-1])
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok
+
+
 def _spread(model, seed: int, std: float = 0.05) -> None:
     """Random init with a larger spread so layers differ visibly in tests."""
     with torch.no_grad():
