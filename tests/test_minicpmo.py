@@ -160,7 +160,7 @@ def test_switch_on_loads_and_encodes_with_the_reference_recipe(standin):
     # the prompt is the reference's: media tags, then the text, in one user message
     ids = enc.processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": "(<image>./</image>)\n" * 2 + "(<audio>./</audio>)\n" + "a fox"}],
-        tokenize=True, add_generation_prompt=True)
+        tokenize=True, add_generation_prompt=True, return_dict=False)
     assert hs.hidden.shape[2] == len(ids)
     # equals the stand-in model's own prefill
     with torch.no_grad():
@@ -294,7 +294,7 @@ def test_training_preset_refuses_media_chats_and_empty_captions(loaded):
 def test_default_presets_keep_the_inference_recipe(loaded):
     enc = loaded
     proc, tok = enc.processor, enc.processor.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "a fox"}], tokenize=True, add_generation_prompt=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "a fox"}], tokenize=True, add_generation_prompt=True, return_dict=False)
     first = None
     for preset in (None, "auto", "comfyui", "scripts", "minicpm", "Auto"):
         proc.calls = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +30,18 @@ from .attention import given_mask
 from .base import EncodeRequest, HiddenStates
 from .cache import FORWARD_CALLS, EncodeCache, digest
 from .prompting import TOKEN_KEYS, ChatPrompt, with_tokens
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """transformers 5 validates configs as huggingface-hub strict dataclasses (their errors are no TypeError)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+_CONFIG_ERRORS = _config_errors()
 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -180,12 +193,12 @@ class ChatEncoder(ChatPrompt):
         check_model_folder(path)
         try:
             full, backbone, processor = cls.load_parts(path, torch_dtype, **kwargs)
-        except (TypeError, AttributeError, KeyError) as exc:  # transformers reading a malformed config
+        except (TypeError, AttributeError, KeyError, *_CONFIG_ERRORS) as exc:  # transformers reading a malformed config
             raise X2IFileError(f"MLLM folder '{path}': config.json does not describe a usable "
                                f"{cls.display} model ({type(exc).__name__}: {exc}); download it again") from exc
         except ImportError as exc:
             raise X2IFileError(f"MLLM folder '{path}' cannot be loaded: {exc}") from exc
-        except (OSError, ValueError, RuntimeError, EOFError) as exc:
+        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # 5.x: the raw unpickler's
             raise X2IFileError(f"MLLM folder '{path}' is incomplete or corrupt ({exc}){_weights_hint(path)}") from exc
         except SafetensorError as exc:  # a truncated or damaged weight file
             raise X2IFileError(f"MLLM folder '{path}' has a truncated or corrupt .safetensors weight file ({exc}); "

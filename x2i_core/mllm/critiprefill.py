@@ -172,21 +172,24 @@ _ACTIVE: dict[int, _State] = {}
 
 
 # -- transformers hooks --------------------------------------------------------------------------------------------
-def _mask_fn(batch_size: int, cache_position: torch.Tensor, kv_length: int, kv_offset: int = 0,
+def _mask_fn(batch_size: int, cache_position: torch.Tensor | None = None, kv_length: int = 0, kv_offset: int = 0,
              mask_function=None, attention_mask: torch.Tensor | None = None, config=None, **kwargs):
+    """transformers' mask hook: 4.5x passes the queries' ``cache_position``, 5.x their ``q_length`` / ``q_offset``."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
     state = _ACTIVE.get(id(config))
-    q_len = int(cache_position.shape[0])
-    ours = (state is not None and mask_function is causal_mask_function and kv_offset == 0 and q_len == kv_length
-            and state.config.applies(kv_length))
+    q_len = int(cache_position.shape[0]) if cache_position is not None else int(kwargs.get("q_length", 0))
+    ours = (state is not None and mask_function is causal_mask_function and kv_offset == 0
+            and int(kwargs.get("q_offset", 0)) == 0 and q_len == kv_length and state.config.applies(kv_length))
     if not ours:
         original = state.original if state is not None else "sdpa"
         if original not in ALL_MASK_ATTENTION_FUNCTIONS:
             original = "sdpa" if original != "eager" else "eager"
+        if cache_position is not None:
+            kwargs["cache_position"] = cache_position
         return ALL_MASK_ATTENTION_FUNCTIONS[original](
-            batch_size=batch_size, cache_position=cache_position, kv_length=kv_length, kv_offset=kv_offset,
-            mask_function=mask_function, attention_mask=attention_mask, config=config, **kwargs)
+            batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+            attention_mask=attention_mask, config=config, **kwargs)
     valid = None
     if attention_mask is not None:
         valid = attention_mask[:, :kv_length].to(torch.bool)

@@ -60,7 +60,8 @@ class Qwen25OmniEncoder(ChatEncoder, family="qwen2.5-omni"):  # facts: x2i_core.
 
     @property
     def decoder_layers(self):
-        return self.model.model.layers
+        inner = self.model.model  # the thinker's text decoder (transformers 5 nests it as .language_model)
+        return getattr(inner, "layers", None) or inner.language_model.layers
 
     def chat_kwargs(self, spec):
         return {"add_vision_id": True} if spec.vision_ids else {}
