@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.install_replay]
 
 SEEDS = {
     "current": ["transformers==5.24.0", "huggingface-hub==2.4.0"],

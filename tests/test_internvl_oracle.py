@@ -17,7 +17,7 @@ from helpers.oracle import ROOT, TOL, run_on_refstack
 from x2i_core.errors import X2IFileError, X2IInputError
 from x2i_core.mllm import EncodeRequest
 
-pytestmark = pytest.mark.slow  # subprocesses on the 4.49 reference stack (.refstack)
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]  # subprocesses on the 4.49 reference stack (.refstack)
 
 HELPER = os.path.join(ROOT, "tests", "helpers", "reference_internvl.py")
 TEXTS = ["A red fox jumps over a lazy dog in the snowy forest at dawn.", "一只可爱的小猫坐在窗台上",

@@ -24,7 +24,7 @@ from helpers.oracle import ROOT, TOL, run_on_refstack
 from x2i_core.media import sample_frames
 from x2i_core.mllm import EncodeRequest
 
-pytestmark = pytest.mark.slow  # subprocesses on the 4.49 reference stack (.refstack, make refstack)
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]  # subprocesses on the 4.49 reference stack (.refstack, make refstack)
 
 HELPER = os.path.join(ROOT, "tests", "helpers", "reference_stack.py")
 TEMPLATE = os.path.join(ROOT, "tests", "data", "qwen2.5-vl-chat-template.jinja")
@@ -170,8 +170,8 @@ def test_video_positions_and_pixels_equal_the_reference(oracle_run, ours, case_i
     assert torch.equal(batch["video_grid_thw"], t[f"{case_id}.video_grid_thw"])
     assert torch.allclose(batch["second_per_grid_ts"].float(), t[f"{case_id}.second_per_grid_ts"].float())
     assert (batch["pixel_values_videos"] - t[f"{case_id}.pixel_values_videos"]).abs().max() <= 1e-5
-    positions, _ = ours.model.get_rope_index(batch["input_ids"], None, batch["video_grid_thw"],
-                                             batch["second_per_grid_ts"], batch["attention_mask"])
+    # The positions the pack feeds the decoder (computed by the pack, not by the installed transformers).
+    positions = ours.forward_inputs(batch)["position_ids"]
     assert torch.equal(positions, t[f"{case_id}.positions"])
 
 

@@ -44,6 +44,24 @@ def _config_errors() -> tuple[type[BaseException], ...]:
 _CONFIG_ERRORS = _config_errors()
 
 
+def load_pil_processor(path: str):
+    """The folder's processor with the PIL ("slow") image processor, which transformers 4.49 ran for the
+    reference (the torchvision one resizes differently, ~1e-2): ``use_fast=False`` on 4.x; on 5.x (which
+    deprecates ``use_fast`` and defaults to torchvision) ``backend="pil"``, or - where a part such as InternVL's
+    video processor has no PIL backend - the default processor with its image processor swapped for the PIL one."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return AutoProcessor.from_pretrained(path, use_fast=False)
+    try:
+        return AutoProcessor.from_pretrained(path, backend="pil")
+    except ImportError:
+        processor = AutoProcessor.from_pretrained(path)
+        processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        return processor
+
+
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if os.path.isfile(path):

@@ -32,7 +32,7 @@ from PIL import Image
 from ..errors import X2IInputError
 from ..media import as_video_list, to_pil_list
 from ..prompt import SPECS, BuiltPrompt, _check_has_words, _check_placeholders, resolve_preset, with_image_size
-from .chat import ChatEncoder
+from .chat import ChatEncoder, load_pil_processor
 from .prompting import _as_list, _turns_of
 
 # The system message of InternVL's ``internvl2_5`` conversation template, which the reference sets.
@@ -60,10 +60,10 @@ class InternVLEncoder(ChatEncoder, family="internvl"):  # facts: x2i_core.regist
 
     @classmethod
     def load_parts(cls, path: str, torch_dtype: torch.dtype, **kwargs):
-        from transformers import AutoProcessor, InternVLForConditionalGeneration
+        from transformers import InternVLForConditionalGeneration
 
         full = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **kwargs)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_pil_processor(path)
         return full, full.model, processor
 
     def media_token_ids(self) -> set[int]:

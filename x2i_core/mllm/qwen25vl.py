@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import registry
-from .chat import ChatEncoder, read_model_config, resolve_dtype
+from .chat import ChatEncoder, load_pil_processor, read_model_config, resolve_dtype
 from .prompting import ChatPrompt
 
 FAMILY = registry.family("qwen2.5-vl")
@@ -30,12 +30,12 @@ class Qwen25VLEncoder(Qwen25VLPrompt, ChatEncoder, family="qwen2.5-vl"):  # fact
 
     @classmethod
     def load_parts(cls, path: str, torch_dtype: torch.dtype, **kwargs):
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
         full = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, **kwargs)
         # The slow (PIL) image processor, as transformers 4.49 ran it for the reference; the fast one resizes
         # with torch's bicubic and differs by ~1e-2 (tests/test_reference_oracle.py).
-        processor = AutoProcessor.from_pretrained(path, use_fast=False)
+        processor = load_pil_processor(path)
         return full, full.model, processor
 
     def forward_inputs(self, batch):
