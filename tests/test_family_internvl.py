@@ -34,10 +34,14 @@ def ivl(ivl_dir):
 
 @pytest.fixture(scope="module")
 def reference(ivl_dir):
-    from transformers import AutoProcessor, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
+
+    from x2i_core.mllm.chat import load_pil_processor
 
     model = InternVLForConditionalGeneration.from_pretrained(ivl_dir, dtype=torch.float32)
-    return model.eval(), AutoProcessor.from_pretrained(ivl_dir)
+    # The folder's processor with the PIL image processor, as the encoder loads it on every transformers (the
+    # reference's own image transform is checked in test_internvl_oracle.py).
+    return model.eval(), load_pil_processor(ivl_dir)
 
 
 def _image(seed, w=90, h=60):
