@@ -59,11 +59,10 @@ def host(tmp_path_factory):
     """A real ComfyUI server (the stack's host: v0.28.1 or v0.3.75) with the pack and the tiny models."""
     import json
 
+    from helpers.comfy import comfy_host_dir
     from tools.comfy_fetch import prepare_base
     from tools.comfy_server import ComfyServer
     from x2i_core.tiny import build_alignnet, default_cache_dir, make_tiny_models
-
-    from helpers.comfy import comfy_host_dir
 
     comfy_dir = comfy_host_dir()
     tiny = make_tiny_models(default_cache_dir(), comfy=True)

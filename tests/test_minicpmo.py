@@ -294,7 +294,8 @@ def test_training_preset_refuses_media_chats_and_empty_captions(loaded):
 def test_default_presets_keep_the_inference_recipe(loaded):
     enc = loaded
     proc, tok = enc.processor, enc.processor.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "a fox"}], tokenize=True, add_generation_prompt=True, return_dict=False)
+    ids = tok.apply_chat_template([{"role": "user", "content": "a fox"}], tokenize=True, add_generation_prompt=True,
+                                  return_dict=False)
     first = None
     for preset in (None, "auto", "comfyui", "scripts", "minicpm", "Auto"):
         proc.calls = []

@@ -23,8 +23,7 @@ import types
 import pytest
 from PIL import Image
 
-from helpers.comfy import tiny_api
-from helpers.comfy import comfy_host_dir
+from helpers.comfy import comfy_host_dir, tiny_api
 from tools.comfy_fetch import ROOT, prepare_base
 from tools.comfy_server import ComfyServer, execution_error
 

@@ -41,8 +41,8 @@ from .parts import (  # noqa: F401  (re-exported: the tokenizer and helpers are 
     QWEN_SPECIAL_TOKENS,
     _bpe,
     _spread,
-    _unigram,
     _staging,
+    _unigram,
     build_tokenizer,
 )
 
