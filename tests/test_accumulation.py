@@ -78,8 +78,10 @@ def test_two_micro_batches_of_one_equal_one_batch_of_two(tiny, tmp_path, trainer
         worst = max(rel.values())
         print(f"{trainer} step {step}: loss {lb:.6g} vs {la:.6g}, worst gradient difference / gradient norm "
               f"{worst:.2e}")
-        # fp32 round-off (per-sample vs batched kernels); the second step also carries Adam's first update
-        assert worst <= (1e-5 if step == 0 else 1e-4), max(rel, key=rel.get)
+        # fp32 round-off (per-sample vs batched kernels; 2e-5 at step 0 with the tiny T5's Unigram tokenizer, whose
+        # captions pad to other lengths; an accumulation bug is O(1), e.g. 0.5 for a missing 1/2); the second
+        # step also carries Adam's first update
+        assert worst <= (5e-5 if step == 0 else 1e-4), max(rel, key=rel.get)
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ from .parts import (  # noqa: F401  (re-exported: the tokenizer and helpers are 
 
 log = logging.getLogger("x2i")
 
-TINY_VERSION = 8
+TINY_VERSION = 9
 
 def build_teacher_text_encoders(seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768):
     """Tiny CLIP-L and T5-XXL stand-ins (2 layers) with their tokenizers: FLUX's teacher encoders."""

@@ -95,15 +95,22 @@ def _bpe(special: list[str], vocab_size: int = 512):
 
 def _unigram(special: list[str], vocab_size: int = 512):
     """A Unigram (SentencePiece-style) tokenizer with T5's Metaspace pre-tokenizer, as T5 tokenizers are saved:
-    ``special`` first (ids 0, 1, 2, ...; the last is the unknown token)."""
+    ``special`` first (ids 0, 1, 2, ...; the last is the unknown token).  The pieces are those of a BPE trained on
+    the corpus (deterministic, unlike tokenizers' Unigram trainer), scored by their BPE rank."""
+    import math
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.Unigram())
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False, special_tokens=[])
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    pieces = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    vocab = [(t, 0.0) for t in special] + [(p, -math.log(2.0 + i)) for i, (p, _) in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=len(special) - 1, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=special,
-                                      unk_token=special[-1])
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.add_special_tokens(special)
     return tok
 
 
