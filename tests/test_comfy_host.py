@@ -56,6 +56,7 @@ REPEAT_CHECKED = {"x2i_text2image.json", "x2i_sampler.json", "x2i_lora.json", "x
                   "x2i_multi_turn.json"}
 
 
+@pytest.mark.workflows
 @pytest.mark.parametrize("workflow", WORKFLOWS)
 def test_shipped_workflow_runs_end_to_end_and_repeats_exactly(host, workflow):
     if workflow == "x2i_text2image_native_qwen.json":  # stock Load CLIP only detects a real 7B Qwen2.5-VL file

@@ -17,7 +17,7 @@ import yaml
 from helpers.datasets import caption_file, edit_triples, lora_dataset
 from x2i_core.train.runtime import read_metrics
 
-pytestmark = pytest.mark.slow  # every shipped config through the CLI, with a resume
+pytestmark = [pytest.mark.slow, pytest.mark.configs]  # every shipped config through the CLI, with a resume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
