@@ -9,9 +9,10 @@ from PIL import Image
 
 from helpers.reference_recipe import reference_hidden
 from x2i_core.mllm import EncodeRequest
+from x2i_core.mllm.chat import transformers_major
 
 TOL = 1e-5
-TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+TRANSFORMERS_MAJOR = transformers_major()
 
 
 def _image(seed, w, h):

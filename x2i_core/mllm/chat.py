@@ -44,15 +44,21 @@ def _config_errors() -> tuple[type[BaseException], ...]:
 _CONFIG_ERRORS = _config_errors()
 
 
+def transformers_major() -> int:
+    """The installed transformers' major version (4 or 5: the pack computes what changed between them itself)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def load_pil_processor(path: str):
     """The folder's processor with the PIL ("slow") image processor, which transformers 4.49 ran for the
     reference (the torchvision one resizes differently, ~1e-2): ``use_fast=False`` on 4.x; on 5.x (which
     deprecates ``use_fast`` and defaults to torchvision) ``backend="pil"``, or - where a part such as InternVL's
     video processor has no PIL backend - the default processor with its image processor swapped for the PIL one."""
-    import transformers
     from transformers import AutoImageProcessor, AutoProcessor
 
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if transformers_major() < 5:
         return AutoProcessor.from_pretrained(path, use_fast=False)
     try:
         return AutoProcessor.from_pretrained(path, backend="pil")

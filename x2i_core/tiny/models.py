@@ -355,10 +355,9 @@ def default_cache_dir() -> str:
     env = os.environ.get("X2I_TINY_DIR")
     if env:
         return env
-    import transformers
+    from ..mllm.chat import transformers_major
 
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     # One cache per transformers major version: each saves its configs its own way (a stack never reads the
     # other's files; the reference oracles build their own with transformers 4.49).
-    major = transformers.__version__.split(".")[0]
-    return os.path.join(base, "x2i", f"tiny-v{TINY_VERSION}-tf{major}")
+    return os.path.join(base, "x2i", f"tiny-v{TINY_VERSION}-tf{transformers_major()}")
