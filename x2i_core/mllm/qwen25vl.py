@@ -45,7 +45,7 @@ class Qwen25VLEncoder(Qwen25VLPrompt, ChatEncoder, family="qwen2.5-vl"):  # fact
 
         cfg = self.model.config
         self.model.rope_deltas = None
-        if "input_ids" not in batch:
+        if "input_ids" not in batch or "position_ids" in batch:  # the caller's positions win (the opening cache)
             return {}
         pos = qwen25vl_positions(
             batch["input_ids"], batch.get("attention_mask"), image_token_id=cfg.image_token_id,
