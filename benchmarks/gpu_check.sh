@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 for a in "$@"; do [ "$a" = "--dry-run" ] && DRY=1; done
-if [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
+if [ "$DRY" = 1 ] && [ -z "${PY:-}" ] && [ -n "${VIRTUAL_ENV:-}" ]; then PY="$VIRTUAL_ENV/bin/python"; fi
+if [ "$DRY" = 1 ] && [ -z "${PY:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+PY=${PY:-python3}
 if [ "$DRY" = 0 ] && [ -d .gpu-wheels ]; then
   # The lent machine reaches no registry: everything it lacks was carried as wheels.
   if [ ! -f .gpu-deps/.done ]; then

@@ -45,7 +45,7 @@ import comfy.utils
 from ..x2i_core import registry
 from ..x2i_core.errors import X2IError
 from ..x2i_core.mllm.base import EncodeRequest, HiddenStates
-from ..x2i_core.mllm.chat import check_pad_rows, pad_query_mask
+from ..x2i_core.mllm.chat import check_pad_rows, pad_query_mask, pil_image_processor_class
 from ..x2i_core.mllm.mrope import rope_positions
 from ..x2i_core.mllm.qwen25vl import Qwen25VLPrompt
 from ..x2i_core.prompt import QWEN25VL_CHAT_TEMPLATE  # Qwen2.5-VL-Instruct's chat_template.json, reproduced
@@ -192,7 +192,9 @@ def _processor_for(tokenizer):
     (PIL) image processor, as the transformers path loads it (what transformers 4.49 ran for the reference)."""
     proc = _PROCESSORS.get(tokenizer)
     if proc is None:
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor as ImageProcessor
+        from transformers import Qwen2_5_VLProcessor
+
+        ImageProcessor = pil_image_processor_class("Qwen2VLImageProcessor")  # noqa: N806 - a class
 
         kwargs = {}
         try:  # transformers >= 4.52 wants a video processor (this node passes no video)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +17,8 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     with open(results, "rb") as fh:
         before = hashlib.sha256(fh.read()).hexdigest()
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+                       capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env={**os.environ, "PY": sys.executable})  # the stack under test, not whichever venv exists
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(tmp_path / "gpu_check.json", encoding="utf-8") as fh:
         report = json.load(fh)

@@ -229,3 +229,15 @@ def test_prime_rate_resamples_quickly():
     assert out.shape[-1] == -(-2 * 7919 * 16000 // 7919) and time.perf_counter() - t0 < 5.0  # was ~8 s for 0.5 s
     spectrum = torch.fft.rfft(out[0].double())
     assert abs(int(spectrum.abs().argmax()) / 2.0 - 300) <= 1  # the 300 Hz tone stays at 300 Hz
+
+
+def test_pil_image_processor_class_is_the_pil_backend_on_every_transformers():
+    """The reference ran the PIL image processor; transformers 5 made the plain class name the torchvision one
+    (which resizes differently, ~1e-2 on pixel values)."""
+    from x2i_core.mllm.chat import pil_image_processor_class
+
+    cls = pil_image_processor_class("Qwen2VLImageProcessor")
+    assert "Torchvision" not in " ".join(c.__name__ for c in cls.__mro__), cls.__mro__
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    out = cls(min_pixels=56 * 56, max_pixels=28 * 28 * 64)(images=[im], return_tensors="pt")
+    assert out["pixel_values"].dtype == torch.float32 and out["image_grid_thw"].tolist() == [[1, 8, 12]]

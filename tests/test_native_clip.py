@@ -181,11 +181,14 @@ def _tiny_clip(tiny_mllm: str, kind: str, model_options: dict | None = None):
     tc, vc = cfg.get("text_config", cfg), cfg["vision_config"]
     pad_id = tc.get("pad_token_id", cfg.get("pad_token_id"))
     heads = tc["num_attention_heads"]
+    # 4.x writes rope_theta + rope_scaling, 5.x one rope_parameters dict; released folders carry the former
+    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or cfg.get("rope_scaling") or {}
+    theta = tc.get("rope_theta", rope.get("rope_theta"))
     fields = dict(vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], intermediate_size=tc["intermediate_size"],
                   num_hidden_layers=tc["num_hidden_layers"], num_attention_heads=heads,
                   num_key_value_heads=tc["num_key_value_heads"], max_position_embeddings=tc["max_position_embeddings"],
-                  rms_norm_eps=tc["rms_norm_eps"], rope_theta=tc["rope_theta"])
-    mrope = list((tc.get("rope_scaling") or cfg.get("rope_scaling"))["mrope_section"])
+                  rms_norm_eps=tc["rms_norm_eps"], rope_theta=theta)
+    mrope = list(rope["mrope_section"])
     seven = kind == "7b"
     name = "qwen25_7b" if seven else "qwen25_3b"
     base_cls = llama.Qwen25_7BVLI if seven else llama.Qwen25_3B
@@ -284,6 +287,7 @@ def _image(seed, w, h):
 def _worker(spec_path: str) -> None:
     import asyncio
     import importlib
+    import inspect
     import types
 
     sys.path.insert(0, ROOT)
@@ -400,7 +404,8 @@ def _worker(spec_path: str) -> None:
         arrays.append(np.asarray(Image.open(os.path.join(spec["base"], "output", img.get("subfolder", ""),
                                                          img["filename"]))))
         if run == 0:
-            cond = executor.caches.outputs.get(nid("X2IAlignNetProject")).outputs[0][0]
+            entry = executor.caches.outputs.get(nid("X2IAlignNetProject"))  # a coroutine on 0.28
+            cond = (asyncio.run(entry) if inspect.isawaitable(entry) else entry).outputs[0][0]
         mm.unload_all_models()  # what /free does: the second run starts from nothing
     if len(arrays) == 2:
         w["image_shape"] = list(arrays[0].shape)

@@ -197,7 +197,7 @@ def run_in_process(spec_path: str) -> None:
         _prompt_facts(facts, label, executor, mm)
         if executor.success:
             for nid in captures.get(label, []):
-                entry = executor.caches.outputs.get(nid)
+                entry = _cached(executor.caches.outputs, nid)
                 _capture(entry.outputs[0][0], entry, f"{label}:{nid}" if label else nid, tensors, facts)
     facts["managed_before"] = _managed_models(mm)
     mm.unload_all_models()
@@ -208,6 +208,15 @@ def run_in_process(spec_path: str) -> None:
         save_file(tensors, spec["out"])
     with open(spec["out"] + ".json", "w", encoding="utf-8") as fh:
         json.dump(facts, fh)
+
+
+def _cached(cache, nid):
+    """A cache entry; 0.3.x returns it, later hosts (0.28) make ``get`` a coroutine."""
+    import asyncio
+    import inspect
+
+    entry = cache.get(nid)
+    return asyncio.run(entry) if inspect.isawaitable(entry) else entry
 
 
 class _EventSink:

@@ -68,6 +68,16 @@ def load_pil_processor(path: str):
         return processor
 
 
+def pil_image_processor_class(name: str):
+    """transformers' PIL image processor class for ``name`` (e.g. ``"Qwen2VLImageProcessor"``): the class itself
+    on 4.x, where it is the slow PIL one; ``<name>Pil`` on 5.x, where ``<name>`` is the torchvision backend."""
+    import transformers
+
+    if transformers_major() >= 5:
+        return getattr(transformers, name + "Pil")
+    return getattr(transformers, name)
+
+
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if os.path.isfile(path):
