@@ -59,6 +59,7 @@ def test_workflow_opens_without_missing_nodes_or_link_repairs(opened, name):
     assert nodes and all(n["registered"] for n in nodes), nodes
     assert len(nodes) == len(_load(name)["nodes"])
     assert r["state"]["links"] == len(_load(name)["links"])
+    assert r["state"]["edges"] == frontend_check.file_edges(_load(name))  # no link dropped or rewired on load
     assert os.path.getsize(r["screenshot"]) > 10_000
 
 
@@ -82,12 +83,22 @@ def test_workflow_loads_from_its_png(opened, name):
     assert len(nodes) == len(_load(name)["nodes"]) and all(n["registered"] for n in nodes), nodes
     assert sorted(n["type"] for n in nodes) == sorted(n["type"] for n in _load(name)["nodes"])
     assert r["state"]["links"] == len(_load(name)["links"])
+    assert r["state"]["edges"] == frontend_check.file_edges(_load(name))
 
 
 @needs_browser
 def test_the_check_itself_notices_missing_nodes_and_bad_links(opened):
-    assert "missing nodes" in opened["control_missing_node.json"]["problems"]
-    assert "Workflow Validation" in opened["control_bad_link.json"]["problems"]
+    """1.32.x says so in dialogs ("missing nodes", "Workflow Validation"); 1.5x lists missing node packs in its
+    Issues panel and repairs a bad link silently, which the graph-against-file comparison notices."""
+    missing = opened["control_missing_node.json"]
+    assert {"missing nodes", "Missing Node Packs"} & set(missing["problems"]), missing
+    assert not all(n["registered"] for n in missing["state"]["nodes"])
+    bad = opened["control_bad_link.json"]
+    wf = _load(WORKFLOWS[0])
+    wf["links"][0][4] += 3
+    assert bad["state"]["edges"] != frontend_check.file_edges(wf), bad["state"]["edges"]
+    if bad["issues"] is None:  # the 1.32.x frontend also says it
+        assert "Workflow Validation" in bad["problems"], bad
 
 
 def test_workflow_templates_are_served(host):

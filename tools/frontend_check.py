@@ -19,7 +19,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 PROBLEM_MARKERS = ("missing nodes", "Workflow Validation", "validation", "Some nodes", "not found",
-                   "Missing Node Types", "Invalid workflow", "error loading")
+                   "Missing Node Types", "Missing Node Packs", "Invalid workflow", "error loading")
 
 
 def available() -> bool:
@@ -128,12 +128,49 @@ def _load_graph(driver, name: str, wf) -> object:
 
 
 def _graph_state(driver) -> dict:
-    return driver.execute_script(
-        "const g = window.app.graph; return {nodes: g._nodes.map(n => ({type: n.type, "
+    state = driver.execute_script(
+        "const g = window.app.graph; const links = g.links instanceof Map ? Array.from(g.links.values())"
+        " : Object.values(g.links || {}); return {nodes: g._nodes.map(n => ({type: n.type, "
         "registered: !!LiteGraph.registered_node_types[n.type], inputs: (n.inputs||[]).length, "
         "outputs: (n.outputs||[]).length, has_errors: !!n.has_errors})), "
-        "links: Object.keys(g.links || {}).length, dialogs: Array.from(document.querySelectorAll("
+        "links: Object.keys(g.links || {}).length, "
+        "edges: links.filter(l => l).map(l => [l.origin_id, l.origin_slot, l.target_id, l.target_slot]), "
+        "dialogs: Array.from(document.querySelectorAll("
         "'.p-dialog, .p-toast-message')).filter(e => e.offsetParent !== null).map(e => e.innerText)}")
+    state["edges"] = sorted([int(v) for v in e] for e in state["edges"])
+    return state
+
+
+def file_edges(workflow: dict) -> list[list[int]]:
+    """The links of a UI workflow as the frontend's graph should hold them: [origin, slot, target, slot]."""
+    return sorted([int(v) for v in link[1:5]] for link in workflow.get("links", []))
+
+
+_ISSUE_SECTIONS = ("Missing Node Packs", "Missing Models")
+
+
+def issues_panel(driver) -> dict | None:
+    """Frontends from ~1.40 on report what a loaded workflow lacks in a toast ("3 issues found") whose *View
+    details* opens the Issues panel: sections "Missing Node Packs" (node types) and "Missing Models" (file, then
+    its folder). Opens it and returns ``{"text", "sections": {title: [lines]}}``; None where there is no such
+    toast (1.32.x shows dialogs instead)."""
+    clicked = driver.execute_script(
+        "const b = Array.from(document.querySelectorAll('button')).find(b => /^\\s*View details\\s*$/.test("
+        "b.innerText || '')); if (!b) return false; b.click(); return true;")
+    if not clicked:
+        return None
+    time.sleep(1.5)
+    text = driver.execute_script("return document.body.innerText")
+    start = text.find("Setup required")
+    end = text.find("For more help", max(start, 0))
+    panel = text[start if start >= 0 else 0:end if end >= 0 else len(text)]
+    sections, current = {}, None
+    for line in (x.strip() for x in panel.splitlines()):
+        if line in _ISSUE_SECTIONS:
+            current = sections.setdefault(line, [])
+        elif current is not None and line and not line.isdigit():
+            current.append(line)
+    return {"text": panel[-3000:], "sections": sections}
 
 
 def open_workflows(url: str, workflows: dict[str, dict | bytes], shot_dir: str, timeout: float = 90.0) -> dict:
@@ -149,14 +186,20 @@ def open_workflows(url: str, workflows: dict[str, dict | bytes], shot_dir: str, 
             text = driver.execute_script("return document.body.innerText")
             state = _graph_state(driver)
             logs = [e["message"] for e in driver.get_log("browser")]
+            issues = issues_panel(driver)
+            reported = list(state["dialogs"])
+            if issues:  # what the frontend lacks files for is no fault of the graph: reported apart
+                reported.append(" ".join(sum((v for k, v in issues["sections"].items() if k != "Missing Models"),
+                                             [])))
+                reported.extend(k for k in issues["sections"] if k != "Missing Models")
             shot = os.path.join(shot_dir, name.replace(".json", ".png") if name.endswith(".json")
                                 else name.replace(".png", ".from-png.png"))
             driver.save_screenshot(shot)
             new_text = text.replace(before, "") if before and before in text else text
             results[name] = {
                 "loaded": done, "state": state, "console": logs, "screenshot": shot,
-                "problems": [m for m in PROBLEM_MARKERS if m.lower() in " ".join(state["dialogs"]).lower()],
-                "text": new_text[-2000:],
+                "problems": [m for m in PROBLEM_MARKERS if m.lower() in " ".join(reported).lower()],
+                "issues": issues, "text": new_text[-2000:],
             }
     finally:
         driver.quit()
@@ -189,10 +232,16 @@ return {with_images: withImages, drawn: drawn};
 """
 
 
+_TEST_IDS = {"Run": "queue-button"}  # 1.5x frontends: the Run button has a test id and no aria-label
+
+
 def _click(driver, label: str) -> None:
     from selenium.common.exceptions import ElementClickInterceptedException
 
-    button = driver.find_element("css selector", f'button[aria-label="{label}"]')
+    selector = f'button[aria-label="{label}"]'
+    if label in _TEST_IDS:
+        selector += f', button[data-testid="{_TEST_IDS[label]}"]'
+    button = driver.find_element("css selector", selector)
     try:
         button.click()
     except ElementClickInterceptedException:
