@@ -12,7 +12,16 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..x2i_core.mllm.base import ChatTurn, EncodeRequest
-from .common import CATEGORY, PRESET_OPTIONS, PRESET_TOOLTIP, NodeError, media_inputs, node_media, run_mllm
+from .common import (
+    CATEGORY,
+    PRESET_OPTIONS,
+    PRESET_TOOLTIP,
+    NodeError,
+    check_finite,
+    media_inputs,
+    node_media,
+    run_mllm,
+)
 from .types import CHAT, HIDDEN, MLLM
 
 
@@ -98,6 +107,7 @@ class X2IMLLMReason(io.ComfyNode):
                 preset=PRESET_OPTIONS[0], image_resolution=0, video_resolution=0, video_fps=1.0, max_frames=768,
                 frames_fps=24.0, image=None, video=None, frames=None, audio=None, chat=None) -> io.NodeOutput:
         node = cls.DISPLAY
+        check_finite(node, temperature=temperature)
         if answer_mode not in ANSWER_MODES:
             raise NodeError(f"{node}: answer_mode {answer_mode!r}; expected one of {list(ANSWER_MODES)}")
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,

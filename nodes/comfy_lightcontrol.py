@@ -16,6 +16,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..x2i_core.lightcontrol import load_lightcontrol
+from .common import NodeError
 from .models import managed
 
 
@@ -39,6 +40,10 @@ class LightControlNet(comfy.controlnet.ControlBase):
         p = next(self.module.parameters())
         h, w = x_noisy.shape[-2] * self.compression_ratio, x_noisy.shape[-1] * self.compression_ratio
         if self.cond_hint is None or self.cond_hint.shape[-2:] != (h, w):
+            if not bool(torch.isfinite(self.cond_hint_original).all()):  # else a "successful" black image
+                raise NodeError(f"X2I LightControl '{self.name}': the control image (the source image given to "
+                                "Apply ControlNet or X2I Sampler) contains NaN or infinite values; expected floats "
+                                "in 0..1. Check the node that made it.")
             hint = comfy.utils.common_upscale(self.cond_hint_original[:, :3], w, h, self.upscale_algorithm, "center")
             self.cond_hint = (hint * 2.0 - 1.0).to(device=p.device, dtype=p.dtype)
         hint = self.cond_hint

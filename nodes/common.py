@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 from ..x2i_core import registry
 from ..x2i_core.errors import X2IError, X2IInputError
-from ..x2i_core.media import VIDEO_FPS, VIDEO_MAX_FRAMES, sample_frames
+from ..x2i_core.media import VIDEO_FPS, VIDEO_MAX_FRAMES, decode_sampled_frames, sample_frames
 from ..x2i_core.prompt import DEFAULT_PRESET, PRESETS
 
 log = logging.getLogger("x2i")
@@ -34,6 +34,20 @@ PRESET_TOOLTIP = (
 
 class NodeError(RuntimeError):
     """An error shown on the node in ComfyUI; the message is the whole story."""
+
+
+def check_finite(node: str, **values) -> None:
+    """Refuse NaN / infinite numbers and images on ``node`` by input name. ComfyUI's widget validation lets NaN
+    through (every comparison with NaN is false), and a NaN guidance or hint samples a "successful" black image."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise NodeError(f"{node}: {name} contains NaN or infinite values; expected finite numbers "
+                                "(images: floats in 0..1). Check the node that made it.")
+        elif not np.isfinite(float(value)):
+            raise NodeError(f"{node}: {name} must be a finite number, got {value}")
 
 
 @contextlib.contextmanager
@@ -127,35 +141,12 @@ def _video_frames(video, fps: float, max_frames: int) -> np.ndarray:
     with contextlib.suppress(Exception):
         source = video.get_stream_source()
     if isinstance(source, str) and os.path.isfile(source):
-        import av
-
         try:
             total = int(video.get_frame_count())
             rate = float(video.get_frame_rate())
         except Exception as exc:  # noqa: BLE001 - av/container errors vary
             raise X2IInputError(f"video '{os.path.basename(source)}' could not be read ({exc})") from None
-        if total <= 0:
-            raise X2IInputError(f"video '{os.path.basename(source)}' has no frames")
-        keep = sample_frames(list(range(total)), rate, fps, max_frames, name="video")
-        wanted = {}
-        for pos, idx in enumerate(keep):
-            wanted.setdefault(idx, []).append(pos)
-        out: list = [None] * len(keep)
-        with av.open(source) as container:
-            stream = container.streams.video[0]
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    arr = frame.to_ndarray(format="rgb24")
-                    for pos in wanted[i]:
-                        out[pos] = arr
-                if i >= keep[-1]:
-                    break
-        got = [f for f in out if f is not None]
-        if not got:
-            raise X2IInputError(f"video '{os.path.basename(source)}' decoded to no frames")
-        while len(got) < len(out):  # the container reported more frames than it holds
-            got.append(got[-1])
-        return np.stack(got)
+        return decode_sampled_frames(source, total, rate, fps, max_frames)
     comps = video.get_components()
     images = comps.images
     if images is None or len(images) == 0:
@@ -193,6 +184,7 @@ def node_media(node: str, text, image, video, frames, audio, *, video_fps: float
                frames_fps: float, empty: str | None = None) -> dict:
     """:func:`collect_media` with its errors shown on ``node``; ``empty``: the error when there is neither
     text nor media."""
+    check_finite(node, video_fps=video_fps, frames_fps=frames_fps)
     with user_errors(node):
         media = collect_media(image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
                               frames_fps=frames_fps)

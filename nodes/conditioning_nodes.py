@@ -7,7 +7,7 @@ import torch
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, NodeError
+from .common import CATEGORY, NodeError, check_finite
 
 BLEND = "X2I Blend Conditioning"
 
@@ -78,6 +78,7 @@ class X2IBlendConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, x2i, other, x2i_weight=0.5) -> io.NodeOutput:
+        check_finite(cls.DISPLAY, x2i_weight=x2i_weight)
         return io.NodeOutput(blend(x2i, other, x2i_weight))
 
 

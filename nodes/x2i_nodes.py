@@ -20,6 +20,7 @@ from .common import (
     PRESET_OPTIONS,
     PRESET_TOOLTIP,
     NodeError,
+    check_finite,
     has_any,
     image_resolution_input,
     media_inputs,
@@ -229,6 +230,7 @@ class X2IAlignNetProject(io.ComfyNode):
 
     @classmethod
     def execute(cls, hidden, alignnet, guidance=3.5) -> io.NodeOutput:
+        check_finite(cls.DISPLAY, guidance=guidance)
         with user_errors(cls.DISPLAY):
             return io.NodeOutput(project(hidden, alignnet, guidance, cls.DISPLAY))
 
@@ -305,6 +307,7 @@ class X2ISampler(io.ComfyNode):
             raise NodeError(f"{cls.DISPLAY}: width and height must be multiples of 16, got {width}x{height}")
         if (control_net is None) != (source_image is None):
             raise NodeError(f"{cls.DISPLAY}: connect both control_net and source_image, or neither")
+        check_finite(cls.DISPLAY, guidance=guidance, control_strength=control_strength, source_image=source_image)
         check_conditioning(cls.DISPLAY, conditioning)
         positive = node_helpers.conditioning_set_values(conditioning, {"guidance": float(guidance)})
         if control_net is not None:

@@ -87,6 +87,9 @@ def test_cli_demo_produces_png(tiny, tmp_path):
     (["--size", "big"], "WIDTHxHEIGHT"),
     (["--steps", "0"], "steps must be at least 1"),
     (["--guidance", "abc"], "guidance must be a number"),
+    (["--guidance", "nan"], "guidance must be a finite number"),  # NaN passed the range check: a black image
+    (["--guidance", "inf"], "guidance must be a finite number"),
+    (["--out-override", "{tmp}/shots.png"], "is an existing folder"),  # ran the whole job, then failed in the rename
     (["--preset", "fancy"], "invalid choice"),
     (["--out-override", "x.gif"], "must end with"),
     (["--mllm-override", "/no/such/dir"], "MLLM folder '/no/such/dir' does not exist"),
@@ -95,10 +98,12 @@ def test_cli_demo_produces_png(tiny, tmp_path):
 def test_cli_rejects_bad_arguments_clearly(tiny, tmp_path, args, message):
     base = {"--mllm": tiny["mllm"], "--alignnet": tiny["alignnet"], "--flux": tiny["flux"], "--prompt": "x",
             "--out": str(tmp_path / "o.png")}
+    (tmp_path / "shots.png").mkdir()
     extra = []
     it = iter(args)
     for flag in it:
         value = next(it)
+        value = value.replace("{tmp}", str(tmp_path))
         if flag.endswith("-override"):
             base[flag[: -len("-override")]] = value
         else:

@@ -129,6 +129,24 @@ def test_bad_inputs_give_clear_node_errors_and_the_host_keeps_working(host):
     assert execution_error(entry) is None
 
 
+def test_nan_numbers_and_images_are_refused_at_the_node(host):
+    """ComfyUI's range check is false for NaN, so a NaN widget reaches the node; each once sampled a
+    "successful" black image."""
+    nan = float("nan")
+    _expect_node_error(host, tiny_api(host, "x2i_sampler.json", X2ISampler={"guidance": nan}),
+                       "X2ISampler", "guidance must be a finite number")
+    _expect_node_error(host, tiny_api(host, "x2i_text2image.json", X2IAlignNetProject={"guidance": nan}),
+                       "X2IAlignNetProject", "guidance must be a finite number")
+    # a NaN image as LightControl's hint, made by stock nodes (SolidMask's value passes validation too)
+    api = tiny_api(host, "x2i_edit_lightcontrol.json")
+    api["91"] = {"class_type": "SolidMask", "inputs": {"value": nan, "width": 64, "height": 48}}
+    api["90"] = {"class_type": "MaskToImage", "inputs": {"mask": ["91", 0]}}
+    api[node_of(api, "ControlNetApplyAdvanced")]["inputs"]["image"] = ["90", 0]
+    _expect_node_error(host, api, "KSampler", "X2I LightControl", "contains NaN")
+    entry = host["server"].run(tiny_api(host, "x2i_sampler.json"))  # and the host goes on
+    assert execution_error(entry) is None
+
+
 def test_conditioning_equals_standalone_and_mllm_is_managed(host, tmp_path):
     from x2i_core.alignnet import load_alignnet
     from x2i_core.mllm import EncodeRequest, load_mllm

@@ -241,3 +241,43 @@ def test_pil_image_processor_class_is_the_pil_backend_on_every_transformers():
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
     out = cls(min_pixels=56 * 56, max_pixels=28 * 28 * 64)(images=[im], return_tensors="pt")
     assert out["pixel_values"].dtype == torch.float32 and out["image_grid_thw"].tolist() == [[1, 8, 12]]
+
+
+def _lying_video(path, values=(10, 50), gap_s=14_400):
+    """A real 2-frame MJPEG Matroska file whose second frame sits ``gap_s`` seconds in: the container then
+    claims duration x rate frames (345 601 here, as ComfyUI's VIDEO counts them) but holds two."""
+    import fractions
+
+    av = pytest.importorskip("av")
+    with av.open(path, "w") as c:
+        s = c.add_stream("mjpeg", rate=24)
+        s.width = s.height = 32
+        s.pix_fmt = "yuvj420p"
+        s.time_base = fractions.Fraction(1, 24)
+        for i, v in enumerate(values):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), v, np.uint8), format="rgb24")
+            f.pts, f.time_base = i * gap_s * 24, s.time_base
+            for pk in s.encode(f):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    return path
+
+
+@pytest.mark.parametrize("claimed", [345_601, 30_000_000, 4_000_000_000])
+def test_a_video_is_sampled_over_the_frames_it_holds_not_the_frames_it_claims(tmp_path, claimed):
+    """Once: 768 copies of the last frame for 345 601 claimed frames, a raw IndexError past 2**24 (float32
+    indices) and a MemoryError for 4e9 (a list of every claimed index)."""
+    from x2i_core.media import decode_sampled_frames
+
+    path = _lying_video(str(tmp_path / "lie.mkv"))
+    frames = decode_sampled_frames(path, claimed, 24.0, fps=1.0, max_frames=768)
+    assert frames.shape == (2, 32, 32, 3)
+    assert abs(int(frames[0].mean()) - 10) < 6 and abs(int(frames[1].mean()) - 50) < 6  # both real frames
+
+
+def test_sampling_indices_stay_exact_past_float32(tmp_path):
+    from x2i_core.media import sample_frames
+
+    idx = sample_frames(range(30_000_002), 24.0, fps=1.0, max_frames=8)  # last index odd: not a float32
+    assert idx[-1] == 30_000_001 and len(set(idx)) == len(idx) == 8

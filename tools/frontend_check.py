@@ -48,7 +48,8 @@ def _start_browser():
 def _fresh_page(driver, url: str, timeout: float) -> list[str]:
     """Load the frontend from a clean slate (it restores the last workflow from storage) and close what a
     first visit opens (the Templates browser, announcement banners), so screenshots show the graph."""
-    driver.get(url + "/")
+    if not (driver.current_url or "").startswith(url):  # storage can be cleared only from the page's origin
+        driver.get(url + "/")
     driver.execute_script("localStorage.clear(); sessionStorage.clear();")
     driver.get(url + "/")
     deadline = time.time() + timeout

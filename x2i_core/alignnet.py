@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any, Mapping
 
@@ -94,6 +95,14 @@ class AlignNetConfig:
         for name in ("in_channels", "kernel_size", "input_dim", "output_dim0", "output_dim1"):
             if getattr(cfg, name) <= 0:
                 raise X2IFileError(f"{source}: AlignNet config key {name!r} must be positive, found {getattr(cfg, name)}")
+        if cfg.use_t5:
+            for name in ("num_layers", "num_heads", "head_dim"):
+                if getattr(cfg, name) <= 0:
+                    raise X2IFileError(f"{source}: AlignNet config key {name!r} must be positive for a T5 "
+                                       f"AlignNet (use_t5), found {getattr(cfg, name)}")
+        if not (math.isfinite(cfg.norm_eps) and cfg.norm_eps > 0):
+            raise X2IFileError(f"{source}: AlignNet config key 'norm_eps' must be a small positive number "
+                               f"(published: 1e-6), found {cfg.norm_eps}")
         if cfg.fusion == "conv" and cfg.kernel_size % 2 == 0:
             raise X2IFileError(f"{source}: AlignNet kernel_size must be odd, found {cfg.kernel_size}")
         return cfg
@@ -283,8 +292,10 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
 
 
 def _build(cfg: AlignNetConfig, sd: Mapping[str, torch.Tensor], source: str) -> AlignNet:
-    net = AlignNet(cfg)
-    expected = net.state_dict()
+    # The config is a claim: its shapes are compared with the file's tensors on the meta device (no memory, no
+    # random init) before anything real is built, so a config that contradicts its tensors costs nothing.
+    with torch.device("meta"):
+        expected = AlignNet(cfg).state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     # T5Stack may carry an (unused) token embedding; tolerate its absence.
@@ -300,6 +311,7 @@ def _build(cfg: AlignNetConfig, sd: Mapping[str, torch.Tensor], source: str) -> 
                 f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)} "
                 f"for config {cfg.to_dict()}"
             )
+    net = AlignNet(cfg)
     net.load_state_dict(dict(sd), strict=False)
     net.eval().requires_grad_(False)
     return net

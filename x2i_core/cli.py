@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ def _number(name: str, kind, lo, hi, range_text: str):
             v = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be {noun}, got {value!r}") from None
+        if kind is float and not math.isfinite(v):  # every comparison with NaN is false: check it by name
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number ({range_text}), got {value!r}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"{name} must be {range_text}, got {v}")
         return v
@@ -65,6 +68,9 @@ def _existing_file(what):
 
 
 def _out_image(value):
+    if os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"output '{value}' is an existing folder; give a file path inside it, "
+                                         f"e.g. '{os.path.join(value, 'x2i.png')}'")
     if not value.lower().endswith(IMAGE_EXTS):
         raise argparse.ArgumentTypeError(f"output '{value}' must end with one of {', '.join(IMAGE_EXTS)}")
     folder = os.path.dirname(os.path.abspath(value))

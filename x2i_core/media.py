@@ -7,7 +7,9 @@ multiples of 28 within ``[min_pixels, max_pixels]`` keeping the aspect ratio.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,6 +17,8 @@ import torch
 from PIL import Image
 
 from .errors import X2IInputError
+
+log = logging.getLogger("x2i")
 
 IMAGE_FACTOR = 28
 MIN_PIXELS = 4 * 28 * 28
@@ -211,9 +215,64 @@ def sample_frames(frames: Any, source_fps: float, fps: float = VIDEO_FPS, max_fr
     n = total / float(source_fps) * float(fps)
     n = min(min(max(n, lo), hi), total)
     n = max(FRAME_FACTOR, math.floor(n / FRAME_FACTOR) * FRAME_FACTOR)  # qwen-vl-utils 0.0.10 rounds down
-    idx = torch.linspace(0, total - 1, n).round().long().tolist()
+    # qwen-vl-utils' float32 linspace for real clips; float64 where float32 cannot hold every index (2**24 frames)
+    dtype = torch.float32 if total <= 2**24 else torch.float64
+    idx = torch.linspace(0, total - 1, n, dtype=dtype).round().long().tolist()
     if isinstance(frames, torch.Tensor):
         return frames[torch.tensor(idx)]
     if isinstance(frames, np.ndarray):
         return frames[idx]
     return [frames[i] for i in idx]
+
+
+def _decode_at(path: str, keep: list[int]) -> tuple[list, int]:
+    """Frames ``keep`` (sorted indices, repeats allowed) of the video file as RGB uint8 arrays (None where the
+    file holds fewer frames), and how many frames were decoded."""
+    import av
+
+    wanted: dict[int, list[int]] = {}
+    for pos, idx in enumerate(keep):
+        wanted.setdefault(idx, []).append(pos)
+    out: list = [None] * len(keep)
+    seen = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        for i, frame in enumerate(container.decode(stream)):
+            seen = i + 1
+            if i in wanted:
+                arr = frame.to_ndarray(format="rgb24")
+                for pos in wanted[i]:
+                    out[pos] = arr
+            if i >= keep[-1]:
+                break
+    return out, seen
+
+
+def decode_sampled_frames(path: str, claimed_frames: int, rate: float, fps: float = VIDEO_FPS,
+                          max_frames: int = VIDEO_MAX_FRAMES, name: str | None = None) -> np.ndarray:
+    """Sample a video file's frames as :func:`sample_frames` does, decoding only the kept ones: ``[T, H, W, 3]``.
+
+    ``claimed_frames`` (the container's frame count, or duration x rate) is a claim, not a fact: a file that
+    holds fewer frames than it says is sampled again over the frames it really decoded (never padded with
+    copies of its last frame), and no index list the size of the claim is ever built."""
+    name = name or f"video '{os.path.basename(path)}'"
+    if claimed_frames <= 0:
+        raise X2IInputError(f"{name} has no frames")
+    keep = sample_frames(range(claimed_frames), rate, fps, max_frames, name=name)
+    try:
+        out, seen = _decode_at(path, keep)
+        if any(f is None for f in out) and seen:
+            log.warning("%s claims %d frames but holds %d; sampling the %d it holds", name, claimed_frames, seen,
+                        seen)
+            keep = sample_frames(range(seen), rate, fps, max_frames, name=name)
+            out, _ = _decode_at(path, keep)
+    except X2IInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - av/container errors vary
+        raise X2IInputError(f"{name} could not be decoded ({exc})") from None
+    got = [f for f in out if f is not None]
+    if not got:
+        raise X2IInputError(f"{name} decoded to no frames")
+    if len(got) < len(out):
+        raise X2IInputError(f"{name} decodes differently on a second read ({len(got)} of {len(out)} frames)")
+    return np.stack(got)

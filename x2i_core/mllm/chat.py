@@ -452,7 +452,7 @@ class ChatEncoder(ChatPrompt):
             n = 0
             while n < min(len(r) for r in rows) and all(int(r[n]) == int(rows[0][n]) for r in rows):
                 n += 1
-            store[key] = None
+            value = None
             if n >= 2:
                 ids = rows[0][:n]
                 inputs = self._to_device({"input_ids": ids[None], "attention_mask": torch.ones(1, n, dtype=torch.long)})
@@ -460,7 +460,10 @@ class ChatEncoder(ChatPrompt):
                 with torch.inference_mode():
                     out = self.model(**inputs, use_cache=True, output_hidden_states=True, return_dict=True)
                 kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-                store[key] = (ids, torch.stack(out.hidden_states, dim=1), kv)
+                value = (ids, torch.stack(out.hidden_states, dim=1), kv)
+            # written only once complete: an interrupt (Cancel) inside the forward above leaves no entry, so the
+            # next encode computes it again instead of taking the uncached path for the model's lifetime
+            store[key] = value
         return store[key]
 
     def _usable_prefix(self, ids: torch.Tensor, mask: torch.Tensor, preset: str | None):
@@ -578,10 +581,10 @@ class ChatEncoder(ChatPrompt):
             raise X2IInputError(f"temperature is {temperature}; expected 0 (greedy) or more")
         if answer not in ("states", "text"):
             raise X2IInputError(f"answer mode {answer!r}; expected 'states' or 'text'")
-        batch, _, lengths = self.prepare([request], "scripts", image_size, video_size)
-        # No padding for generation: keep the real tokens only.
+        # No padding and no cut for generation: the whole question, then the generation prompt (a question cut at
+        # the preset's 512 tokens lost its generation prompt, and the answer was sliced at the uncut length).
+        batch, _, lengths = self.prepare([request], "scripts", image_size, video_size, pad=False)
         n = lengths[0]
-        batch = with_tokens(batch, batch["input_ids"][:, :n])
         inputs = self._to_device(batch)
         gen_kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "min_new_tokens": 1, "use_cache": True}
         if temperature > 0:

@@ -10,6 +10,7 @@ A user of the mixin sets ``processor``, ``name`` and ``modalities`` (and may set
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Sequence
 
@@ -106,8 +107,13 @@ class ChatPrompt:
                                   self.placeholders)
 
     def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None, image_size: int | None = None,
-                video_size: int | None = None) -> tuple[dict[str, torch.Tensor], str, list[int]]:
-        """Processor inputs for a batch, padded per the preset (no forward pass)."""
+                video_size: int | None = None, pad: bool = True) -> tuple[dict[str, torch.Tensor], str, list[int]]:
+        """Processor inputs for a batch, padded per the preset (no forward pass).  ``pad=False``: the prompts as
+        they are (one prompt, or prompts of one length), neither padded nor cut - what generation asks with.
+
+        A chat under a fixed-length preset ('training': 512 tokens) that is too long loses its oldest turns, never
+        its last: the prompt to draw is what the user wrote last.  Where the last turn alone is too long, it is
+        refused with the numbers.  A single prompt is cut at the preset's length, as the reference's training did."""
         if not requests:
             raise X2IInputError("no prompt given; expected at least one text/image/video/audio prompt")
         tok = self.processor.tokenizer
@@ -122,9 +128,17 @@ class ChatPrompt:
                     "choose one preset explicitly ('comfyui' or 'scripts') for the whole batch"
                 )
             spec = built.spec
-            per_prompt.append(self.processor_inputs(built))
+            enc = self.processor_inputs(built)
+            if pad and spec.truncate and req.history and int(enc["input_ids"].shape[1]) > spec.min_length:
+                enc = self._fit_chat(req, preset, image_size, i, video_size, spec)
+            per_prompt.append(enc)
         lengths = [int(e["input_ids"].shape[1]) for e in per_prompt]
-        target = max(target_length(spec, n) for n in lengths)
+        if pad:
+            target = max(target_length(spec, n) for n in lengths)
+        elif len(set(lengths)) == 1:
+            target = lengths[0]
+        else:
+            raise X2IInputError(f"prompts of different lengths {lengths} cannot be batched without padding")
         limit = self.max_positions()
         if limit and target > int(limit):
             longest = max(range(len(lengths)), key=lambda i: lengths[i])
@@ -161,6 +175,34 @@ class ChatPrompt:
         batch.update({key: torch.stack(rows) for key, rows in token_rows.items()})
         batch.update(_collate_media(per_prompt))
         return batch, spec.name, lengths
+
+    def _fit_chat(self, req, preset, image_size, index, video_size, spec):
+        """The chat ``req`` without its oldest turns (a user turn and the answers after it at a time) until it fits
+        the fixed ``spec.min_length``; its processor inputs.  Refuses when the last user turn alone does not fit."""
+        history = list(req.history)
+        full = int(self.processor_inputs(self.build_prompt(req, preset, image_size, index, video_size))["input_ids"].shape[1])
+        dropped = 0
+        while history:
+            del history[0]
+            dropped += 1
+            while history and history[0].role != "user":  # a chat starts with a user turn
+                del history[0]
+                dropped += 1
+            trial = dataclasses.replace(req, history=history)
+            if not (trial.text is not None or trial.images is not None or trial.videos is not None
+                    or trial.audios is not None) and not history:
+                break  # the last history turn was the prompt itself
+            enc = self.processor_inputs(self.build_prompt(trial, preset, image_size, index, video_size))
+            n = int(enc["input_ids"].shape[1])
+            if n <= spec.min_length:
+                log.warning("prompt %d: the chat is %d tokens, more than the '%s' preset's fixed %d; dropped its %d "
+                            "oldest turn(s) so that the last turn is kept whole (%d tokens now)", index + 1, full,
+                            spec.name, spec.min_length, dropped, n)
+                return enc
+        raise X2IInputError(
+            f"prompt {index + 1}: the chat's last turn alone is more than the '{spec.name}' preset's fixed "
+            f"{spec.min_length} tokens (the whole chat is {full}); shorten that turn, or use the 'comfyui' preset "
+            "(its length grows with the prompt)")
 
 
 def _turns_of(req: EncodeRequest) -> list[ChatTurn]:
