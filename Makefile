@@ -31,7 +31,11 @@ REF_STAMP  := $(REFSTACK)/.x2i-ref-$(shell cat $(REF_REQS) 2>/dev/null | sha1sum
 
 .PHONY: env refstack browser demo demo-cli test test-stack test-fast gpu-wheels clean-env
 
-env: $(STAMP)
+env: $(STAMP) $(VENV)/x2i-comfy-version
+
+# The venv says which host its stack goes with, for a bare `.venv/bin/python -m pytest` (tools/comfy_fetch.py).
+$(VENV)/x2i-comfy-version: | $(STAMP)
+	echo $(COMFY_VERSION) > $@
 
 # The reference's own software (transformers 4.49.0, tokenizers 0.21.0, qwen-vl-utils 0.0.10) in a side
 # folder, put first on PYTHONPATH by the fidelity oracle (tests/test_reference_oracle.py) beside the
@@ -51,6 +55,7 @@ $(STAMP): $(ENV_FILES)
 	$(PY) -m pip install --quiet -c $(PINS) -r requirements/dev.txt -r $(HOST_REQS)
 	$(PY) -m pip check
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	echo $(COMFY_VERSION) > $(VENV)/x2i-comfy-version
 	touch $(STAMP)
 
 # Headless Chromium for the frontend tests (Debian packages; needs root, skipped otherwise).

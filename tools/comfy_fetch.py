@@ -41,8 +41,14 @@ class HostUnavailable(RuntimeError):
 
 
 def comfy_version() -> str:
-    """The host version of the stack in use: ``X2I_COMFY_VERSION`` (the Makefile sets it per stack)."""
-    version = os.environ.get("X2I_COMFY_VERSION") or "0.3.75"
+    """The host version of the stack in use: ``X2I_COMFY_VERSION`` (the Makefile sets it per stack), else what the
+    running venv was built for (``make env`` writes ``<venv>/x2i-comfy-version``), else 0.3.75."""
+    version = os.environ.get("X2I_COMFY_VERSION")
+    marker = os.path.join(sys.prefix, "x2i-comfy-version")
+    if not version and os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as fh:
+            version = fh.read().strip()
+    version = version or "0.3.75"
     if version not in HOSTS:
         raise HostUnavailable(f"X2I_COMFY_VERSION={version!r}; expected one of {', '.join(HOSTS)}")
     return version
