@@ -262,8 +262,13 @@ def _no_attention(q, k, v, heads, mask=None, skip_reshape=False, **kwargs):
 def pad_row_states(decoder, pad_id: int, device) -> torch.Tensor:
     """``[layers + 1, H]``: the states of a left-padding row (attends to nothing), one constant per layer."""
     x = decoder.embed_tokens(torch.tensor([[pad_id]], device=device), out_dtype=torch.float32)
-    d = decoder.config.head_dim
-    rope = (torch.ones(1, 1, 1, d, device=device), torch.zeros(1, 1, 1, d, device=device))  # identity rotation
+    from comfy.text_encoders.llama import precompute_freqs_cis
+
+    cfg = decoder.config
+    # the identity rotation (position 0: cos 1, sin 0), in whatever layout this host's attention takes
+    # (0.3.x: (cos, sin); later: (cos, sin first half, -sin second half))
+    pos0 = torch.zeros(3 if cfg.rope_dims is not None else 1, 1, dtype=torch.long, device=device)
+    rope = precompute_freqs_cis(cfg.head_dim, pos0, cfg.rope_theta, cfg.rope_scale, cfg.rope_dims, device=device)
     return torch.cat(_layer_states(decoder, x, None, rope, _no_attention), dim=0)[:, 0]
 
 
@@ -273,6 +278,8 @@ def _layer_states(decoder, x, mask, freqs, attention) -> list:
     states = [x]
     for layer in decoder.layers:
         x = layer(x=x, attention_mask=mask, freqs_cis=freqs, optimized_attention=attention)
+        if isinstance(x, tuple):  # ComfyUI >= 0.2x: (hidden states, this layer's key/value cache)
+            x = x[0]
         states.append(x)
     if decoder.norm is not None:
         states[-1] = decoder.norm(states[-1])
@@ -298,8 +305,9 @@ def _stack(decoder, embeds, mask, positions) -> torch.Tensor:
     """One ComfyUI decoder pass -> ``[1, layers + 1, S, H]`` (the final norm on the last state only)."""
     if decoder.config.rope_dims is None:  # a text-only decoder: one position axis
         positions = positions[:1]
-    _, inter = decoder(None, attention_mask=mask, embeds=embeds, intermediate_output="all",
-                       final_layer_norm_intermediate=False, dtype=torch.float32, position_ids=positions)
+    out = decoder(None, attention_mask=mask, embeds=embeds, intermediate_output="all",
+                  final_layer_norm_intermediate=False, dtype=torch.float32, position_ids=positions)
+    inter = out[1]  # (x, intermediate) on 0.3.x; later hosts may add the key/value caches
     expected = (1, len(decoder.layers) + 1, embeds.shape[1], embeds.shape[2])
     if inter is None or tuple(inter.shape) != expected:
         raise NodeError(f"{NODE}: this ComfyUI version's Qwen2.5 forward returned hidden states of shape "

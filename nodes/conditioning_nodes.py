@@ -78,7 +78,7 @@ class X2IBlendConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, x2i, other, x2i_weight=0.5) -> io.NodeOutput:
-        check_finite(cls.DISPLAY, x2i_weight=x2i_weight)
+        check_finite(BLEND, x2i_weight=x2i_weight)
         return io.NodeOutput(blend(x2i, other, x2i_weight))
 
 

@@ -84,6 +84,8 @@ def write_tiny_flux_controlnet(path: str, flux_path: str, seed: int = 0) -> None
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for key, value in net.state_dict().items():
+        if key.endswith(("query_norm.weight", "key_norm.weight")):  # later hosts' RMSNorm; XLabs files say .scale
+            key = key[: -len("weight")] + "scale"
         if key.endswith(".scale"):
             sd[key] = torch.ones_like(value)
         elif value.dim() < 2:
