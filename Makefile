@@ -79,7 +79,7 @@ demo-cli: env
 # oracles, the install replay, every shipped workflow in the 0.28.1 server's executor, every shipped config for
 # two steps + a resume, and every workflow opened and run from Run in frontend 1.58.1 - the PNG drag-in test
 # runs in the whole suite only; ~17 minutes, so that all of `make test` stays under an hour on 2 cores).
-# `make test-stack STACK=current` runs the whole suite on the current stack (~45 minutes; it passes there too).
+# `make test-stack STACK=current` runs the whole suite on the current stack (~48 minutes).
 CURRENT_SUBSET ?= (not comfy and not frontend and not slow) or oracle or install_replay or workflows or configs or frontend
 test:
 	$(MAKE) --no-print-directory test-stack STACK=2025 PYTEST_ARGS='-m "not install_replay" $(PYTEST_ARGS)'

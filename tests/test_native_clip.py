@@ -287,11 +287,10 @@ def _image(seed, w, h):
 def _worker(spec_path: str) -> None:
     import asyncio
     import importlib
-    import inspect
     import types
 
     sys.path.insert(0, ROOT)
-    from tools.comfy_inprocess import boot_in_process
+    from tools.comfy_inprocess import boot_in_process, cache_entry
     from tools.comfy_workflow import load_workflow, point_at_tiny, ui_to_api
 
     spec = boot_in_process(spec_path)  # ComfyUI in this process, the pack loaded as a custom node
@@ -404,8 +403,7 @@ def _worker(spec_path: str) -> None:
         arrays.append(np.asarray(Image.open(os.path.join(spec["base"], "output", img.get("subfolder", ""),
                                                          img["filename"]))))
         if run == 0:
-            entry = executor.caches.outputs.get(nid("X2IAlignNetProject"))  # a coroutine on 0.28
-            cond = (asyncio.run(entry) if inspect.isawaitable(entry) else entry).outputs[0][0]
+            cond = cache_entry(executor.caches.outputs, nid("X2IAlignNetProject")).outputs[0][0]
         mm.unload_all_models()  # what /free does: the second run starts from nothing
     if len(arrays) == 2:
         w["image_shape"] = list(arrays[0].shape)

@@ -197,7 +197,7 @@ def run_in_process(spec_path: str) -> None:
         _prompt_facts(facts, label, executor, mm)
         if executor.success:
             for nid in captures.get(label, []):
-                entry = _cached(executor.caches.outputs, nid)
+                entry = cache_entry(executor.caches.outputs, nid)
                 _capture(entry.outputs[0][0], entry, f"{label}:{nid}" if label else nid, tensors, facts)
     facts["managed_before"] = _managed_models(mm)
     mm.unload_all_models()
@@ -210,7 +210,7 @@ def run_in_process(spec_path: str) -> None:
         json.dump(facts, fh)
 
 
-def _cached(cache, nid):
+def cache_entry(cache, nid):
     """A cache entry; 0.3.x returns it, later hosts (0.28) make ``get`` a coroutine."""
     import asyncio
     import inspect

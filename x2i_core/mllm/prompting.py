@@ -130,7 +130,7 @@ class ChatPrompt:
             spec = built.spec
             enc = self.processor_inputs(built)
             if pad and spec.truncate and req.history and int(enc["input_ids"].shape[1]) > spec.min_length:
-                enc = self._fit_chat(req, preset, image_size, i, video_size, spec)
+                enc = self._fit_chat(req, preset, image_size, i, video_size, spec, int(enc["input_ids"].shape[1]))
             per_prompt.append(enc)
         lengths = [int(e["input_ids"].shape[1]) for e in per_prompt]
         if pad:
@@ -176,11 +176,11 @@ class ChatPrompt:
         batch.update(_collate_media(per_prompt))
         return batch, spec.name, lengths
 
-    def _fit_chat(self, req, preset, image_size, index, video_size, spec):
-        """The chat ``req`` without its oldest turns (a user turn and the answers after it at a time) until it fits
-        the fixed ``spec.min_length``; its processor inputs.  Refuses when the last user turn alone does not fit."""
+    def _fit_chat(self, req, preset, image_size, index, video_size, spec, full: int):
+        """The chat ``req`` (``full`` tokens) without its oldest turns (a user turn and the answers after it at a
+        time) until it fits the fixed ``spec.min_length``; its processor inputs.  Refuses when the last user turn
+        alone does not fit."""
         history = list(req.history)
-        full = int(self.processor_inputs(self.build_prompt(req, preset, image_size, index, video_size))["input_ids"].shape[1])
         dropped = 0
         while history:
             del history[0]
