@@ -111,8 +111,9 @@ class X2IMLLMReason(io.ComfyNode):
         if answer_mode not in ANSWER_MODES:
             raise NodeError(f"{node}: answer_mode {answer_mode!r}; expected one of {list(ANSWER_MODES)}")
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
-                           frames_fps=frames_fps, empty="the question is empty - type some text or connect an "
-                                                        "image, video or audio")
+                           frames_fps=frames_fps,
+                           video_resolution=None if ANSWER_MODES[answer_mode] == "multiturn" else video_resolution,
+                           empty="the question is empty - type some text or connect an image, video or audio")
         req = EncodeRequest(text=text if (text or "").strip() else None, history=tuple(chat or ()), **media)
         with run_mllm(mllm, node):
             if ANSWER_MODES[answer_mode] == "multiturn":

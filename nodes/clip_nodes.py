@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..x2i_core.mllm.base import EncodeRequest
 from .comfy_qwen import NODE, clip_description, clip_tooltip, encode_with_clip, vision_names
-from .common import CATEGORY, PRESET_OPTIONS, NodeError, pad_rows_input
+from .common import CATEGORY, PRESET_OPTIONS, NodeError, image_resolution_input, pad_rows_input
 from .types import HIDDEN
 
 PRESET_TOOLTIP = (
@@ -36,9 +36,7 @@ class X2ICLIPEncode(io.ComfyNode):
                 io.String.Input("text", multiline=True, default="",
                                 tooltip="The prompt, any language. May be empty when an image is given."),
                 io.Combo.Input("preset", options=PRESET_OPTIONS, default=PRESET_OPTIONS[0], tooltip=PRESET_TOOLTIP),
-                io.Int.Input("image_resolution", default=0, min=0, max=4096, step=28,
-                             tooltip="0 = the preset's default (comfyui: 224x224 pixel budget; scripts: 128x128). "
-                                     "Otherwise pixels per side."),
+                image_resolution_input(),
                 pad_rows_input(),
                 io.Image.Input("image", optional=True,
                                tooltip=f"Optional images ({vision_names()} only); a batch is several images, in order, "

@@ -28,6 +28,7 @@ from .common import (
     pad_rows_input,
     run_mllm,
     user_errors,
+    video_resolution_input,
 )
 from .models import load_managed_alignnet, load_managed_mllm
 from .types import ALIGNNET, CHAT, HIDDEN, MLLM
@@ -110,9 +111,7 @@ class X2IMLLMEncode(io.ComfyNode):
                 io.String.Input("instruction", multiline=True, default="", optional=True,
                                 tooltip="Optional editing instruction for image+text editing: fills the reference's "
                                         "'Instruction editing description' field (empty = the preset's default)."),
-                io.Int.Input("video_resolution", default=0, min=0, max=4096, step=28, optional=True,
-                             tooltip="Per-frame pixel budget for video, pixels per side; 0 = the reference's "
-                                     "128x128."),
+                video_resolution_input(optional=True),
                 *media_inputs(resolution=False, optional_widgets=True),
                 io.Combo.Input("sparse_prefill", options=["off", "auto", "on"], default="off", optional=True,
                                tooltip="CritiPrefill sparse attention for long inputs (documents, many images, "
@@ -132,7 +131,7 @@ class X2IMLLMEncode(io.ComfyNode):
                 frames=None, audio=None, chat=None, pad_rows="reference") -> io.NodeOutput:
         node = cls.DISPLAY
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
-                           frames_fps=frames_fps)
+                           frames_fps=frames_fps, video_resolution=video_resolution)
         history = tuple(chat or ())
         if chat is not None and not history:
             raise NodeError(f"{node}: the connected chat has no turns; add an X2I Chat Turn with text or media")

@@ -129,3 +129,291 @@ def test_reasoning_over_a_question_longer_than_512_tokens_keeps_its_generation_p
     assert lengths[0] > 512 and batch["input_ids"].shape[1] == lengths[0]
     assert encoder.processor.tokenizer.decode(batch["input_ids"][0, -3:]).strip().startswith("assistant") or \
         "assistant" in encoder.processor.tokenizer.decode(batch["input_ids"][0, -5:])
+
+
+# -- budgets before work -------------------------------------------------------------------------------------------
+
+_BUDGET_SCRIPT = """
+import os, resource, sys, json
+import psutil, torch
+from x2i_core.mllm import EncodeRequest, load_mllm
+from x2i_core.errors import X2IInputError
+import x2i_core.mllm.prompting as prompting
+enc = load_mllm(sys.argv[1], dtype="fp32")
+calls = {"to_pil": 0, "processor": 0}
+real_to_pil, real_proc = prompting.to_pil, type(enc).processor_inputs
+def spy_to_pil(*a, **k):
+    calls["to_pil"] += 1
+    return real_to_pil(*a, **k)
+def spy_proc(self, built):
+    calls["processor"] += 1
+    return real_proc(self, built)
+prompting.to_pil = spy_to_pil
+type(enc).processor_inputs = spy_proc
+images = torch.rand(16, 1024, 1024, 3)
+before = psutil.Process().memory_info().rss
+try:
+    enc.encode(EncodeRequest(text="a castle", images=images), preset="comfyui", image_size=3584)
+    out = {"error": None}
+except X2IInputError as exc:
+    out = {"error": str(exc)}
+out["rise_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+out.update(calls)
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_images_over_the_token_budget_are_refused_before_any_is_converted_or_processed(tiny):
+    """Once: 16 images at image_resolution 3584 were converted and sent to the processor (hundreds of MB of
+    patches) before the position check refused them.  Now their tokens come from their declared sizes."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, X2I_TOKEN_BUDGET="2000")
+    r = subprocess.run([sys.executable, "-c", _BUDGET_SCRIPT, tiny["mllm"]], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert out["error"] and "16 image(s): 19600 tokens (1225 each)" in out["error"], out
+    assert "more than 2000" in out["error"] and "image_resolution" in out["error"], out
+    assert out["to_pil"] == 0 and out["processor"] == 0, out
+    assert out["rise_mb"] <= 100, f"{out['rise_mb']:.0f} MB allocated before the refusal"
+
+
+def test_the_budget_counts_what_the_processor_makes(encoder):
+    """The declared-size count equals the processor's own image tokens (the budget neither refuses what fits nor
+    lets through what does not), for wide, tall and square images at several resolutions."""
+    from x2i_core.prompt import SPECS, with_image_size
+
+    image_id = next(iter(encoder.media_token_ids() & {int(encoder.model.config.image_token_id)}))
+    for w, h, res in ((640, 480, 0), (300, 900, 448), (1024, 1024, 3584), (50, 40, 0)):
+        img = torch.rand(1, h, w, 3)
+        batch, _, _ = encoder.prepare([EncodeRequest(text="x", images=img)], "comfyui", image_size=res or None)
+        made = int((batch["input_ids"] == image_id).sum())
+        spec = with_image_size(SPECS["comfyui"], res or None)
+        assert encoder.image_tokens(w, h, spec) == made, (w, h, res)
+
+
+def _video_file(path, frames=40, size=(320, 240), rate=10):
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        rng = np.random.default_rng(0)
+        for i in range(frames):
+            img = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+            img[:, : 8 * (i % 20)] = 0
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def test_video_frames_resized_as_they_decode_equal_the_full_size_path(tmp_path):
+    """Frames are resized at decode time to the size the encoder gives them, so a long high-resolution clip
+    never sits in memory at full size; the frames the processor sees are the same bytes."""
+    import numpy as np
+
+    from x2i_core.media import decode_sampled_frames, video_frames
+
+    path = _video_file(tmp_path / "clip.mp4")
+    for budget in (128 * 128, 224 * 224):
+        full = video_frames(decode_sampled_frames(path, 40, 10.0, fps=2.0), budget)
+        small_raw = decode_sampled_frames(path, 40, 10.0, fps=2.0, max_pixels=budget)
+        assert small_raw.shape[1] * small_raw.shape[2] < 320 * 240
+        assert small_raw[0].shape == np.asarray(full[0]).shape
+        small = video_frames(small_raw, budget)
+        assert len(full) == len(small)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(full, small))
+
+
+def test_a_clip_over_the_token_budget_is_refused_before_decoding(tmp_path, monkeypatch):
+    import x2i_core.media as media
+    from x2i_core.errors import X2IInputError
+
+    path = _video_file(tmp_path / "clip.mp4")
+    decoded = []
+    monkeypatch.setattr(media, "_decode_at", lambda *a, **k: decoded.append(1))
+    with pytest.raises(X2IInputError, match=r"40 sampled frames of 320x240 need 300 visual tokens.*lower max_frames"):
+        media.decode_sampled_frames(path, 40, 10.0, fps=10.0, max_frames=768, max_pixels=128 * 128, token_budget=100)
+    assert not decoded
+
+
+# -- raw errors that now name their cause ------------------------------------------------------------------------
+
+def _copy_mllm(tiny, tmp_path):
+    import shutil
+
+    dst = tmp_path / "mllm"
+    shutil.copytree(tiny["mllm"], dst)
+    return dst
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("deep-config", "nested too deeply"),                   # once: RecursionError
+    ("patch-size-zero", "patch_size is 0"),                 # once: ZeroDivisionError in the processor
+    ("rms-eps-nan", "rms_norm_eps is nan"),                 # once: NaN hidden states blamed on damaged weights
+    ("tokenizer-json-only", "no tokenizer_config.json"),     # once: the protobuf message on transformers 4.x
+])
+def test_malformed_mllm_folders_get_errors_that_name_the_file_and_key(tiny, tmp_path, case, needle):
+    import json
+
+    from x2i_core.errors import X2IFileError
+    from x2i_core.mllm import load_mllm
+
+    folder = _copy_mllm(tiny, tmp_path)
+    cfg_path = folder / "config.json"
+    if case == "deep-config":
+        cfg_path.write_text('{"model_type": "qwen2_5_vl", "a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    elif case == "patch-size-zero":
+        name = "preprocessor_config.json" if (folder / "preprocessor_config.json").exists() else "processor_config.json"
+        pre = json.loads((folder / name).read_text())
+        target = pre.get("image_processor", pre)
+        target["patch_size"] = 0
+        (folder / name).write_text(json.dumps(pre))
+    elif case == "rms-eps-nan":
+        cfg = json.loads(cfg_path.read_text())
+        (cfg.get("text_config") or cfg)["rms_norm_eps"] = float("nan")
+        cfg_path.write_text(json.dumps(cfg))
+    else:
+        for name in os.listdir(folder):
+            if name.startswith(("tokenizer_config", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
+                os.remove(folder / name)
+    with pytest.raises(X2IFileError, match=needle) as info:
+        load_mllm(str(folder), dtype="fp32")
+    assert "Traceback" not in str(info.value)
+
+
+# -- the CLI: media read first, bounded sizes, devices named ----------------------------------------------------------
+
+def test_the_cli_reads_media_before_loading_any_model_and_names_bad_options(tiny, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import x2i_core.pipeline as pipeline
+    from x2i_core import cli
+
+    loads = []
+    monkeypatch.setattr(pipeline.X2IPipeline, "from_paths", classmethod(lambda *a, **k: loads.append(1)))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    base = ["generate", "--mllm", tiny["mllm"], "--alignnet", tiny["alignnet_safetensors"], "--flux", tiny["flux"],
+            "--out", str(tmp_path / "o.png")]
+    assert cli.main(base + ["--image", str(bad)]) == 1
+    assert "not a readable image" in capsys.readouterr().err and not loads
+    # a decompression bomb (a header declaring more pixels than PIL opens) is an error, not a traceback
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)
+    assert cli.main(base + ["--image", str(bomb)]) == 1
+    assert "more pixels than PIL opens safely" in capsys.readouterr().err and not loads
+    for option, value, needle in (("--device", "cuda:banana", "device 'cuda:banana'"),
+                                  ("--device", "potato", "device 'potato'"),
+                                  ("--size", "32768x1024", "more than 16384")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(base + ["--prompt", "x", option, value])
+        assert info.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+# -- LightControl configs: checked before anything is built ----------------------------------------------------------
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"num_modules": 0}, "num_modules is 0"),
+    ({"out_dim": 10**7}, "has shape"),         # checked against the tensors on the meta device, never allocated
+    ({"groups": [4, 7]}, "not divisible"),
+    ({"in_channels": [64, 128]}, "in_channels[0] is 64"),
+    ({"scale": float("nan")}, "scale is nan"),
+])
+def test_a_lightcontrol_config_that_cannot_be_built_is_refused_by_name(tiny, tmp_path, changes, needle):
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    from x2i_core.errors import X2IFileError
+    from x2i_core.lightcontrol import LightControl, LightControlConfig, load_lightcontrol
+
+    path = str(tmp_path / "lc.safetensors")
+    LightControl(LightControlConfig(num_modules=2, out_dim=32)).save(path)
+    with safe_open(path, "pt") as fh:
+        meta = dict(fh.metadata())
+    cfg = json.loads(meta["config"])
+    cfg.update(changes)
+    meta["config"] = json.dumps(cfg)
+    save_file(load_file(path), path, metadata=meta)
+    with pytest.raises(X2IFileError) as info:
+        load_lightcontrol(path)
+    assert needle in str(info.value), str(info.value)
+
+
+# -- Cancel at every stage of an encode, budgets and what a node drops, in the real executor -------------------------
+
+@pytest.fixture(scope="module")
+def executor_runs(host, tmp_path_factory):
+    """One in-process ComfyUI executor (the harness of the battery) running: Cancel pressed as the processor
+    starts, as the vision tower's first block starts and inside the decoder, each followed by a good prompt; an
+    image prompt over the token budget; a text prompt the training preset cuts."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers.comfy import node_of, tiny_api
+
+    prompts, faults = {}, {}
+    for i, stage in enumerate(("cancel-processor", "cancel-vision", "cancel")):
+        api = tiny_api(host, "x2i_image2image.json")
+        api[node_of(api, "X2IMLLMEncode")]["inputs"]["text"] = f"cancel row {i}: a lighthouse"  # no cache hit
+        prompts[stage], faults[stage] = api, stage
+        good = tiny_api(host, "x2i_image2image.json")
+        good[node_of(good, "X2ISampler")]["inputs"]["seed"] = 100 + i
+        prompts[f"after:{stage}"] = good
+    from PIL import Image
+
+    Image.new("RGB", (1400, 1400), (90, 120, 200)).save(os.path.join(host["base"], "input", "big-photo.png"))
+    prompts["over-budget"] = tiny_api(host, "x2i_image2image.json", X2IMLLMEncode={"image_resolution": 3584},
+                                      LoadImage={"image": "big-photo.png"})
+    prompts["cut"] = tiny_api(host, "x2i_sampler.json", X2IMLLMEncode={"text": LONG + " " + LONG, "preset": "training"})
+    tmp = tmp_path_factory.mktemp("cancel")
+    out = str(tmp / "out.safetensors")
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"comfy_dir": host["comfy_dir"], "base": host["base"], "prompts": prompts,
+                                "faults": faults, "capture": {}, "out": out}))
+    env = dict(os.environ, X2I_TOKEN_BUDGET="1000")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "comfy_host.py"), "inprocess", str(spec)],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return json.loads(open(out + ".json").read())
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("stage,vision_blocks", [("cancel-processor", 1), ("cancel-vision", 1), ("cancel", None)])
+def test_cancel_stops_an_encode_at_the_stage_it_lands_in(executor_runs, stage, vision_blocks, record_property):
+    """Once Cancel was checked only between decoder layers: a 4096^2 image ran the processor and the whole
+    vision tower (36 s) first.  Now the prompt side checks per image and before the processor, and every block of
+    the vision / audio towers checks before it runs."""
+    log = executor_runs["fault_log"][stage]
+    assert "execution_interrupted" in executor_runs["status"][stage], executor_runs["status"][stage]
+    assert "pressed" in log and "raised" in log, log
+    if vision_blocks is not None:  # stopped before the decoder, within the first vision block
+        assert log["decoder_layers"] == 0 and log["vision_blocks"] == vision_blocks, log
+    latency_ms = (log["raised"] - log["pressed"]) * 1000
+    record_property("cancel_latency_ms", round(latency_ms, 3))
+    print(f"\n{stage}: Cancel -> raised in {latency_ms:.2f} ms ({log})")
+    assert "execution_success" in executor_runs["status"][f"after:{stage}"]
+
+
+@pytest.mark.comfy
+def test_an_image_prompt_over_the_token_budget_is_a_node_error_naming_the_widget(executor_runs):
+    (msg,) = executor_runs["errors"]["over-budget"]
+    assert "X2I MLLM Encode" in msg and "more than 1000" in msg and "image_resolution" in msg, msg
+    assert "Traceback" not in msg
+
+
+@pytest.mark.comfy
+def test_what_an_encode_drops_is_shown_on_the_node(executor_runs):
+    assert "execution_success" in executor_runs["status"]["cut"], executor_runs["status"]["cut"]
+    texts = [t for _, t in executor_runs["progress_text"]["cut"]]
+    assert any("truncated to 512" in t for t in texts), texts

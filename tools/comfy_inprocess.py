@@ -47,30 +47,71 @@ def boot_in_process(spec_path: str, with_nodes: bool = True) -> dict:
 def _fault(kind: str | None):
     """Fault injection for the bad-input battery, inside the MLLM forward of the pack as loaded by ComfyUI:
     ``oom`` = the forward raises torch.OutOfMemoryError; ``cancel`` = the user presses Cancel while the decoder
-    runs (ComfyUI's interrupt flag, what /interrupt sets); ``nan`` = the MLLM returns NaN hidden states."""
+    runs (ComfyUI's interrupt flag, what /interrupt sets); ``nan`` = the MLLM returns NaN hidden states;
+    ``cancel-processor`` / ``cancel-vision`` = Cancel pressed as the processor starts / as the vision tower's
+    first block starts.  Yields a log: when Cancel was pressed and when the pack raised (perf_counter), and how
+    many vision blocks and decoder layers ran."""
+    log = {"vision_blocks": 0, "decoder_layers": 0}
     if not kind:
-        yield
+        yield log
         return
     import torch
 
     import comfy.model_management as mm
 
     (chat,) = [m for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.chat")]
+    (prompting,) = [m for n, m in list(sys.modules.items()) if n.endswith("x2i_core.mllm.prompting")]
     original = chat.ChatEncoder.forward_hidden
+    original_proc = prompting.ChatPrompt.processor_inputs
+    original_check = mm.throw_exception_if_processing_interrupted
+
+    def press():
+        if "pressed" not in log:
+            log["pressed"] = time.perf_counter()
+            mm.interrupt_current_processing(True)
 
     def faulty(self, batch, **options):
         if kind == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
         if kind == "cancel":
-            mm.interrupt_current_processing(True)
+            press()
             return original(self, batch, **options)
-        return torch.full_like(original(self, batch, **options), float("nan"))
+        if kind == "nan":
+            return torch.full_like(original(self, batch, **options), float("nan"))
+        return original(self, batch, **options)
+
+    def processor(self, built):
+        if kind == "cancel-processor":
+            press()
+        return original_proc(self, built)
+
+    def check():
+        try:
+            original_check()
+        except BaseException:
+            log.setdefault("raised", time.perf_counter())
+            raise
+
+    def counting(module, args):
+        name = type(module).__name__
+        if name.endswith("DecoderLayer"):
+            log["decoder_layers"] += 1
+        elif "Vision" in name and name.endswith(("Block", "Layer")):
+            log["vision_blocks"] += 1
+            if kind == "cancel-vision":
+                press()
 
     chat.ChatEncoder.forward_hidden = faulty
+    prompting.ChatPrompt.processor_inputs = processor
+    mm.throw_exception_if_processing_interrupted = check
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(counting)
     try:
-        yield
+        yield log
     finally:
+        handle.remove()
         chat.ChatEncoder.forward_hidden = original
+        prompting.ChatPrompt.processor_inputs = original_proc
+        mm.throw_exception_if_processing_interrupted = original_check
 
 
 def _count_flux_calls() -> dict:
@@ -181,7 +222,12 @@ def run_in_process(spec_path: str) -> None:
         captures = {"": captures}
     _harness_setup(spec)
     flux_calls = _count_flux_calls()
-    executor = execution.PromptExecutor(_EventSink(events), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    sink = _EventSink(events)
+    import server
+
+    if getattr(server.PromptServer, "instance", None) is None:  # what nodes reach as PromptServer.instance
+        server.PromptServer.instance = sink
+    executor = execution.PromptExecutor(sink, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     facts = {"success": True, "messages": [], "errors": {}}
     tensors = {}
     checked = _validated(execution, prompts)
@@ -189,8 +235,11 @@ def run_in_process(spec_path: str) -> None:
         flux_calls.update(calls=0, rows=0, controlnet_calls=0)
         events.clear()
         t0 = time.perf_counter()
-        with _fault(spec.get("faults", {}).get(label)):
+        with _fault(spec.get("faults", {}).get(label)) as fault_log:
             executor.execute(prompt, f"inproc-{label}", {"client_id": "inproc"}, checked[label][2])
+        facts.setdefault("fault_log", {})[label] = fault_log
+        facts.setdefault("progress_text", {})[label] = list(sink.texts)
+        sink.texts.clear()
         facts.setdefault("seconds", {})[label] = time.perf_counter() - t0
         facts.setdefault("node_seconds", {})[label] = _node_seconds(events)
         facts.setdefault("flux_calls", {})[label] = dict(flux_calls)
@@ -229,6 +278,10 @@ class _EventSink:
 
     def __init__(self, events: list):
         self.events = events
+        self.texts: list = []  # (node id, text) of send_progress_text: what a node shows on itself
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.texts.append((node_id, text))
 
     def send_sync(self, event, data=None, *a, **k):
         if event in ("executing", "executed") and isinstance(data, dict):

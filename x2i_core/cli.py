@@ -51,6 +51,28 @@ def _size(value):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _device(value):
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"device {value!r} is not a torch device ({exc}); expected cpu, cuda, "
+                                         "cuda:1, mps, ...") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"device {value!r}: this torch sees no CUDA GPU "
+                                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"device {value!r}: there are {torch.cuda.device_count()} CUDA "
+                                             "device(s), numbered from 0")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"device {value!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"device {value!r}: expected cpu, cuda, cuda:N, mps or xpu")
+    return value
+
+
 def _existing(what, check=os.path.isfile, noun="file"):
     def parse(value):
         if not check(value):
@@ -117,7 +139,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--guidance", type=_guidance, default=3.5, help="FLUX guidance (default 3.5)")
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--size", type=_size, default=(1024, 1024), help="WIDTHxHEIGHT, multiples of 16")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
+    g.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:1 …")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--out", required=True, type=_out_image, help="output image path (.png/.jpg/.webp)")
 
@@ -179,17 +201,29 @@ def cmd_generate(args) -> str:
 
     if not args.prompt and not args.image and not args.video_frames and not args.audio:
         raise SystemExit("error: give --prompt, --image, --video-frames or --audio (the prompt is empty)")
+    media = _read_media(args)  # before any model loads: a bad file fails in a second, not after minutes
     t0 = time.time()
     pipe = X2IPipeline.from_paths(args.mllm, args.alignnet, args.flux, device=args.device, dtype=args.dtype,
                                   alignnet_config=args.alignnet_config, trust_remote_code=args.trust_remote_code,
                                   quant=args.quant, cpu_matmul=args.cpu_matmul)
     log.info("models loaded in %.1fs", time.time() - t0)
     width, height = args.size
-    img = pipe.generate(args.prompt, images=args.image or None, videos=[args.video_frames] if args.video_frames else None,
-                        preset=args.preset, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                        width=width, height=height, audios=args.audio or None, instruction=args.instruction,
+    img = pipe.generate(args.prompt, images=media["images"], videos=media["videos"], preset=args.preset,
+                        steps=args.steps, guidance=args.guidance, seed=args.seed,
+                        width=width, height=height, audios=media["audios"], instruction=args.instruction,
                         prefill=args.sparse_prefill, pad_rows=args.pad_rows)
     return _save_image(img, args.out)
+
+
+def _read_media(args) -> dict:
+    """The command's media files read and checked (images and frames decoded, audio loaded)."""
+    from .audio import load_audio_file
+    from .media import to_pil
+
+    images = [to_pil(p, f"--image {i + 1}") for i, p in enumerate(args.image)] or None
+    frames = [to_pil(p, f"--video-frames {i + 1}") for i, p in enumerate(args.video_frames or [])]
+    audios = [load_audio_file(p) for p in args.audio] or None
+    return {"images": images, "videos": [frames] if frames else None, "audios": audios}
 
 
 def cmd_demo(args) -> str:

@@ -59,7 +59,40 @@ class LightControlConfig:
         bad = sorted(set(data) - known)
         if bad:
             raise X2IFileError(f"unknown LightControl config key(s) {bad}; expected {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Refuse a config that no module can be built from, naming the key (before anything is allocated)."""
+        def positive_int(key, value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise X2IFileError(f"LightControl config {key} is {value!r}; expected a whole number above 0")
+
+        for key in ("num_modules", "out_dim", "time_embed_dim"):
+            positive_int(key, getattr(self, key))
+        for key in ("in_channels", "out_channels", "groups"):
+            values = getattr(self, key)
+            if not isinstance(values, tuple) or not values:
+                raise X2IFileError(f"LightControl config {key} is {values!r}; expected a list of whole numbers")
+            for v in values:
+                positive_int(key, v)
+        if not (len(self.in_channels) == len(self.out_channels) == len(self.groups)):
+            raise X2IFileError("LightControl config in_channels, out_channels and groups differ in length "
+                               f"({len(self.in_channels)}, {len(self.out_channels)}, {len(self.groups)})")
+        for i, (cin, cout, g) in enumerate(zip(self.in_channels, self.out_channels, self.groups)):
+            if cout % g or cin % g:
+                raise X2IFileError(f"LightControl config: block {i} has in/out channels {cin}/{cout}, not divisible "
+                                   f"by its groups {g}")
+            want = 128 if i == 0 else self.out_channels[i - 1]
+            if cin != want:
+                raise X2IFileError(f"LightControl config: in_channels[{i}] is {cin}; expected {want} (what the "
+                                   "previous stage gives)")
+        if self.out_channels[-1] % 8:
+            raise X2IFileError(f"LightControl config: the last out_channels {self.out_channels[-1]} is not divisible "
+                               "by 8 (the middle block's group norm)")
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not math.isfinite(self.scale):
+            raise X2IFileError(f"LightControl config scale is {self.scale!r}; expected a finite number")
 
 
 class SinusoidalTime(nn.Module):
@@ -229,15 +262,19 @@ def load_lightcontrol(path, config=None) -> LightControl:
     if config is None:
         config = {"num_modules": len(indices), "out_dim": int(sd[f"{indices[0]}.mid_convs.1.weight"].shape[0])}
     cfg = config if isinstance(config, LightControlConfig) else LightControlConfig.from_dict(config)
-    model = LightControl(cfg)
-    expected = model.state_dict()
+    cfg.check()
+    # The config is a claim: its shapes are compared with the file's tensors on the meta device (no memory) before
+    # the real modules are built.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LightControl(cfg).state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise X2IFileError(f"{source}: tensors do not match {cfg.to_dict()}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     for k, v in sd.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise X2IFileError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if tuple(v.shape) != expected[k]:
+            raise X2IFileError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {expected[k]}")
+    model = LightControl(cfg)
     model.load_state_dict(sd)
     return model.eval().requires_grad_(False)
 

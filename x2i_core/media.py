@@ -54,6 +54,9 @@ def to_pil(image: Any, name: str = "image") -> Image.Image:
                 return _rgb_from_pil(im.copy(), f"{name} '{image}'")
         except FileNotFoundError as exc:
             raise X2IInputError(f"{name} file '{image}' does not exist") from exc
+        except Image.DecompressionBombError as exc:
+            raise X2IInputError(f"{name} file '{image}' declares more pixels than PIL opens safely ({exc}); "
+                                "expected a photo-sized image - scale it down first") from None
         except (OSError, ValueError) as exc:
             raise X2IInputError(f"{name} file '{image}' is not a readable image ({exc})") from exc
     if isinstance(image, torch.Tensor):
@@ -134,6 +137,62 @@ VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 
 
+def video_frame_size(height: int, width: int, frames: int, max_pixels: int) -> tuple[int, int]:
+    """``(height, width)`` of every frame of a ``frames``-frame clip after :func:`video_frames`."""
+    ceiling = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / frames * FRAME_FACTOR), int(VIDEO_MIN_PIXELS * 1.05))
+    return smart_resize(height, width, IMAGE_FACTOR, VIDEO_MIN_PIXELS, min(max_pixels, ceiling))
+
+
+def declared_image_sizes(images: Any) -> list[tuple[int, int]]:
+    """``(width, height)`` of each image of :func:`to_pil_list`'s input, read from shapes and file headers without
+    converting or decoding anything (a malformed item counts as 1x1: :func:`to_pil` then names what is wrong)."""
+    if images is None:
+        return []
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return [(max(1, int(images.shape[2])), max(1, int(images.shape[1])))] * int(images.shape[0])
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    out = []
+    for im in items:
+        size = (1, 1)
+        if isinstance(im, Image.Image):
+            size = im.size
+        elif isinstance(im, (torch.Tensor, np.ndarray)) and im.ndim in (2, 3):
+            size = (int(im.shape[1]), int(im.shape[0]))
+        elif isinstance(im, (str, bytes)) or hasattr(im, "__fspath__"):
+            try:
+                with Image.open(im) as opened:  # the header only
+                    size = opened.size
+            except Exception:  # noqa: BLE001 - to_pil reports it
+                pass
+        out.append((max(1, int(size[0])), max(1, int(size[1]))))
+    return out
+
+
+def declared_video(frames: Any) -> tuple[int, int, int]:
+    """``(frames, height, width)`` of a clip (a ``[T, H, W, C]`` array or a list of frames), from its shapes."""
+    if isinstance(frames, (torch.Tensor, np.ndarray)) and frames.ndim == 4:
+        return int(frames.shape[0]), max(1, int(frames.shape[1])), max(1, int(frames.shape[2]))
+    frames = list(frames)
+    sizes = declared_image_sizes(frames[:1])
+    w, h = sizes[0] if sizes else (1, 1)
+    return len(frames), h, w
+
+
+class FittedFrames(np.ndarray):
+    """Frames ``[T, H, W, 3]`` uint8 already resized, at decode time, to what :func:`video_frames` gives a
+    ``T``-frame clip under ``max_pixels`` (``x2i_max_pixels``); video_frames then only converts them."""
+
+    x2i_max_pixels: int | None = None
+
+    def __array_finalize__(self, obj):
+        self.x2i_max_pixels = getattr(obj, "x2i_max_pixels", None)
+
+
+def fitted_pixels(frames: Any) -> int | None:
+    """The pixel budget ``frames`` were resized for at decode time (a whole :class:`FittedFrames`), else None."""
+    return frames.x2i_max_pixels if isinstance(frames, FittedFrames) and frames.ndim == 4 else None
+
+
 def video_frames(frames: Any, max_pixels: int, name: str = "video") -> list[Image.Image]:
     """A list of frames (or ``[T, H, W, C]`` array) -> resized RGB frames, padded to an even count by
     repeating the last frame (the model groups frames in pairs).
@@ -150,8 +209,9 @@ def video_frames(frames: Any, max_pixels: int, name: str = "video") -> list[Imag
     if len(sizes) > 1:
         raise X2IInputError(f"{name}: frames differ in size ({sorted(sizes)[:3]}); expected one size for the clip")
     width, height = pils[0].size
-    ceiling = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / len(pils) * FRAME_FACTOR), int(VIDEO_MIN_PIXELS * 1.05))
-    th, tw = smart_resize(height, width, IMAGE_FACTOR, VIDEO_MIN_PIXELS, min(max_pixels, ceiling))
+    th, tw = video_frame_size(height, width, len(pils), max_pixels)
+    if fitted_pixels(frames) == max_pixels:  # resized as it decoded, for this very budget and count
+        th, tw = height, width
     out: list[Image.Image] = []
     for start in range(0, len(pils), 16):  # a few frames at a time: float copies of long clips are large
         chunk = torch.from_numpy(np.stack([np.asarray(p) for p in pils[start:start + 16]])).permute(0, 3, 1, 2)
@@ -225,9 +285,21 @@ def sample_frames(frames: Any, source_fps: float, fps: float = VIDEO_FPS, max_fr
     return [frames[i] for i in idx]
 
 
-def _decode_at(path: str, keep: list[int]) -> tuple[list, int]:
+def _resize_frame(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One uint8 HWC frame resized to ``(height, width)`` exactly as :func:`video_frames` does it (bicubic with
+    antialiasing, clamped and rounded), so resizing at decode time and again in video_frames is the identity."""
+    if arr.shape[:2] == size:
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
+    out = torch.nn.functional.interpolate(t, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+
+def _decode_at(path: str, keep: list[int], max_pixels: int | None = None) -> tuple[list, int]:
     """Frames ``keep`` (sorted indices, repeats allowed) of the video file as RGB uint8 arrays (None where the
-    file holds fewer frames), and how many frames were decoded."""
+    file holds fewer frames), and how many frames were decoded.  ``max_pixels``: each kept frame is resized at
+    once to the size :func:`video_frames` gives a ``len(keep)``-frame clip, so a long high-resolution clip never
+    sits in memory at full size."""
     import av
 
     wanted: dict[int, list[int]] = {}
@@ -235,12 +307,22 @@ def _decode_at(path: str, keep: list[int]) -> tuple[list, int]:
         wanted.setdefault(idx, []).append(pos)
     out: list = [None] * len(keep)
     seen = 0
+    size = None
     with av.open(path) as container:
         stream = container.streams.video[0]
         for i, frame in enumerate(container.decode(stream)):
             seen = i + 1
             if i in wanted:
                 arr = frame.to_ndarray(format="rgb24")
+                if max_pixels:
+                    if size is None:
+                        first = arr.shape[:2]
+                        size = video_frame_size(first[0], first[1], len(keep), max_pixels)
+                    elif arr.shape[:2] != first:
+                        raise X2IInputError(f"video '{os.path.basename(path)}': frames differ in size "
+                                            f"({first[1]}x{first[0]} and {arr.shape[1]}x{arr.shape[0]}); expected "
+                                            "one size for the clip")
+                    arr = _resize_frame(arr, size)
                 for pos in wanted[i]:
                     out[pos] = arr
             if i >= keep[-1]:
@@ -248,24 +330,49 @@ def _decode_at(path: str, keep: list[int]) -> tuple[list, int]:
     return out, seen
 
 
+def declared_video_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` the file's video stream declares (0, 0 when it declares none)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            ctx = container.streams.video[0].codec_context
+            return int(ctx.height or 0), int(ctx.width or 0)
+    except Exception:  # noqa: BLE001 - the decode reports a bad file
+        return 0, 0
+
+
 def decode_sampled_frames(path: str, claimed_frames: int, rate: float, fps: float = VIDEO_FPS,
-                          max_frames: int = VIDEO_MAX_FRAMES, name: str | None = None) -> np.ndarray:
+                          max_frames: int = VIDEO_MAX_FRAMES, name: str | None = None,
+                          max_pixels: int | None = None, token_budget: int | None = None) -> np.ndarray:
     """Sample a video file's frames as :func:`sample_frames` does, decoding only the kept ones: ``[T, H, W, 3]``.
 
     ``claimed_frames`` (the container's frame count, or duration x rate) is a claim, not a fact: a file that
     holds fewer frames than it says is sampled again over the frames it really decoded (never padded with
-    copies of its last frame), and no index list the size of the claim is ever built."""
+    copies of its last frame), and no index list the size of the claim is ever built.  ``max_pixels`` (the
+    preset's per-frame budget): frames are resized as they decode, to the size the encoder would give them.
+    ``token_budget``: the clip is refused before decoding when its frames need more visual tokens than that
+    (Qwen2.5-VL's count, the fewest of the supported families)."""
     name = name or f"video '{os.path.basename(path)}'"
     if claimed_frames <= 0:
         raise X2IInputError(f"{name} has no frames")
     keep = sample_frames(range(claimed_frames), rate, fps, max_frames, name=name)
+    if token_budget and max_pixels:
+        h, w = declared_video_size(path)
+        if h > 0 and w > 0:
+            th, tw = video_frame_size(h, w, len(keep), max_pixels)
+            need = -(-len(keep) // FRAME_FACTOR) * (th // IMAGE_FACTOR) * (tw // IMAGE_FACTOR)
+            if need > token_budget:
+                raise X2IInputError(
+                    f"{name}: {len(keep)} sampled frames of {w}x{h} need {need} visual tokens, more than the budget "
+                    f"of {token_budget} (X2I_TOKEN_BUDGET); lower max_frames or video_fps (or video_resolution)")
     try:
-        out, seen = _decode_at(path, keep)
+        out, seen = _decode_at(path, keep, max_pixels)
         if any(f is None for f in out) and seen:
             log.warning("%s claims %d frames but holds %d; sampling the %d it holds", name, claimed_frames, seen,
                         seen)
             keep = sample_frames(range(seen), rate, fps, max_frames, name=name)
-            out, _ = _decode_at(path, keep)
+            out, _ = _decode_at(path, keep, max_pixels)
     except X2IInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - av/container errors vary
@@ -275,4 +382,9 @@ def decode_sampled_frames(path: str, claimed_frames: int, rate: float, fps: floa
         raise X2IInputError(f"{name} decoded to no frames")
     if len(got) < len(out):
         raise X2IInputError(f"{name} decodes differently on a second read ({len(got)} of {len(out)} frames)")
-    return np.stack(got)
+    stacked = np.stack(got)
+    if not max_pixels:
+        return stacked
+    fitted = stacked.view(FittedFrames)
+    fitted.x2i_max_pixels = int(max_pixels)
+    return fitted

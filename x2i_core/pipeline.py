@@ -52,7 +52,13 @@ def parse_size(size: str | Sequence[int]) -> tuple[int, int]:
     for name, v in (("width", w), ("height", h)):
         if v < 16 or v % 16:
             raise X2IInputError(f"{name} {v} must be a positive multiple of 16 (FLUX packs 2x2 latent patches)")
+        if v > MAX_SIDE:
+            raise X2IInputError(f"{name} {v} is more than {MAX_SIDE} pixels, the largest side ComfyUI's own nodes "
+                                "take (MAX_RESOLUTION); FLUX was trained up to about 2 megapixels")
     return w, h
+
+
+MAX_SIDE = 16384  # ComfyUI's MAX_RESOLUTION: the same ceiling as the stock latent nodes
 
 
 class X2IPipeline:

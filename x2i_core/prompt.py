@@ -31,7 +31,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import X2IInputError
-from .media import fit_pixels, video_frames
+from .media import IMAGE_FACTOR, MIN_PIXELS, fit_pixels, smart_resize, video_frames
 
 PRESETS = ("training", "comfyui", "scripts")
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
@@ -144,6 +144,7 @@ class Turn:
     videos: list[list[Any]] = dataclasses.field(default_factory=list)
     audios: list[Any] = dataclasses.field(default_factory=list)
     instruction: str | None = None             # the "Instruction editing description" field
+    fitted: bool = False                       # images already resized for the preset (fit_image)
 
 
 @dataclasses.dataclass
@@ -265,11 +266,7 @@ def _user_media(turn: Turn, spec: PresetSpec, media: _Media) -> list[dict[str, A
     """A user turn's media content items (images, then videos, then audio), resized as the preset does."""
     content: list[dict[str, Any]] = []
     for img in turn.images:
-        im = img
-        if spec.image_exact_size is not None:
-            im = im.resize(spec.image_exact_size, resample=Image.BICUBIC)
-        if spec.image_max_pixels is not None:
-            im = fit_pixels(im, spec.image_max_pixels)
+        im = img if turn.fitted else fit_image(img, spec)
         media.images.append(im)
         content.append({"type": "image", "image": im})
     for frames in turn.videos:
@@ -280,6 +277,24 @@ def _user_media(turn: Turn, spec: PresetSpec, media: _Media) -> list[dict[str, A
         media.audios.append(audio)
         content.append({"type": "audio", "audio": audio})
     return content
+
+
+def fit_image(img: Image.Image, spec: PresetSpec) -> Image.Image:
+    """An image resized as ``spec`` does before the processor (an exact resize, then a pixel budget)."""
+    if spec.image_exact_size is not None:
+        img = img.resize(spec.image_exact_size, resample=Image.BICUBIC)
+    if spec.image_max_pixels is not None:
+        img = fit_pixels(img, spec.image_max_pixels)
+    return img
+
+
+def fitted_image_size(width: int, height: int, spec: PresetSpec) -> tuple[int, int]:
+    """The ``(width, height)`` that :func:`fit_image` gives an image of that size, without the image."""
+    if spec.image_exact_size is not None:
+        width, height = spec.image_exact_size
+    if spec.image_max_pixels is not None:
+        height, width = smart_resize(height, width, IMAGE_FACTOR, MIN_PIXELS, spec.image_max_pixels)
+    return width, height
 
 
 def _turn_text(turn: Turn, last: Turn, is_last: bool, spec: PresetSpec, final_media: bool):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 from typing import Any, Sequence
@@ -94,14 +95,53 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise X2IFileError(f"MLLM folder '{path}' has no config.json; expected a Hugging Face model folder")
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise X2IFileError(f"MLLM config '{cfg_path}' is not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise X2IFileError(f"MLLM config '{cfg_path}' is not a JSON object")
+    cfg = read_json_object(cfg_path, "MLLM config")
+    check_config_numbers(cfg, cfg_path)
     return cfg
+
+
+def read_json_object(path: str, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a file that is not one (bad JSON, nested past Python's recursion limit, not
+    an object) is an X2IFileError naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise X2IFileError(f"{what} '{path}' is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise X2IFileError(f"{what} '{path}' is nested too deeply to be a model config (JSON objects inside "
+                           "objects past Python's recursion limit); download the file again") from None
+    if not isinstance(obj, dict):
+        raise X2IFileError(f"{what} '{path}' is not a JSON object")
+    return obj
+
+
+# Numbers a config must hold as finite and positive, where a wrong one fails deep inside torch (a zero patch size
+# divides by zero, a NaN norm epsilon turns every hidden state NaN and looks like damaged weights).
+POSITIVE_CONFIG_KEYS = ("rms_norm_eps", "layer_norm_eps", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "intermediate_size", "vocab_size", "max_position_embeddings",
+                        "patch_size", "spatial_patch_size", "spatial_merge_size", "temporal_patch_size", "merge_size",
+                        "image_size", "rope_theta")
+
+
+def check_config_numbers(cfg: Any, path: str, where: str = "") -> None:
+    """Refuse a config (or preprocessor config) whose sizes or epsilons are not finite positive numbers, naming
+    the key and its place; nested sub-configs (``text_config``, ``vision_config``, ...) are checked too."""
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            here = f"{where}.{key}" if where else key
+            if key in POSITIVE_CONFIG_KEYS and value is not None and not isinstance(value, (dict, list)):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                    and value > 0
+                if not ok:
+                    raise X2IFileError(f"'{path}': {here} is {value!r}; expected a finite number above 0 - the file "
+                                       "is damaged or was edited by hand; download the model folder again")
+            elif isinstance(value, dict):
+                check_config_numbers(value, path, here)
+
+
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
@@ -115,6 +155,15 @@ def check_model_folder(path: str) -> None:
         raise X2IFileError(
             f"MLLM folder '{path}' has no tokenizer files; expected tokenizer.json (or vocab.json + merges.txt, or "
             "tokenizer.model) beside config.json - download the model folder completely")
+    if "tokenizer_config.json" not in names:
+        raise X2IFileError(
+            f"MLLM folder '{path}' has no tokenizer_config.json (it names the tokenizer's class and special "
+            "tokens; without it transformers guesses a sentencepiece tokenizer) - download the model folder "
+            "completely")
+    for name in PREPROCESSOR_FILES:
+        if name in names:
+            check_config_numbers(read_json_object(os.path.join(path, name), "MLLM processor config"),
+                                 os.path.join(path, name))
     if not any(n.endswith((".safetensors", ".bin", ".pt", ".pth")) for n in names):
         raise X2IFileError(f"MLLM folder '{path}' has no weight files; expected *.safetensors (or a weights index "
                            "and its shards) beside config.json - download the model folder completely")

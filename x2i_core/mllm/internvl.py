@@ -69,6 +69,13 @@ class InternVLEncoder(ChatEncoder, family="internvl"):  # facts: x2i_core.regist
     def media_token_ids(self) -> set[int]:
         return {int(self.model.config.image_token_id)}
 
+    def image_tokens(self, width: int, height: int, spec) -> int:
+        """At least one tile of ``image_seq_length`` tokens per image (more when the processor tiles it)."""
+        return int(getattr(self.processor, "image_seq_length", 256))
+
+    def video_tokens(self, frames: int, height: int, width: int, spec, fitted=None) -> int:
+        return frames * self.image_tokens(width, height, spec)
+
     def build_prompt(self, req, preset, image_size, index: int = 0, video_size=None):
         turns = _turns_of(req)
         last = turns[-1]

@@ -14,13 +14,33 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .. import registry
 from ..audio import prepare_audio
 from ..errors import X2IInputError
-from ..media import as_video_list, to_pil_list
-from ..prompt import Turn, build_conversation, resolve_preset, target_length, with_image_size
+from ..media import (
+    FRAME_FACTOR,
+    IMAGE_FACTOR,
+    MIN_PIXELS,
+    as_video_list,
+    declared_image_sizes,
+    declared_video,
+    fitted_pixels,
+    smart_resize,
+    to_pil,
+    video_frame_size,
+)
+from ..prompt import (
+    Turn,
+    build_conversation,
+    fit_image,
+    fitted_image_size,
+    resolve_preset,
+    target_length,
+    with_image_size,
+)
 from .base import ChatTurn, EncodeRequest
 
 log = logging.getLogger("x2i")
@@ -86,25 +106,90 @@ class ChatPrompt:
 
     def build_prompt(self, req: EncodeRequest, preset: str | None, image_size: int | None, index: int = 0,
                      video_size: int | None = None):
-        """The templated prompt and processed media for one request (no tokenisation)."""
+        """The templated prompt and processed media for one request (no tokenisation).  The media's token cost
+        is computed from their declared sizes and checked (:meth:`check_media_budget`) before any image is
+        converted; each image is then converted and resized one at a time."""
         turns_in = _turns_of(req)
-        turns: list[Turn] = []
-        has_media = False
         for t in turns_in:
             if t.role not in ("user", "assistant"):
                 raise X2IInputError(f"prompt {index + 1}: chat turn role {t.role!r}; expected 'user' or 'assistant'")
-            images = to_pil_list(t.images, "image")
-            videos = [list(v) for v in as_video_list(t.videos)]
+        declared = [(declared_image_sizes(t.images), [(*declared_video(v), fitted_pixels(v))
+                                                       for v in as_video_list(t.videos)]) for t in turns_in]
+        has_media = any(ims or vids or _as_list(t.audios) for t, (ims, vids) in zip(turns_in, declared))
+        spec = with_image_size(resolve_preset(preset, has_media), image_size, video_size)
+        self.check_media_budget(index, spec, [s for ims, _ in declared for s in ims],
+                                [v for _, vids in declared for v in vids])
+        turns: list[Turn] = []
+        for t in turns_in:
+            images = []
+            for j, raw in enumerate(_image_items(t.images)):
+                self.interrupted()
+                images.append(fit_image(to_pil(raw, "image" if t.images is raw else f"image {j + 1}"), spec))
+            self.interrupted()
+            videos = [v if fitted_pixels(v) else list(v) for v in as_video_list(t.videos)]
             audios = [prepare_audio(a, self.audio_rate(), f"audio {j + 1}", self.max_audio_seconds)
                       for j, a in enumerate(_as_list(t.audios))]
             self._check_modalities(index, t, images, videos, audios)
             if t.text is not None and not isinstance(t.text, str):
                 raise X2IInputError(f"prompt {index + 1}: text must be a string, found {type(t.text).__name__}")
-            has_media = has_media or bool(images or videos or audios)
-            turns.append(Turn(t.role, t.text, images, videos, audios, t.instruction))
-        spec = with_image_size(resolve_preset(preset, has_media), image_size, video_size)
+            turns.append(Turn(t.role, t.text, images, videos, audios, t.instruction, fitted=True))
         return build_conversation(turns, spec, self.processor, self.chat_kwargs(spec), self.system_prompt,
                                   self.placeholders)
+
+    # -- budgets and Cancel ----------------------------------------------------
+    interrupt_check = None  # a callable that raises to cancel (ComfyUI's Cancel), set by the host around an encode
+
+    def interrupted(self) -> None:
+        """Give the host's Cancel a chance between steps of the prompt side (per image, before the processor)."""
+        if self.interrupt_check is not None:
+            self.interrupt_check()
+
+    def token_budget(self) -> tuple[int, str]:
+        """The most tokens a prompt may take, and why: the decoder's positions, and X2I's own ceiling
+        (``X2I_TOKEN_BUDGET``, 32768 by default: what one 24 GB GPU encodes with the released 7B MLLMs)."""
+        budget, why = token_budget_setting(), "X2I's token budget (environment variable X2I_TOKEN_BUDGET)"
+        limit = self.max_positions()
+        if limit and int(limit) < budget:
+            budget, why = int(limit), f"{self.name}'s max_position_embeddings"
+        return budget, why
+
+    def image_tokens(self, width: int, height: int, spec) -> int:
+        """Tokens of one image of this size under ``spec`` (Qwen2.5-VL's rule: one token per 28 x 28 pixels after
+        the preset's resize and the processor's own pixel ceiling)."""
+        w, h = fitted_image_size(width, height, spec)
+        ceiling = _processor_max_pixels(getattr(self.processor, "image_processor", None))
+        if ceiling and h * w > ceiling:
+            h, w = smart_resize(h, w, IMAGE_FACTOR, MIN_PIXELS, ceiling)
+        return (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR)
+
+    def video_tokens(self, frames: int, height: int, width: int, spec, fitted: int | None = None) -> int:
+        """Tokens of one clip of ``frames`` sampled frames (frames go in pairs, one token per 28 x 28 pixels);
+        ``fitted``: the budget the frames were already resized for as they decoded."""
+        h, w = (height, width) if fitted == spec.video_max_pixels else \
+            video_frame_size(height, width, max(frames, 1), spec.video_max_pixels)
+        return -(-frames // FRAME_FACTOR) * (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR)
+
+    def check_media_budget(self, index: int, spec, image_sizes: list[tuple[int, int]],
+                           videos: list[tuple[int, int, int, int | None]]) -> None:
+        """Refuse a prompt whose images and video frames alone need more tokens than :meth:`token_budget`, from
+        their declared sizes, before anything is converted, processed or run (numbers and widgets named)."""
+        if not image_sizes and not videos:
+            return
+        img = [self.image_tokens(w, h, spec) for w, h in image_sizes]
+        vid = [self.video_tokens(t, h, w, spec, fitted) for t, h, w, fitted in videos]
+        need = sum(img) + sum(vid)
+        budget, why = self.token_budget()
+        if need <= budget:
+            return
+        parts = []
+        if img:
+            parts.append(f"{len(img)} image(s): {sum(img)} tokens" + (f" ({img[0]} each)" if len(set(img)) == 1 else ""))
+        if vid:
+            parts.append(f"{len(vid)} video(s), {sum(v[0] for v in videos)} frames: {sum(vid)} tokens")
+        raise X2IInputError(
+            f"prompt {index + 1}: its media alone need {need} tokens ({'; '.join(parts)}), more than {budget}, "
+            f"{why}. Lower image_resolution or connect fewer images; for video lower max_frames, video_fps or "
+            "video_resolution")
 
     def prepare(self, requests: Sequence[EncodeRequest], preset: str | None = None, image_size: int | None = None,
                 video_size: int | None = None, pad: bool = True) -> tuple[dict[str, torch.Tensor], str, list[int]]:
@@ -128,6 +213,7 @@ class ChatPrompt:
                     "choose one preset explicitly ('comfyui' or 'scripts') for the whole batch"
                 )
             spec = built.spec
+            self.interrupted()
             enc = self.processor_inputs(built)
             if pad and spec.truncate and req.history and int(enc["input_ids"].shape[1]) > spec.min_length:
                 enc = self._fit_chat(req, preset, image_size, i, video_size, spec, int(enc["input_ids"].shape[1]))
@@ -203,6 +289,48 @@ class ChatPrompt:
             f"prompt {index + 1}: the chat's last turn alone is more than the '{spec.name}' preset's fixed "
             f"{spec.min_length} tokens (the whole chat is {full}); shorten that turn, or use the 'comfyui' preset "
             "(its length grows with the prompt)")
+
+
+def token_budget_setting() -> int:
+    import os
+
+    raw = os.environ.get("X2I_TOKEN_BUDGET", "")
+    if not raw.strip():
+        return DEFAULT_TOKEN_BUDGET
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise X2IInputError(f"X2I_TOKEN_BUDGET is {raw!r}; expected a whole number of tokens above 0 "
+                            f"(default {DEFAULT_TOKEN_BUDGET})")
+    return value
+
+
+DEFAULT_TOKEN_BUDGET = 32768
+
+
+def _processor_max_pixels(image_processor) -> int | None:
+    """The image processor's own pixel ceiling (4.x ``max_pixels``, 5.x ``size['longest_edge']``), if it has one."""
+    if image_processor is None:
+        return None
+    value = getattr(image_processor, "max_pixels", None)
+    size = getattr(image_processor, "size", None)  # a dict on 4.x, a SizeDict on 5.x
+    for key in ("longest_edge", "max_pixels"):
+        if value is None and size is not None:
+            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _image_items(images) -> list:
+    """The items of :func:`to_pil_list`'s input, unconverted (a batched tensor stays a view per image)."""
+    if images is None:
+        return []
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return [images[i] for i in range(images.shape[0])]
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
 
 
 def _turns_of(req: EncodeRequest) -> list[ChatTurn]:
