@@ -381,6 +381,158 @@ def row_output_folder_read_only_trainer(ctx):
             check_output_dir(os.path.join(ro, "run"))
         assert os.listdir(ro) == []
 
+# -- hardening, round two: budgets before work, claims checked, configs named ------------------------------------
+
+def row_mllm_config_too_deep(ctx):
+    d = _mllm_copy(ctx["tiny"], ctx["tmp"])
+    with open(os.path.join(d, "config.json"), "w") as fh:
+        fh.write('{"model_type": "qwen2_5_vl", "a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    _mllm(ctx, d)
+
+
+def row_mllm_processor_patch_size_zero(ctx):
+    d = _mllm_copy(ctx["tiny"], ctx["tmp"])
+    name = next(n for n in ("preprocessor_config.json", "processor_config.json") if os.path.exists(os.path.join(d, n)))
+    with open(os.path.join(d, name)) as fh:
+        pre = json.load(fh)
+    pre.get("image_processor", pre)["patch_size"] = 0
+    with open(os.path.join(d, name), "w") as fh:
+        json.dump(pre, fh)
+    _mllm(ctx, d)
+
+
+def row_mllm_config_nan_norm_eps(ctx):
+    d = _mllm_copy(ctx["tiny"], ctx["tmp"])
+    with open(os.path.join(d, "config.json")) as fh:
+        cfg = json.load(fh)
+    (cfg.get("text_config") or cfg)["rms_norm_eps"] = float("nan")
+    with open(os.path.join(d, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    _mllm(ctx, d)
+
+
+def row_mllm_tokenizer_json_only(ctx):
+    d = _mllm_copy(ctx["tiny"], ctx["tmp"])
+    for name in os.listdir(d):
+        if name.startswith(("tokenizer_config", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
+            os.remove(os.path.join(d, name))
+    _mllm(ctx, d)
+
+
+def _with_config(path, out, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as fh:
+        meta = dict(fh.metadata())
+    cfg = json.loads(meta["config"])
+    cfg.update(changes)
+    meta["config"] = json.dumps(cfg)
+    save_file(load_file(str(path)), str(out), metadata=meta)
+    return str(out)
+
+
+def row_alignnet_config_contradicts_tensors(ctx):
+    from x2i_core.alignnet import load_alignnet
+
+    load_alignnet(_with_config(ctx["tiny"]["alignnet_safetensors"], ctx["tmp"] / "claims.safetensors",
+                               output_dim1=10**6))
+
+
+def row_lightcontrol_config_contradicts_tensors(ctx):
+    from x2i_core.lightcontrol import LightControl, LightControlConfig, load_lightcontrol
+
+    LightControl(LightControlConfig(num_modules=2, out_dim=32)).save(str(ctx["tmp"] / "lc.safetensors"))
+    load_lightcontrol(_with_config(ctx["tmp"] / "lc.safetensors", ctx["tmp"] / "claims.safetensors", out_dim=10**7))
+
+
+def row_images_over_the_token_budget(ctx):
+    from x2i_core.mllm import EncodeRequest
+
+    old = os.environ.get("X2I_TOKEN_BUDGET")
+    os.environ["X2I_TOKEN_BUDGET"] = "2000"
+    try:
+        ctx["encoder"].prepare([EncodeRequest(text="x", images=torch.rand(3, 1024, 1024, 3))], "comfyui",
+                               image_size=3584)
+    finally:
+        if old is None:
+            del os.environ["X2I_TOKEN_BUDGET"]
+        else:
+            os.environ["X2I_TOKEN_BUDGET"] = old
+
+
+def _clip(path, frames=6, size=(64, 48)):
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            img = np.full((size[1], size[0], 3), (40 * i) % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def row_video_claims_more_frames_than_it_holds(ctx):
+    from x2i_core.media import decode_sampled_frames
+
+    frames = decode_sampled_frames(_clip(ctx["tmp"] / "liar.mp4"), 4 * 10**9, 4.0, fps=1.0, max_frames=768)
+    assert len(frames) <= 6  # sampled over the 6 frames it holds, not 768 copies
+
+
+def row_video_over_the_token_budget(ctx):
+    from x2i_core.media import decode_sampled_frames
+
+    decode_sampled_frames(_clip(ctx["tmp"] / "long.mp4", frames=40), 40, 4.0, fps=4.0, max_pixels=128 * 128,
+                          token_budget=10)
+
+
+def _generate_argv(ctx, *extra):
+    t = ctx["tiny"]
+    return ["generate", "--mllm", t["mllm"], "--alignnet", t["alignnet_safetensors"], "--flux", t["flux"], *extra]
+
+
+def _cli_refuses(ctx, extra, needle):
+    from x2i_core import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(_generate_argv(ctx, "--prompt", "x", "--out", str(ctx["tmp"] / "o.png"), *extra))
+    assert info.value.code == 2
+    err = ctx["capsys"].readouterr().err
+    assert needle in err and "Traceback" not in err, err
+
+
+def row_cli_guidance_nan(ctx):
+    _cli_refuses(ctx, ["--guidance", "nan"], "guidance must be a finite number")
+
+
+def row_cli_output_is_a_folder(ctx):
+    _cli_refuses(ctx, ["--out", str(ctx["tmp"])], "is an existing folder")
+
+
+def row_cli_bad_device(ctx):
+    _cli_refuses(ctx, ["--device", "cuda:banana"], "is not a torch device")
+
+
+def row_cli_size_too_large(ctx):
+    _cli_refuses(ctx, ["--size", "32768x1024"], "more than 16384")
+
+
+def row_cli_decompression_bomb(ctx):
+    from PIL import Image
+
+    from x2i_core import cli
+
+    bomb = ctx["tmp"] / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)
+    code = cli.main(_generate_argv(ctx, "--image", str(bomb), "--out", str(ctx["tmp"] / "o.png")))
+    err = ctx["capsys"].readouterr().err
+    assert code == 1 and "more pixels than PIL opens safely" in err and "Traceback" not in err, err
+
+
 
 # id -> (row function, expected exception or None for "works", message pattern)
 ROWS = {
@@ -435,6 +587,23 @@ ROWS = {
     "hidden-states-nan": (row_hidden_states_nan, X2IInputError, r"NaN or infinite"),
     "output-folder-read-only-cli": (row_output_folder_read_only_cli, None, None),
     "output-folder-read-only-trainer": (row_output_folder_read_only_trainer, None, None),
+    "mllm-config-too-deep": (row_mllm_config_too_deep, X2IFileError, r"config\.json' is nested too deeply"),
+    "mllm-processor-patch-size-zero": (row_mllm_processor_patch_size_zero, X2IFileError, r"patch_size is 0; expected"),
+    "mllm-config-nan-norm-eps": (row_mllm_config_nan_norm_eps, X2IFileError, r"rms_norm_eps is nan; expected"),
+    "mllm-tokenizer-json-only": (row_mllm_tokenizer_json_only, X2IFileError, r"has no tokenizer_config\.json"),
+    "alignnet-config-contradicts-tensors": (row_alignnet_config_contradicts_tensors, X2IFileError, r"has shape"),
+    "lightcontrol-config-contradicts-tensors": (row_lightcontrol_config_contradicts_tensors, X2IFileError,
+                                                r"has shape"),
+    "images-over-the-token-budget": (row_images_over_the_token_budget, X2IInputError,
+                                     r"3 image\(s\): 3675 tokens.*more than 2000.*image_resolution"),
+    "video-claims-more-frames-than-it-holds": (row_video_claims_more_frames_than_it_holds, None, None),
+    "video-over-the-token-budget": (row_video_over_the_token_budget, X2IInputError,
+                                    r"40 sampled frames of 64x48 need \d+ visual tokens.*lower max_frames"),
+    "cli-guidance-nan": (row_cli_guidance_nan, None, None),
+    "cli-output-is-a-folder": (row_cli_output_is_a_folder, None, None),
+    "cli-bad-device": (row_cli_bad_device, None, None),
+    "cli-size-too-large": (row_cli_size_too_large, None, None),
+    "cli-decompression-bomb": (row_cli_decompression_bomb, None, None),
 }
 
 
