@@ -29,7 +29,7 @@ REFSTACK   ?= .refstack
 REF_REQS   := requirements/reference-stack.txt
 REF_STAMP  := $(REFSTACK)/.x2i-ref-$(shell cat $(REF_REQS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: env refstack browser demo demo-cli test test-stack test-fast gpu-wheels clean-env
+.PHONY: env refstack browser comfy-cli demo demo-cli test test-stack test-fast gpu-wheels clean-env
 
 env: $(STAMP) $(VENV)/x2i-comfy-version
 
@@ -51,12 +51,23 @@ $(REF_STAMP): $(REF_REQS) | $(STAMP)
 $(STAMP): $(ENV_FILES)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip "setuptools>=64,<82" wheel
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77,<82" wheel
 	$(PY) -m pip install --quiet -c $(PINS) -r requirements/dev.txt -r $(HOST_REQS)
 	$(PY) -m pip check
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	echo $(COMFY_VERSION) > $(VENV)/x2i-comfy-version
 	touch $(STAMP)
+
+# The Registry's own CLI (comfy node validate / pack), in a venv of its own so that it moves none of the stack's
+# packages; tests/test_publish.py runs it.
+COMFY_CLI := .comfy-cli/bin/comfy
+comfy-cli: $(COMFY_CLI)
+
+$(COMFY_CLI): requirements/comfy-cli.txt
+	rm -rf .comfy-cli
+	$(PYTHON) -m venv .comfy-cli
+	.comfy-cli/bin/pip install --quiet -r requirements/comfy-cli.txt
+	touch $@
 
 # Headless Chromium for the frontend tests (Debian packages; needs root, skipped otherwise).
 browser:
@@ -85,7 +96,7 @@ test:
 	$(MAKE) --no-print-directory test-stack STACK=2025 PYTEST_ARGS='-m "not install_replay" $(PYTEST_ARGS)'
 	$(MAKE) --no-print-directory test-stack STACK=current PYTEST_ARGS='-m "$(CURRENT_SUBSET)" -k "not loads_from_its_png" $(PYTEST_ARGS)'
 
-test-stack: env refstack browser
+test-stack: env refstack browser comfy-cli
 	@echo "== stack $(STACK): $$($(PY) -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)'), ComfyUI $(COMFY_VERSION)"
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -21,6 +21,7 @@ from .common import (
     media_inputs,
     node_media,
     run_mllm,
+    search_aliases,
 )
 from .types import CHAT, HIDDEN, MLLM
 
@@ -31,7 +32,7 @@ class X2IChatTurn(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="X2IChatTurn",
+            node_id="X2IChatTurn", **search_aliases("X2IChatTurn"),
             display_name=cls.DISPLAY,
             category=f"{CATEGORY}/chat",
             description="Adds one turn (text and media) to a conversation. Chain turns, then connect the chat to "
@@ -68,7 +69,7 @@ class X2IMLLMReason(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="X2IMLLMReason",
+            node_id="X2IMLLMReason", **search_aliases("X2IMLLMReason"),
             display_name=cls.DISPLAY,
             category=CATEGORY,
             description="Reasoning -> image: the MLLM first answers the prompt (e.g. a riddle, a question about an "

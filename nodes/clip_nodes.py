@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..x2i_core.mllm.base import EncodeRequest
 from .comfy_qwen import NODE, clip_description, clip_tooltip, encode_with_clip, vision_names
-from .common import CATEGORY, PRESET_OPTIONS, NodeError, image_resolution_input, pad_rows_input
+from .common import CATEGORY, PRESET_OPTIONS, NodeError, image_resolution_input, pad_rows_input, search_aliases
 from .types import HIDDEN
 
 PRESET_TOOLTIP = (
@@ -25,7 +25,7 @@ class X2ICLIPEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="X2ICLIPEncode",
+            node_id="X2ICLIPEncode", **search_aliases("X2ICLIPEncode"),
             display_name="X2I CLIP Encode (Qwen2.5-VL text encoder)",
             category=CATEGORY,
             description="Uses the Qwen2.5-VL text encoder you already load with the stock Load CLIP node "

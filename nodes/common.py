@@ -35,6 +35,32 @@ PRESET_TOOLTIP = (
 )
 
 
+# What the node search finds each node by, besides its name (ComfyUI >= 0.3.7x's search_aliases; older hosts have
+# no such field and get none).
+SEARCH_ALIASES = {
+    "X2IMLLMLoader": ["qwen", "qwen2.5-vl", "internvl", "qwen omni", "minicpm", "mllm loader", "vlm loader",
+                      "multimodal model"],
+    "X2IMLLMEncode": ["qwen", "qwen2.5-vl", "internvl", "omni", "multimodal", "mllm", "image prompt",
+                      "video prompt", "audio", "audio prompt", "any prompt", "multilingual", "screenshot", "x2i"],
+    "X2IAlignNetLoader": ["alignnet", "x2i projector", "qwen proj"],
+    "X2IAlignNetProject": ["alignnet", "projector", "flux conditioning", "mllm to flux"],
+    "X2ISampler": ["flux sampler", "x2i generate", "image edit", "x2i"],
+    "X2ILightControlLoader": ["lightcontrol", "controlnet", "image edit", "instruction edit"],
+    "X2IChatTurn": ["chat", "multi-turn", "conversation", "dialogue"],
+    "X2IMLLMReason": ["reasoning", "think", "answer", "riddle", "question", "qwen"],
+    "X2ICLIPEncode": ["qwen clip", "native qwen", "text encoder", "qwen image", "image prompt"],
+    "X2IBlendConditioning": ["blend", "mix conditioning", "t5 blend", "conditioning average"],
+}
+
+
+def search_aliases(node_id: str) -> dict:
+    """``search_aliases=`` for ``io.Schema`` where the host's schema has the field."""
+    import dataclasses as _dc
+
+    fields = {f.name for f in _dc.fields(io.Schema)} if _dc.is_dataclass(io.Schema) else set()
+    return {"search_aliases": list(SEARCH_ALIASES[node_id])} if "search_aliases" in fields else {}
+
+
 class NodeError(RuntimeError):
     """An error shown on the node in ComfyUI; the message is the whole story."""
 
@@ -159,8 +185,8 @@ def image_resolution_input():
     return io.Int.Input("image_resolution", default=0, min=0, max=IMAGE_RESOLUTION_MAX, step=28,
                         tooltip="0 = the preset's default (comfyui: 224x224 pixel budget; scripts: 128x128). "
                                 "Otherwise pixels per side, a multiple of 28. At most 3584: 16384 visual tokens per "
-                                "image, qwen-vl-utils' ceiling (one such image takes ~10 GB of activations in a 7B "
-                                "MLLM's vision tower).")
+                                "image, qwen-vl-utils' ceiling (a prompt's media are also checked against the "
+                                "token budget before any image is processed).")
 
 
 def video_resolution_input(optional: bool = False):

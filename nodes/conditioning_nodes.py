@@ -7,7 +7,7 @@ import torch
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, NodeError, check_finite
+from .common import CATEGORY, NodeError, check_finite, search_aliases
 
 BLEND = "X2I Blend Conditioning"
 
@@ -58,7 +58,7 @@ class X2IBlendConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="X2IBlendConditioning",
+            node_id="X2IBlendConditioning", **search_aliases("X2IBlendConditioning"),
             display_name=BLEND,
             category=CATEGORY,
             description="Blend X2I conditioning with other conditioning of the same FLUX (stock CLIP Text Encode "

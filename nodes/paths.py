@@ -13,6 +13,7 @@ import os
 import folder_paths
 
 from ..x2i_core.errors import X2IFileError, X2IInputError
+from ..x2i_core.io import weights_file_kind
 
 MLLM_FOLDER = "mllm"
 X2I_FOLDER = "x2i"
@@ -87,7 +88,31 @@ def resolve_mllm_dir(name: str) -> str:
     return _resolve(MLLM_FOLDER, name, "MLLM", os.path.isdir, list_mllm_dirs)
 
 
-def resolve_x2i_file(name: str) -> str:
-    """A weights file inside the ``x2i`` folders."""
-    return _resolve(X2I_FOLDER, name, "X2I model file", os.path.isfile,
-                    lambda: folder_paths.get_filename_list(X2I_FOLDER))
+KIND_LOADERS = {"alignnet": "X2I AlignNet Loader", "lightcontrol": "X2I LightControl Loader"}
+KIND_NAMES = {"alignnet": "AlignNet", "lightcontrol": "LightControl"}
+
+
+def _kind(name: str) -> str | None:
+    path = folder_paths.get_full_path(X2I_FOLDER, name)
+    return weights_file_kind(path) if path else None
+
+
+def list_x2i_files(kind: str | None = None) -> list[str]:
+    """The weights files in the ``x2i`` folders; with ``kind`` ("alignnet" / "lightcontrol") only those that are
+    of that kind or of no recorded kind (decided from each file's own header or metadata, cached - never its
+    name), so an AlignNet list shows no LightControl and the other way round."""
+    names = folder_paths.get_filename_list(X2I_FOLDER)
+    if kind is None:
+        return names
+    return [n for n in names if _kind(n) in (kind, None)]
+
+
+def resolve_x2i_file(name: str, kind: str | None = None) -> str:
+    """A weights file inside the ``x2i`` folders (of ``kind``, when given: a file of the other kind, chosen
+    anyway through an API prompt, is refused naming the loader it belongs to)."""
+    if kind is not None and isinstance(name, str) and name in folder_paths.get_filename_list(X2I_FOLDER):
+        found = _kind(name)
+        if found not in (kind, None):
+            raise X2IFileError(f"'{name}' is a {KIND_NAMES[found]} file (so its header records); this loader loads "
+                               f"{KIND_NAMES[kind]} files - load it with {KIND_LOADERS[found]}")
+    return _resolve(X2I_FOLDER, name, "X2I model file", os.path.isfile, lambda: list_x2i_files(kind))

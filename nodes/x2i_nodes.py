@@ -27,6 +27,7 @@ from .common import (
     node_media,
     pad_rows_input,
     run_mllm,
+    search_aliases,
     user_errors,
     video_resolution_input,
 )
@@ -44,7 +45,7 @@ class X2IMLLMLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="X2IMLLMLoader",
+            node_id="X2IMLLMLoader", **search_aliases("X2IMLLMLoader"),
             display_name=cls.DISPLAY,
             category=f"{CATEGORY}/loaders",
             description=f"Loads a multimodal LLM (a Hugging Face model folder in models/mllm: {labels()}) as X2I's "
@@ -96,7 +97,7 @@ class X2IMLLMEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="X2IMLLMEncode",
+            node_id="X2IMLLMEncode", **search_aliases("X2IMLLMEncode"),
             display_name=cls.DISPLAY,
             category=CATEGORY,
             description="Runs the MLLM once over the prompt - text in any language, images, video, audio, any mix, "
@@ -156,18 +157,17 @@ class X2IAlignNetLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        import folder_paths
-
         return io.Schema(
-            node_id="X2IAlignNetLoader",
+            node_id="X2IAlignNetLoader", **search_aliases("X2IAlignNetLoader"),
             display_name=cls.DISPLAY,
             category=f"{CATEGORY}/loaders",
             description="Loads an AlignNet (the X2I projector MLLM -> FLUX text space) from models/x2i: our "
                         "safetensors or the published .pt files.",
             inputs=[
-                io.Combo.Input("alignnet_name", options=folder_paths.get_filename_list(paths.X2I_FOLDER),
+                io.Combo.Input("alignnet_name", options=paths.list_x2i_files("alignnet"),
                                tooltip="An AlignNet file in models/x2i (.safetensors or the published .pt; "
-                                       "read weights-only, never executing code)."),
+                                       "read weights-only, never executing code). LightControl files are not "
+                                       "listed (each file's own header says what it is)."),
             ],
             outputs=[ALIGNNET.Output(display_name="alignnet", tooltip="The loaded AlignNet.")],
         )
@@ -175,7 +175,8 @@ class X2IAlignNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, alignnet_name) -> io.NodeOutput:
         with user_errors(cls.DISPLAY):
-            return io.NodeOutput(load_managed_alignnet(paths.resolve_x2i_file(alignnet_name), alignnet_name))
+            return io.NodeOutput(load_managed_alignnet(paths.resolve_x2i_file(alignnet_name, "alignnet"),
+                                                       alignnet_name))
 
 
 def project(hs, alignnet, guidance: float | None = 3.5, node: str = "X2I AlignNet Project"):
@@ -213,7 +214,7 @@ class X2IAlignNetProject(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="X2IAlignNetProject",
+            node_id="X2IAlignNetProject", **search_aliases("X2IAlignNetProject"),
             display_name=cls.DISPLAY,
             category=CATEGORY,
             description="Turns MLLM hidden states into a stock FLUX CONDITIONING (sequence in T5's place, pooled "
@@ -265,7 +266,7 @@ class X2ISampler(io.ComfyNode):
         import comfy.samplers
 
         return io.Schema(
-            node_id="X2ISampler",
+            node_id="X2ISampler", **search_aliases("X2ISampler"),
             display_name=cls.DISPLAY,
             category=CATEGORY,
             description="One-node FLUX sampling with X2I's defaults: guidance in the conditioning, cfg 1, "

@@ -211,9 +211,7 @@ def test_distilled_alignnet_loads_and_runs_in_the_nodes(host, tmp_path):
 
 def test_readme_api_example_queues_a_shipped_api_workflow(host, tmp_path):
     """The README's Python example, run as written against the real server (only the address and the file,
-    here the tiny-model version of the same API workflow, are swapped in)."""
-    import contextlib
-    import io
+    here the tiny-model version of the same API workflow, are swapped in), as a script of its own."""
     import re
 
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
@@ -224,10 +222,11 @@ def test_readme_api_example_queues_a_shipped_api_workflow(host, tmp_path):
     assert code.count("workflows/api/x2i_sampler.json") == 1 and code.count("http://127.0.0.1:8188") == 1
     code = code.replace("workflows/api/x2i_sampler.json", str(path)).replace("http://127.0.0.1:8188",
                                                                               host["server"].url)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, "README api-example", "exec"), {})
-    entry = host["server"].wait(out.getvalue().strip())
+    script = tmp_path / "readme_api_example.py"
+    script.write_text(code)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    entry = host["server"].wait(r.stdout.strip())
     assert execution_error(entry) is None, execution_error(entry)
     (image,) = host["server"].output_images(entry)
     assert np.asarray(Image.open(image)).shape == (48, 64, 3)

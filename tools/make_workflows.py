@@ -32,7 +32,51 @@ PROMPT = "一只在雪地里奔跑的红狐狸，清晨的阳光 (a red fox runn
 
 # name -> (description, nodes); node = (id, type, pos, widgets, {input: (src_id, src_slot)}, title)
 VL7B, OMNI7B = "Qwen2.5-VL-7B-Instruct", "Qwen2.5-Omni-7B"
-ALIGN_VL7B, ALIGN_OMNI7B = "alignnet-qwen2.5-vl-7b.safetensors", "alignnet-qwen2.5-omni-7b.safetensors"
+# The released AlignNet as published (read weights-only); Qwen2.5-Omni has no released AlignNet (train one).
+ALIGN_VL7B, ALIGN_OMNI7B = "qwen2.5-vl-7b_proj.pt", "alignnet-qwen2.5-omni-7b.safetensors"
+
+# The pack's Registry identity, on every node of ours (properties cnr_id / ver): the frontend then knows the pack
+# of each node without asking the Registry, and the Manager can offer to install it.
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _fh:
+    import tomllib
+
+    _PROJECT = tomllib.load(_fh)["project"]
+PACK_ID, PACK_VERSION = _PROJECT["name"], _PROJECT["version"]
+
+# Download addresses of the released files a shipped workflow names (properties.models: the frontend's "missing
+# models" dialog offers them), by file name -> (url, model folder).  Files users train themselves (an Omni
+# AlignNet, LightControl, a LoRA) have none; the workflow's note says so.
+HF = "https://huggingface.co"
+MODEL_SOURCES = {
+    "flux1-dev.safetensors": (f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors",
+                              "diffusion_models"),
+    "flux1-schnell.safetensors": (f"{HF}/black-forest-labs/FLUX.1-schnell/resolve/main/flux1-schnell.safetensors",
+                                  "diffusion_models"),
+    "ae.safetensors": (f"{HF}/black-forest-labs/FLUX.1-schnell/resolve/main/ae.safetensors", "vae"),
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": (f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/"
+                                              "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders"),
+    "qwen_2.5_vl_7b.safetensors": (f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/"
+                                   "qwen_2.5_vl_7b.safetensors", "text_encoders"),
+    "qwen2.5-vl-7b_proj.pt": (f"{HF}/OPPOer/X2I/resolve/main/qwen2.5-vl-7b_proj.pt", "x2i"),
+    "qwen2.5-vl-3b_proj.pt": (f"{HF}/OPPOer/X2I/resolve/main/qwen2.5-vl-3b_proj.pt", "x2i"),
+}
+# The model folder each loader's file widget reads (checked against the loaders' live schemas by the tests).
+LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "VAELoader": "vae", "CLIPLoader": "text_encoders",
+                  "X2IAlignNetLoader": "x2i", "X2ILightControlLoader": "x2i"}
+
+
+def node_properties(ntype: str, widgets, object_info) -> dict:
+    """A node's properties: the frontend's search-and-replace name; ``cnr_id`` / ``ver`` on the pack's nodes;
+    ``models`` (name, url, directory) for each released file its widgets name."""
+    props = {"Node name for S&R": ntype}
+    if str(object_info[ntype].get("python_module", "")).startswith("custom_nodes."):
+        props.update(cnr_id=PACK_ID, ver=PACK_VERSION)
+    values = widgets.values() if isinstance(widgets, dict) else widgets
+    models = [{"name": v, "url": MODEL_SOURCES[v][0], "directory": MODEL_SOURCES[v][1]}
+              for v in values if isinstance(v, str) and v in MODEL_SOURCES and ntype in LOADER_FOLDERS]
+    if models:
+        props["models"] = models
+    return props
 
 
 def _loaders(mllm=VL7B, alignnet=ALIGN_VL7B) -> list:
@@ -125,7 +169,7 @@ WORKFLOWS = {
             (1, "UNETLoader", (40, 60), ["flux1-dev.safetensors", "default"], {}, None),
             (2, "VAELoader", (40, 200), ["ae.safetensors"], {}, None),
             (3, "CLIPLoader", (40, 320), ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"], {}, None),
-            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": "alignnet-qwen2.5-vl-7b.safetensors"}, {}, None),
+            (4, "X2IAlignNetLoader", (40, 500), {"alignnet_name": ALIGN_VL7B}, {}, None),
             (5, "X2ICLIPEncode", (420, 320), {"text": PROMPT}, {"clip": (3, 0)}, None),
             *_project_ksample_save("X2I_native_qwen"),
         ],
@@ -133,9 +177,13 @@ WORKFLOWS = {
 }
 
 # -- the task workflows (one per X2I task) -----------------------------------------------------------------
-MODELS_VL = ("Models: a Qwen2.5-VL-7B-Instruct folder in models/mllm with its X2I AlignNet in models/x2i (the 3B "
-             "pair works the same), FLUX in models/diffusion_models, its VAE (ae.safetensors) in models/vae.")
-MODELS_OMNI = ("Models: a Qwen2.5-Omni folder in models/mllm (only its thinker is loaded) with an AlignNet distilled "
+MODELS_VL = ("Models: a Qwen2.5-VL-7B-Instruct folder in models/mllm (huggingface-cli download "
+             "Qwen/Qwen2.5-VL-7B-Instruct --local-dir models/mllm/Qwen2.5-VL-7B-Instruct) with its X2I AlignNet "
+             "qwen2.5-vl-7b_proj.pt (huggingface.co/OPPOer/X2I) in models/x2i (the 3B pair works the same), FLUX in "
+             "models/diffusion_models, its VAE (ae.safetensors) in models/vae; the loaders' files carry their download "
+             "addresses.")
+MODELS_OMNI = ("Models: a Qwen2.5-Omni folder in models/mllm (huggingface-cli download Qwen/Qwen2.5-Omni-7B "
+               "--local-dir models/mllm/Qwen2.5-Omni-7B; only its thinker is loaded) with an AlignNet distilled "
                "for it in models/x2i (python -m x2i_core distill --mllm models/mllm/Qwen2.5-Omni-7B ...; no official "
                "one is published), FLUX in models/diffusion_models, its VAE in models/vae. The published MiniCPM-o "
                "AlignNet works with a MiniCPM-o folder instead (loader switch 'trust_remote_code', read its risk).")
@@ -387,8 +435,11 @@ def _note(note_id: int, order: int, description: str) -> dict:
         "order": order,
         "mode": 0, "inputs": [], "outputs": [], "properties": {},
         "widgets_values": [description + ("" if "Models:" in description else
-                           "\n\nModels: put a Qwen2.5-VL-Instruct folder in models/mllm, the matching X2I AlignNet "
-                           "in models/x2i, FLUX in models/diffusion_models and its VAE in models/vae.")
+                           "\n\nModels: put a Qwen2.5-VL-Instruct folder in models/mllm (a whole Hugging Face model "
+                           "folder: huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir "
+                           "models/mllm/Qwen2.5-VL-7B-Instruct), the matching X2I AlignNet in models/x2i "
+                           "(qwen2.5-vl-7b_proj.pt from huggingface.co/OPPOer/X2I), FLUX in models/diffusion_models "
+                           "and its VAE in models/vae (the loaders' files carry their download addresses).")
                            + " Schnell / shuttle-3: 4 steps."],
     }
 
@@ -409,7 +460,7 @@ def build(nodes, object_info, description):
         node = {
             "id": nid, "type": ntype, "pos": layout[nid][0], "size": [NODE_WIDTH, layout[nid][1]],
             "flags": {}, "order": order.index(nid), "mode": 0, "inputs": node_inputs[nid], "outputs": outs,
-            "properties": {"Node name for S&R": ntype}, "widgets_values": widgets,
+            "properties": node_properties(ntype, widgets, object_info), "widgets_values": widgets,
         }
         if title:
             node["title"] = title

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import struct
 import tempfile
 import zipfile
@@ -51,6 +52,63 @@ def sniff_format(path: str) -> str:
     if head[:1] == b"\x80":
         return "pickle"
     return "unknown"
+
+
+_LIGHTCONTROL_NAME = re.compile(r"^(?:module\.|controlnet\.)?\d+\.(?:mid_convs|down_res|time_embedding)\.")
+_ALIGNNET_NAME = re.compile(r"^(?:module\.)?mlp\.(?:projector|fc|layernorm)\.")
+_KIND_CACHE: dict[tuple, str | None] = {}
+
+
+def weights_file_kind(path: str | os.PathLike) -> str | None:
+    """``"alignnet"``, ``"lightcontrol"`` or None (not known) for an X2I weights file, from what the file records
+    about itself, read without loading a tensor or running any code: our safetensors' ``x2i_format`` metadata,
+    else the tensor names in the safetensors header or in a torch zip file's pickle (its opcodes are scanned for
+    strings, never executed).  Cached by path, size and modification time."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _KIND_CACHE:
+        try:
+            _KIND_CACHE[key] = _read_kind(path)
+        except Exception:  # noqa: BLE001 - a damaged file is of no known kind; loading it reports why
+            _KIND_CACHE[key] = None
+    return _KIND_CACHE[key]
+
+
+def _kind_of_names(names) -> str | None:
+    for name in names:
+        if _ALIGNNET_NAME.match(name):
+            return "alignnet"
+        if _LIGHTCONTROL_NAME.match(name):
+            return "lightcontrol"
+    return None
+
+
+def _read_kind(path: str) -> str | None:
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        meta = header.pop("__metadata__", None) or {}
+        recorded = meta.get("x2i_format")
+        if recorded in ("alignnet", "lightcontrol"):
+            return recorded
+        return _kind_of_names(header)
+    if fmt == "torch-zip":
+        import pickletools
+
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if name is None or zf.getinfo(name).file_size > 64 * 2**20:
+                return None
+            data = zf.read(name)
+        strings = (arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str))
+        return _kind_of_names(strings)
+    return None
 
 
 def _check_file(path: str | os.PathLike, what: str) -> str:
