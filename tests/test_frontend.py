@@ -46,6 +46,21 @@ def test_thumbnails_exist_for_every_workflow():
 
 
 @needs_browser
+def test_the_node_search_finds_the_encode_node_by_its_aliases(host):
+    """Typing what users look for (a model name, a task) into the frontend's node search finds X2I MLLM Encode,
+    through the node's search_aliases (hosts whose schema has them)."""
+    from tools.comfy_fetch import comfy_version
+
+    if tuple(int(p) for p in comfy_version().split(".")) < (0, 4):
+        pytest.skip("ComfyUI 0.3.75's node schema has no search_aliases")
+    os.makedirs(SHOTS, exist_ok=True)
+    found = frontend_check.search_nodes(host["server"].url, ["qwen", "image prompt", "audio", "zqxjv"], SHOTS)
+    for query in ("qwen", "image prompt", "audio"):
+        assert "X2I MLLM Encode" in found[query], (query, found[query][:500])
+    assert "X2I MLLM Encode" not in found["zqxjv"]  # the control: a word no alias has
+
+
+@needs_browser
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_opens_without_missing_nodes_or_link_repairs(opened, name):
     r = opened[name]
@@ -58,6 +73,8 @@ def test_workflow_opens_without_missing_nodes_or_link_repairs(opened, name):
     assert r["state"]["links"] == len(_load(name)["links"])
     assert r["state"]["edges"] == frontend_check.file_edges(_load(name))  # no link dropped or rewired on load
     assert os.path.getsize(r["screenshot"]) > 10_000
+    # laid out as saved: every node (title bar and pack badge included) inside the view, none over another
+    assert frontend_check.layout_problems(r["state"]) == [], r["screenshot"]
 
 
 def test_workflow_pngs_carry_their_graph_as_comfyui_writes_it():

@@ -137,9 +137,30 @@ def _graph_state(driver) -> dict:
         "links: Object.keys(g.links || {}).length, "
         "edges: links.filter(l => l).map(l => [l.origin_id, l.origin_slot, l.target_id, l.target_slot]), "
         "dialogs: Array.from(document.querySelectorAll("
-        "'.p-dialog, .p-toast-message')).filter(e => e.offsetParent !== null).map(e => e.innerText)}")
+        "'.p-dialog, .p-toast-message')).filter(e => e.offsetParent !== null).map(e => e.innerText), "
+        # the layout as drawn: each node's box (its title bar included) on screen, and the canvas's size
+        "boxes: g._nodes.map(n => { const ds = window.app.canvas.ds; const th = LiteGraph.NODE_TITLE_HEIGHT || 30;"
+        " const x = (n.pos[0] + ds.offset[0]) * ds.scale, y = (n.pos[1] - th + ds.offset[1]) * ds.scale;"
+        " return {id: n.id, type: n.type, x: x, y: y, w: n.size[0] * ds.scale, h: (n.size[1] + th) * ds.scale}; }), "
+        "view: [window.app.canvas.canvas.clientWidth, window.app.canvas.canvas.clientHeight]}")
     state["edges"] = sorted([int(v) for v in e] for e in state["edges"])
     return state
+
+
+def layout_problems(state: dict, margin: float = 2.0) -> list[str]:
+    """Nodes drawn outside the view, and pairs of nodes whose boxes (title bars and badges included) overlap,
+    from :func:`_graph_state`'s boxes (screen pixels)."""
+    boxes, (vw, vh) = state.get("boxes", []), state.get("view", [0, 0])
+    out = []
+    for b in boxes:
+        if b["x"] < -margin or b["y"] < -margin or b["x"] + b["w"] > vw + margin or b["y"] + b["h"] > vh + margin:
+            out.append(f"{b['type']} #{b['id']} outside the {vw}x{vh} view at {[round(b[k]) for k in 'xywh']}")
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if a["x"] < b["x"] + b["w"] - margin and b["x"] < a["x"] + a["w"] - margin and \
+                    a["y"] < b["y"] + b["h"] - margin and b["y"] < a["y"] + a["h"] - margin:
+                out.append(f"{a['type']} #{a['id']} and {b['type']} #{b['id']} overlap")
+    return out
 
 
 def file_edges(workflow: dict) -> list[list[int]]:
@@ -202,6 +223,40 @@ def open_workflows(url: str, workflows: dict[str, dict | bytes], shot_dir: str, 
                 "problems": [m for m in PROBLEM_MARKERS if m.lower() in " ".join(reported).lower()],
                 "issues": issues, "text": new_text[-2000:],
             }
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    return results
+
+
+def search_nodes(url: str, queries: list[str], shot_dir: str | None = None, timeout: float = 90.0) -> dict:
+    """Type each query into the frontend's node search (a double click on empty canvas, as a user opens it) and
+    return ``{query: text of the results shown}``."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    driver, profile = _start_browser()
+    results = {}
+    try:
+        _fresh_page(driver, url, timeout)
+        driver.execute_script("window.app.graph.clear(); window.app.graph.setDirtyCanvas(true, true);")
+        canvas = driver.find_element("css selector", "canvas#graph-canvas, canvas.graph-canvas, canvas")
+        for query in queries:
+            ActionChains(driver).move_to_element_with_offset(canvas, 0, 0).double_click().perform()
+            deadline = time.time() + 10
+            while time.time() < deadline and driver.execute_script(
+                    "return document.activeElement && document.activeElement.tagName") != "INPUT":
+                time.sleep(0.2)
+            box = driver.switch_to.active_element
+            box.send_keys(query)
+            time.sleep(1.5)
+            results[query] = driver.execute_script(
+                "return Array.from(document.querySelectorAll('[role=option], .p-autocomplete-option, "
+                ".litesearchbox .litegraph-entry')).map(e => e.innerText).join('\\n')")
+            if shot_dir:
+                driver.save_screenshot(os.path.join(shot_dir, f"search-{query.replace(' ', '_')}.png"))
+            box.send_keys(Keys.ESCAPE)
+            time.sleep(0.5)
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)

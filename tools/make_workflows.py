@@ -347,11 +347,29 @@ def _without_overlaps(nodes, object_info) -> dict:
         while moved:
             moved = False
             for px, py, pw, ph in placed:
-                if x < px + pw and px < x + NODE_WIDTH and y < py + ph + 20 and py < y + h + 20:
-                    y, moved = py + ph + 30, True
+                if x < px + pw and px < x + NODE_WIDTH and y < py + ph + TITLE + 20 and py < y + h + TITLE + 20:
+                    y, moved = py + ph + TITLE + 30, True  # its title bar and pack badge clear the node above
         placed.append((x, y, NODE_WIDTH, h))
         positions[nid] = ([x, y], h)
     return positions
+
+
+TITLE = 30           # the frontend draws a node's title bar (and its pack badge) above its position
+VIEW = (1600, 1157)  # the canvas a 1600 x 1300 browser window shows (tests/test_frontend.py's window)
+VIEW_MARGIN = (70, 70, 40, 40)  # left (the sidebar), top (the menu bar), right, bottom
+
+
+def fit_view(boxes, max_scale: float = 0.75) -> dict:
+    """The saved view (``extra.ds``) that shows every box ``(x, y, w, h)`` (title bars included) inside
+    :data:`VIEW` at the largest scale up to ``max_scale``."""
+    x0 = min(b[0] for b in boxes)
+    y0 = min(b[1] for b in boxes) - TITLE
+    x1 = max(b[0] + b[2] for b in boxes)
+    y1 = max(b[1] + b[3] for b in boxes)
+    left, top, right, bottom = VIEW_MARGIN
+    scale = min(max_scale, (VIEW[0] - left - right) / (x1 - x0), (VIEW[1] - top - bottom) / (y1 - y0))
+    scale = int(scale * 100) / 100
+    return {"scale": scale, "offset": [round(left / scale - x0), round(top / scale - y0)]}
 
 
 def _default(spec):
@@ -467,9 +485,10 @@ def build(nodes, object_info, description):
         ui_nodes.append(node)
     note_id = max(by_id) + 1
     ui_nodes.append(_note(note_id, len(nodes), description))
+    boxes = [(*layout[nid][0], NODE_WIDTH, layout[nid][1]) for nid in layout] + [NOTE_BOX]
     return {
         "last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links, "groups": [],
-        "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 140]}}, "version": 0.4,
+        "config": {}, "extra": {"ds": fit_view(boxes)}, "version": 0.4,
     }
 
 
