@@ -37,6 +37,10 @@ def opened(host):
     badlink = copy.deepcopy(wfs[WORKFLOWS[0]])
     badlink["links"][0][4] += 3
     wfs["control_bad_link.json"] = badlink
+    crowded = copy.deepcopy(wfs[WORKFLOWS[0]])  # the second node over the first, the view zoomed out too far
+    crowded["nodes"][1]["pos"] = [p + 20 for p in crowded["nodes"][0]["pos"]]
+    crowded["extra"]["ds"] = {"scale": 0.5, "offset": [0, 0]}
+    wfs["control_crowded.json"] = crowded
     return frontend_check.open_workflows(host["server"].url, wfs, SHOTS)
 
 
@@ -125,6 +129,8 @@ def test_the_check_itself_notices_missing_nodes_and_bad_links(opened):
     assert bad["state"]["edges"] != frontend_check.file_edges(wf), bad["state"]["edges"]
     if bad["issues"] is None:  # the 1.32.x frontend also says it
         assert "Workflow Validation" in bad["problems"], bad
+    crowded = frontend_check.layout_problems(opened["control_crowded.json"]["state"])
+    assert any("overlap" in p for p in crowded) and any("below 0.6" in p for p in crowded), crowded
 
 
 def test_workflow_templates_are_served(host):

@@ -14,6 +14,8 @@ import pytest
 
 from helpers.comfy import ROOT, _expect_node_error, load_workflow, tiny_api
 
+pytestmark = pytest.mark.publish
+
 PACK_ZIP_TOP = {"__init__.py", "nodes", "x2i_core", "web", "workflows", "docs", "requirements.txt", "pyproject.toml",
                 "README.md", "LICENSE"}
 

@@ -142,7 +142,8 @@ def _graph_state(driver) -> dict:
         "boxes: g._nodes.map(n => { const ds = window.app.canvas.ds; const th = LiteGraph.NODE_TITLE_HEIGHT || 30;"
         " const x = (n.pos[0] + ds.offset[0]) * ds.scale, y = (n.pos[1] - th + ds.offset[1]) * ds.scale;"
         " return {id: n.id, type: n.type, x: x, y: y, w: n.size[0] * ds.scale, h: (n.size[1] + th) * ds.scale}; }), "
-        "view: [window.app.canvas.canvas.clientWidth, window.app.canvas.canvas.clientHeight]}")
+        "view: [window.app.canvas.canvas.clientWidth, window.app.canvas.canvas.clientHeight], "
+        "scale: window.app.canvas.ds.scale}")
     state["edges"] = sorted([int(v) for v in e] for e in state["edges"])
     return state
 
@@ -152,6 +153,8 @@ def layout_problems(state: dict, margin: float = 2.0) -> list[str]:
     from :func:`_graph_state`'s boxes (screen pixels)."""
     boxes, (vw, vh) = state.get("boxes", []), state.get("view", [0, 0])
     out = []
+    if state.get("scale", 1.0) < 0.6 - 1e-6:
+        out.append(f"opens at zoom {state['scale']:.2f}, below 0.6, where the frontend draws nodes without text")
     for b in boxes:
         if b["x"] < -margin or b["y"] < -margin or b["x"] + b["w"] > vw + margin or b["y"] + b["h"] > vh + margin:
             out.append(f"{b['type']} #{b['id']} outside the {vw}x{vh} view at {[round(b[k]) for k in 'xywh']}")

@@ -190,15 +190,17 @@ MODELS_OMNI = ("Models: a Qwen2.5-Omni folder in models/mllm (huggingface-cli do
 
 
 def _task(text, mllm=VL7B, alignnet=ALIGN_VL7B, inputs=(), encode_conns=None, instruction="", preset="auto",
-          encode_type="X2IMLLMEncode", extra_nodes=(), encode_widgets=None, prefix="X2I"):
-    """Loaders -> (inputs) -> encode -> AlignNet project -> X2I Sampler -> Save; ids 1-8 fixed, inputs from 20."""
+          encode_type="X2IMLLMEncode", extra_nodes=(), encode_widgets=None, prefix="X2I", col=460):
+    """Loaders -> (inputs) -> encode -> AlignNet project -> X2I Sampler -> Save; ids 1-8 fixed, inputs from 20.
+    ``col``: the encode node's column (860 leaves the second column to several inputs, so a tall graph still fits
+    the view at a zoom where the frontend draws text)."""
     nodes = _loaders(mllm, alignnet)
     nodes.extend(inputs)
     conns = {"mllm": (3, 0), **(encode_conns or {})}
     widgets = encode_widgets or {"text": text, "preset": preset, "instruction": instruction}
-    nodes.append((5, encode_type, (460, 320), widgets, conns, None))
+    nodes.append((5, encode_type, (col, 320), widgets, conns, None))
     nodes.extend(extra_nodes)
-    nodes += _project_sample_save(460, prefix)
+    nodes += _project_sample_save(col, prefix)
     return nodes
 
 
@@ -229,9 +231,10 @@ TASK_WORKFLOWS = {
         "Multi-image composition: several images in one prompt, in order (the stock Image Batch node joins them; "
         "it resizes the second to the first's size). The text says how to combine them. " + MODELS_VL,
         _task("Put the animal from picture 1 into the scene of picture 2.",
-              inputs=[_load_image(20, "subject.png", 660), _load_image(21, "scene.png", 1000),
-                      (22, "ImageBatch", (260, 860), [], {"image1": (20, 0), "image2": (21, 0)}, None)],
-              encode_conns={"image": (22, 0)}, prefix="X2I_multi_image"),
+              inputs=[(20, "LoadImage", (460, 320), ["subject.png", "image"], {}, None),
+                      (21, "LoadImage", (460, 700), ["scene.png", "image"], {}, None),
+                      (22, "ImageBatch", (460, 1080), [], {"image1": (20, 0), "image2": (21, 0)}, None)],
+              encode_conns={"image": (22, 0)}, prefix="X2I_multi_image", col=860),
     ),
     "x2i_edit.json": (
         "Instruction editing: the source image plus an instruction in the reference's 'Instruction editing "
@@ -258,9 +261,10 @@ TASK_WORKFLOWS = {
         "Anything to image: text, an image, a video and audio in one prompt (media first, then the text). "
         + MODELS_OMNI,
         _task("Combine the picture, the clip and the sound into one scene.", mllm=OMNI7B, alignnet=ALIGN_OMNI7B,
-              inputs=[_load_image(20, "photo.png", 660), (21, "LoadVideo", (40, 1000), ["clip.mp4", "image"], {}, None),
-                      (22, "LoadAudio", (40, 1200), ["sound.wav", None, None], {}, None)],
-              encode_conns={"image": (20, 0), "video": (21, 0), "audio": (22, 0)}, prefix="X2I_x2image"),
+              inputs=[(20, "LoadImage", (460, 320), ["photo.png", "image"], {}, None),
+                      (21, "LoadVideo", (460, 700), ["clip.mp4", "image"], {}, None),
+                      (22, "LoadAudio", (460, 1080), ["sound.wav", None, None], {}, None)],
+              encode_conns={"image": (20, 0), "video": (21, 0), "audio": (22, 0)}, prefix="X2I_x2image", col=860),
     ),
     "x2i_reasoning2image.json": (
         "Reasoning to image: the MLLM answers first (max_new_tokens, temperature, seed), then the answer's hidden "
@@ -276,12 +280,12 @@ TASK_WORKFLOWS = {
         "the final user message and the MLLM reads the whole chat. " + MODELS_VL,
         _task("Now the same scene, but at night in the rain.",
               inputs=[_load_image(20, "photo.png", 660),
-                      (21, "X2IChatTurn", (260, 660), {"role": "user", "text": "Describe a cosy cabin like this one."},
+                      (21, "X2IChatTurn", (460, 320), {"role": "user", "text": "Describe a cosy cabin like this one."},
                        {"image": (20, 0)}, None),
-                      (22, "X2IChatTurn", (260, 960), {"role": "assistant", "text": "A small wooden cabin by a lake, smoke "
-                                                       "rising from the chimney, pine trees around it."},
+                      (22, "X2IChatTurn", (460, 700), {"role": "assistant", "text": "A small wooden cabin by a lake, "
+                                                       "smoke rising from the chimney, pine trees around it."},
                        {"chat": (21, 0)}, None)],
-              encode_conns={"chat": (22, 0)}, prefix="X2I_multi_turn"),
+              encode_conns={"chat": (22, 0)}, prefix="X2I_multi_turn", col=860),
     ),
 }
 TASK_THUMBS = {
@@ -357,6 +361,7 @@ def _without_overlaps(nodes, object_info) -> dict:
 TITLE = 30           # the frontend draws a node's title bar (and its pack badge) above its position
 VIEW = (1600, 1157)  # the canvas a 1600 x 1300 browser window shows (tests/test_frontend.py's window)
 VIEW_MARGIN = (70, 70, 40, 40)  # left (the sidebar), top (the menu bar), right, bottom
+LOW_QUALITY_ZOOM = 0.6  # below this zoom the frontend draws nodes as bare boxes (LiteGraph's low-quality mode)
 
 
 def fit_view(boxes, max_scale: float = 0.75) -> dict:
@@ -369,6 +374,9 @@ def fit_view(boxes, max_scale: float = 0.75) -> dict:
     left, top, right, bottom = VIEW_MARGIN
     scale = min(max_scale, (VIEW[0] - left - right) / (x1 - x0), (VIEW[1] - top - bottom) / (y1 - y0))
     scale = int(scale * 100) / 100
+    if scale < LOW_QUALITY_ZOOM:
+        raise ValueError(f"the graph needs zoom {scale} to fit the view, below {LOW_QUALITY_ZOOM} (where the frontend "
+                         "draws nodes without their text): lay it out more compactly")
     return {"scale": scale, "offset": [round(left / scale - x0), round(top / scale - y0)]}
 
 
