@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers.files import with_config
 from x2i_core.errors import X2IError, X2IFileError, X2IInputError, X2IShapeError, X2IUnsafeFileError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -419,23 +420,10 @@ def row_mllm_tokenizer_json_only(ctx):
     _mllm(ctx, d)
 
 
-def _with_config(path, out, **changes):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as fh:
-        meta = dict(fh.metadata())
-    cfg = json.loads(meta["config"])
-    cfg.update(changes)
-    meta["config"] = json.dumps(cfg)
-    save_file(load_file(str(path)), str(out), metadata=meta)
-    return str(out)
-
-
 def row_alignnet_config_contradicts_tensors(ctx):
     from x2i_core.alignnet import load_alignnet
 
-    load_alignnet(_with_config(ctx["tiny"]["alignnet_safetensors"], ctx["tmp"] / "claims.safetensors",
+    load_alignnet(with_config(ctx["tiny"]["alignnet_safetensors"], ctx["tmp"] / "claims.safetensors",
                                output_dim1=10**6))
 
 
@@ -443,7 +431,7 @@ def row_lightcontrol_config_contradicts_tensors(ctx):
     from x2i_core.lightcontrol import LightControl, LightControlConfig, load_lightcontrol
 
     LightControl(LightControlConfig(num_modules=2, out_dim=32)).save(str(ctx["tmp"] / "lc.safetensors"))
-    load_lightcontrol(_with_config(ctx["tmp"] / "lc.safetensors", ctx["tmp"] / "claims.safetensors", out_dim=10**7))
+    load_lightcontrol(with_config(ctx["tmp"] / "lc.safetensors", ctx["tmp"] / "claims.safetensors", out_dim=10**7))
 
 
 def row_images_over_the_token_budget(ctx):
@@ -462,18 +450,9 @@ def row_images_over_the_token_budget(ctx):
 
 
 def _clip(path, frames=6, size=(64, 48)):
-    import av
+    from tools.comfy_fetch import write_video
 
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(frames):
-            img = np.full((size[1], size[0], 3), (40 * i) % 256, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return str(path)
+    return write_video(path, (np.full((size[1], size[0], 3), (40 * i) % 256, np.uint8) for i in range(frames)))
 
 
 def row_video_claims_more_frames_than_it_holds(ctx):

@@ -40,20 +40,11 @@ def test_a_cancel_inside_the_opening_forward_leaves_no_poisoned_cache(tiny):
 
 def _alignnet_file(path, **config_changes):
     """A tiny AlignNet whose stored config claims ``config_changes`` (its tensors unchanged)."""
-    import json
-
-    from safetensors.torch import load_file, safe_open, save_file
-
+    from helpers.files import with_config
     from x2i_core.tiny import build_alignnet
 
     build_alignnet(channels=3, hidden=64, seed=1, use_t5=True, output_dim0=32, output_dim1=48).save(path)
-    with safe_open(path, "pt") as fh:
-        meta = dict(fh.metadata())
-    cfg = json.loads(meta["config"])
-    cfg.update(config_changes)
-    meta["config"] = json.dumps(cfg)
-    save_file(load_file(path), path, metadata=meta)
-    return path
+    return with_config(path, **config_changes)
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -205,21 +196,18 @@ def test_the_budget_counts_what_the_processor_makes(encoder):
 
 
 def _video_file(path, frames=40, size=(320, 240), rate=10):
-    import av
     import numpy as np
 
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        rng = np.random.default_rng(0)
-        for i in range(frames):
-            img = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
-            img[:, : 8 * (i % 20)] = 0
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return str(path)
+    from tools.comfy_fetch import write_video
+
+    rng = np.random.default_rng(0)
+
+    def frame(i):
+        img = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        img[:, : 8 * (i % 20)] = 0
+        return img
+
+    return write_video(path, (frame(i) for i in range(frames)), rate=rate)
 
 
 def test_video_frames_resized_as_they_decode_equal_the_full_size_path(tmp_path):
@@ -337,21 +325,13 @@ def test_the_cli_reads_media_before_loading_any_model_and_names_bad_options(tiny
     ({"scale": float("nan")}, "scale is nan"),
 ])
 def test_a_lightcontrol_config_that_cannot_be_built_is_refused_by_name(tiny, tmp_path, changes, needle):
-    import json
-
-    from safetensors.torch import load_file, safe_open, save_file
-
+    from helpers.files import with_config
     from x2i_core.errors import X2IFileError
     from x2i_core.lightcontrol import LightControl, LightControlConfig, load_lightcontrol
 
     path = str(tmp_path / "lc.safetensors")
     LightControl(LightControlConfig(num_modules=2, out_dim=32)).save(path)
-    with safe_open(path, "pt") as fh:
-        meta = dict(fh.metadata())
-    cfg = json.loads(meta["config"])
-    cfg.update(changes)
-    meta["config"] = json.dumps(cfg)
-    save_file(load_file(path), path, metadata=meta)
+    with_config(path, **changes)
     with pytest.raises(X2IFileError) as info:
         load_lightcontrol(path)
     assert needle in str(info.value), str(info.value)

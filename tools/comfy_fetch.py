@@ -161,6 +161,24 @@ def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
 SAMPLE_IMAGES = ("photo.png", "source.png", "subject.png", "scene.png", "document.png")
 
 
+def write_video(path: str, frames, rate: int = 4) -> str:
+    """An MPEG-4 file of ``frames`` (HWC uint8 RGB arrays of one size, any iterable) at ``rate`` fps (PyAV)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = None
+        for frame in frames:
+            if stream is None:
+                stream = container.add_stream("mpeg4", rate=rate)
+                stream.height, stream.width = frame.shape[:2]
+                stream.pix_fmt = "yuv420p"
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
 def write_sample_media(input_dir: str) -> dict[str, str]:
     """Small deterministic inputs for the workflows' Load Image / Load Video / Load Audio nodes:
     PNG images, ``clip.mp4`` (12 frames at 4 fps, 96x64) and ``sound.wav`` (1.5 s stereo 44.1 kHz PCM)."""
@@ -180,20 +198,11 @@ def write_sample_media(input_dir: str) -> dict[str, str]:
         out[name] = path
     clip = os.path.join(input_dir, "clip.mp4")
     if not os.path.exists(clip):
-        import av
-
+        yy, xx = np.mgrid[0:64, 0:96]
+        frames = (np.stack([(xx * 2 + t * 20) % 256, (yy * 3 + t * 10) % 256, np.full_like(xx, 40 + 15 * t)],
+                           -1).astype(np.uint8) for t in range(12))
         tmp = clip + ".part.mp4"
-        with av.open(tmp, mode="w") as container:
-            stream = container.add_stream("mpeg4", rate=4)
-            stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-            for t in range(12):
-                yy, xx = np.mgrid[0:64, 0:96]
-                frame = np.stack([(xx * 2 + t * 20) % 256, (yy * 3 + t * 10) % 256,
-                                  np.full_like(xx, 40 + 15 * t)], -1).astype(np.uint8)
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+        write_video(tmp, frames, rate=4)
         os.replace(tmp, clip)
     out["clip.mp4"] = clip
     sound = os.path.join(input_dir, "sound.wav")
