@@ -212,8 +212,12 @@ def open_workflows(url: str, workflows: dict[str, dict | bytes], shot_dir: str, 
             state = _graph_state(driver)
             logs = [e["message"] for e in driver.get_log("browser")]
             issues = issues_panel(driver)
-            reported = list(state["dialogs"])
-            if issues:  # what the frontend lacks files for is no fault of the graph: reported apart
+            # what the frontend lacks model files for is no fault of the graph: its "Missing Models" dialog (1.32)
+            # or Issues-panel section (1.5x) is reported apart (the shipped workflows name the release files)
+            missing_models = [d for d in state["dialogs"] if d.strip().startswith("Missing Models")]
+            reported = [d for d in state["dialogs"] if d not in missing_models]
+            if issues:
+                missing_models += issues["sections"].get("Missing Models", [])
                 reported.append(" ".join(sum((v for k, v in issues["sections"].items() if k != "Missing Models"),
                                              [])))
                 reported.extend(k for k in issues["sections"] if k != "Missing Models")
@@ -224,7 +228,7 @@ def open_workflows(url: str, workflows: dict[str, dict | bytes], shot_dir: str, 
             results[name] = {
                 "loaded": done, "state": state, "console": logs, "screenshot": shot,
                 "problems": [m for m in PROBLEM_MARKERS if m.lower() in " ".join(reported).lower()],
-                "issues": issues, "text": new_text[-2000:],
+                "issues": issues, "text": new_text[-2000:], "missing_models": " ".join(missing_models),
             }
     finally:
         driver.quit()
