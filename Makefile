@@ -107,7 +107,7 @@ test-stack: env refstack browser comfy-cli
 
 # The fast dev loop (see README, Development): the suite without the tests marked comfy (real ComfyUI host),
 # frontend (headless Chromium) or slow (pyproject.toml markers); needs neither .refstack nor chromium.
-test-fast: env
+test-fast: env comfy-cli
 	$(PY) -m pytest -q -m "not comfy and not frontend and not slow" $(PYTEST_ARGS)
 
 # Wheels the lent GPU machine lacks (it reaches no registry): pass `carry: [".gpu-wheels"]` to the device run,
