@@ -125,7 +125,7 @@ def show_on_node(lines: list[str]) -> None:
         server = PromptServer.instance
         node_id = getattr(server, "last_node_id", None)
         if node_id is not None and hasattr(server, "send_progress_text"):
-            server.send_progress_text("\n".join(lines[-4:]), node_id)
+            server.send_progress_text("\n".join(lines[-4:]), node_id, getattr(server, "client_id", None))
 
 
 @contextlib.contextmanager

@@ -333,6 +333,7 @@ def run_workflows(url: str, runs: dict[str, tuple[dict, dict]], shot_dir: str, s
         for name, (wf, widgets) in jobs:
             _fresh_page(driver, url, 90.0)
             loaded = _load_graph(driver, name, wf)
+            dismiss_first_run(driver, wait=1.0)  # 1.32's Missing Models dialog (the release files), as a user would
             missing = driver.execute_script(_SET_WIDGETS, widgets)
             seen = set(server_get("/history"))
             _click(driver, "Run")
