@@ -237,9 +237,9 @@ def media_inputs(resolution: bool = True, optional_widgets: bool = False) -> lis
 
 
 def _video_frames(video, fps: float, max_frames: int, video_resolution: int | None = None) -> np.ndarray:
-    """``video_resolution``: the encode node's widget (0 = the presets' default), whose frame size the frames are
+    """A ComfyUI VIDEO -> sampled frames ``[T, H, W, 3]`` uint8, decoding only the frames kept when it is a file.
+    ``video_resolution``: the encode node's widget (0 = the presets' default), whose frame size the frames are
     resized to as they decode; None (a chat turn, encoded later at a size not known here): decoded at full size."""
-    """A ComfyUI VIDEO -> sampled frames ``[T, H, W, 3]`` uint8, decoding only the frames kept when it is a file."""
     source = None
     with contextlib.suppress(Exception):
         source = video.get_stream_source()

@@ -94,15 +94,21 @@ def to_pil(image: Any, name: str = "image") -> Image.Image:
     return _rgb_from_pil(pil, name)
 
 
-def to_pil_list(images: Any, name: str = "image") -> list[Image.Image]:
-    """None / one image / a list / a batched tensor ``[N, H, W, C]`` -> list of RGB PIL."""
+def image_items(images: Any, name: str = "image") -> list[tuple[Any, str]]:
+    """None / one image / a list / a batched tensor ``[N, H, W, C]`` -> ``(item, label)`` per image, unconverted (a
+    batch gives a view per image); labels are ``name`` for one image, ``"<name> <i>"`` in a list or batch."""
     if images is None:
         return []
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
-        return [to_pil(images[i], f"{name} {i + 1}") for i in range(images.shape[0])]
+        return [(images[i], f"{name} {i + 1}") for i in range(images.shape[0])]
     if isinstance(images, (list, tuple)):
-        return [to_pil(im, f"{name} {i + 1}") for i, im in enumerate(images)]
-    return [to_pil(images, name)]
+        return [(im, f"{name} {i + 1}") for i, im in enumerate(images)]
+    return [(images, name)]
+
+
+def to_pil_list(images: Any, name: str = "image") -> list[Image.Image]:
+    """None / one image / a list / a batched tensor ``[N, H, W, C]`` -> list of RGB PIL."""
+    return [to_pil(im, label) for im, label in image_items(images, name)]
 
 
 def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR,
@@ -143,16 +149,21 @@ def video_frame_size(height: int, width: int, frames: int, max_pixels: int) -> t
     return smart_resize(height, width, IMAGE_FACTOR, VIDEO_MIN_PIXELS, min(max_pixels, ceiling))
 
 
+def video_tokens(frames: int, height: int, width: int, max_pixels: int, fitted: bool = False) -> int:
+    """Qwen2.5-VL's visual tokens for ``frames`` sampled frames of ``height`` x ``width`` under the per-frame
+    budget ``max_pixels`` (frames go in pairs, one token per 28 x 28 pixels of the resized frame); ``fitted``:
+    the frames already have their resized size (:class:`FittedFrames`)."""
+    h, w = (height, width) if fitted else video_frame_size(height, width, max(frames, 1), max_pixels)
+    return -(-frames // FRAME_FACTOR) * (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR)
+
+
 def declared_image_sizes(images: Any) -> list[tuple[int, int]]:
     """``(width, height)`` of each image of :func:`to_pil_list`'s input, read from shapes and file headers without
     converting or decoding anything (a malformed item counts as 1x1: :func:`to_pil` then names what is wrong)."""
-    if images is None:
-        return []
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
         return [(max(1, int(images.shape[2])), max(1, int(images.shape[1])))] * int(images.shape[0])
-    items = list(images) if isinstance(images, (list, tuple)) else [images]
     out = []
-    for im in items:
+    for im, _ in image_items(images):
         size = (1, 1)
         if isinstance(im, Image.Image):
             size = im.size
@@ -360,8 +371,7 @@ def decode_sampled_frames(path: str, claimed_frames: int, rate: float, fps: floa
     if token_budget and max_pixels:
         h, w = declared_video_size(path)
         if h > 0 and w > 0:
-            th, tw = video_frame_size(h, w, len(keep), max_pixels)
-            need = -(-len(keep) // FRAME_FACTOR) * (th // IMAGE_FACTOR) * (tw // IMAGE_FACTOR)
+            need = video_tokens(len(keep), h, w, max_pixels)
             if need > token_budget:
                 raise X2IInputError(
                     f"{name}: {len(keep)} sampled frames of {w}x{h} need {need} visual tokens, more than the budget "

@@ -144,9 +144,6 @@ TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenize
 PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
-TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
-
-
 def check_model_folder(path: str) -> None:
     """What every MLLM folder must hold, checked before transformers sees it (whose errors for a missing
     tokenizer or weights are about protobuf or sentencepiece, not the folder)."""

@@ -12,25 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from .. import registry
 from ..audio import prepare_audio
 from ..errors import X2IInputError
 from ..media import (
-    FRAME_FACTOR,
     IMAGE_FACTOR,
     MIN_PIXELS,
     as_video_list,
     declared_image_sizes,
     declared_video,
     fitted_pixels,
+    image_items,
     smart_resize,
     to_pil,
-    video_frame_size,
+    video_tokens,
 )
 from ..prompt import (
     Turn,
@@ -122,9 +122,9 @@ class ChatPrompt:
         turns: list[Turn] = []
         for t in turns_in:
             images = []
-            for j, raw in enumerate(_image_items(t.images)):
+            for raw, label in image_items(t.images, "image"):
                 self.interrupted()
-                images.append(fit_image(to_pil(raw, "image" if t.images is raw else f"image {j + 1}"), spec))
+                images.append(fit_image(to_pil(raw, label), spec))
             self.interrupted()
             videos = [v if fitted_pixels(v) else list(v) for v in as_video_list(t.videos)]
             audios = [prepare_audio(a, self.audio_rate(), f"audio {j + 1}", self.max_audio_seconds)
@@ -165,9 +165,7 @@ class ChatPrompt:
     def video_tokens(self, frames: int, height: int, width: int, spec, fitted: int | None = None) -> int:
         """Tokens of one clip of ``frames`` sampled frames (frames go in pairs, one token per 28 x 28 pixels);
         ``fitted``: the budget the frames were already resized for as they decoded."""
-        h, w = (height, width) if fitted == spec.video_max_pixels else \
-            video_frame_size(height, width, max(frames, 1), spec.video_max_pixels)
-        return -(-frames // FRAME_FACTOR) * (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR)
+        return video_tokens(frames, height, width, spec.video_max_pixels, fitted == spec.video_max_pixels)
 
     def check_media_budget(self, index: int, spec, image_sizes: list[tuple[int, int]],
                            videos: list[tuple[int, int, int, int | None]]) -> None:
@@ -292,8 +290,7 @@ class ChatPrompt:
 
 
 def token_budget_setting() -> int:
-    import os
-
+    """``X2I_TOKEN_BUDGET`` (the default when unset), checked."""
     raw = os.environ.get("X2I_TOKEN_BUDGET", "")
     if not raw.strip():
         return DEFAULT_TOKEN_BUDGET
@@ -320,17 +317,6 @@ def _processor_max_pixels(image_processor) -> int | None:
         if value is None and size is not None:
             value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
-
-
-def _image_items(images) -> list:
-    """The items of :func:`to_pil_list`'s input, unconverted (a batched tensor stays a view per image)."""
-    if images is None:
-        return []
-    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
-        return [images[i] for i in range(images.shape[0])]
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    return [images]
 
 
 def _turns_of(req: EncodeRequest) -> list[ChatTurn]:
