@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 
+LOW_QUALITY_ZOOM = 0.6  # below this zoom the frontend draws nodes as bare boxes (LiteGraph's low-quality mode)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -153,8 +154,9 @@ def layout_problems(state: dict, margin: float = 2.0) -> list[str]:
     from :func:`_graph_state`'s boxes (screen pixels)."""
     boxes, (vw, vh) = state.get("boxes", []), state.get("view", [0, 0])
     out = []
-    if state.get("scale", 1.0) < 0.6 - 1e-6:
-        out.append(f"opens at zoom {state['scale']:.2f}, below 0.6, where the frontend draws nodes without text")
+    if state.get("scale", 1.0) < LOW_QUALITY_ZOOM - 1e-6:
+        out.append(f"opens at zoom {state['scale']:.2f}, below {LOW_QUALITY_ZOOM}, where the frontend draws nodes "
+                   "without text")
     for b in boxes:
         if b["x"] < -margin or b["y"] < -margin or b["x"] + b["w"] > vw + margin or b["y"] + b["h"] > vh + margin:
             out.append(f"{b['type']} #{b['id']} outside the {vw}x{vh} view at {[round(b[k]) for k in 'xywh']}")

@@ -20,6 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from tools.comfy_workflow import ui_to_api  # noqa: E402
+from tools.frontend_check import LOW_QUALITY_ZOOM  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -60,7 +61,7 @@ MODEL_SOURCES = {
     "qwen2.5-vl-7b_proj.pt": (f"{HF}/OPPOer/X2I/resolve/main/qwen2.5-vl-7b_proj.pt", "x2i"),
     "qwen2.5-vl-3b_proj.pt": (f"{HF}/OPPOer/X2I/resolve/main/qwen2.5-vl-3b_proj.pt", "x2i"),
 }
-# The model folder each loader's file widget reads (checked against the loaders' live schemas by the tests).
+# The model folder each loader's file widget reads (tests/test_publish.py holds its own copy as the expectation).
 LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "VAELoader": "vae", "CLIPLoader": "text_encoders",
                   "X2IAlignNetLoader": "x2i", "X2ILightControlLoader": "x2i"}
 
@@ -361,7 +362,6 @@ def _without_overlaps(nodes, object_info) -> dict:
 TITLE = 30           # the frontend draws a node's title bar (and its pack badge) above its position
 VIEW = (1600, 1157)  # the canvas a 1600 x 1300 browser window shows (tests/test_frontend.py's window)
 VIEW_MARGIN = (70, 70, 40, 40)  # left (the sidebar), top (the menu bar), right, bottom
-LOW_QUALITY_ZOOM = 0.6  # below this zoom the frontend draws nodes as bare boxes (LiteGraph's low-quality mode)
 
 
 def fit_view(boxes, max_scale: float = 0.75) -> dict:

@@ -117,3 +117,11 @@ def _expect_node_error(host, api, node_class, *needles):
     for needle in needles:
         assert needle in err["exception_message"], err["exception_message"]
     assert "Traceback" not in err["exception_message"]
+
+
+def skip_without_search_aliases():
+    """Skip on hosts whose node schema has no ``search_aliases`` (ComfyUI 0.3.75)."""
+    from tools.comfy_fetch import comfy_version
+
+    if tuple(int(p) for p in comfy_version().split(".")) < (0, 4):
+        pytest.skip("ComfyUI 0.3.75's node schema has no search_aliases")
