@@ -703,9 +703,6 @@ ESCAPES = ["../../etc", "../x2i/alignnet-tiny.safetensors", "/etc/passwd", "C:\\
 
 @pytest.mark.comfy
 def test_model_names_cannot_escape_the_model_folders_through_prompt(host, tmp_path):
-    from helpers.comfy import tiny_api
-    from tools.comfy_server import PromptRejected, execution_error
-
     s, base = host["server"], host["base"]
     # a file outside the model folders that a hostile prompt would like to load, and a symlink the
     # folder's owner placed inside models/x2i pointing at a folder outside
@@ -716,6 +713,17 @@ def test_model_names_cannot_escape_the_model_folders_through_prompt(host, tmp_pa
     link = os.path.join(base, "models", "x2i", "escape")
     if not os.path.lexists(link):
         os.symlink(str(outside), link)
+    try:
+        _escape_checks(host, s)
+    finally:  # the host is shared by the whole session: leave its model folder as it was
+        os.unlink(link)
+        os.unlink(os.path.join(base, "secret.safetensors"))
+
+
+def _escape_checks(host, s):
+    from helpers.comfy import tiny_api
+    from tools.comfy_server import PromptRejected, execution_error
+
     loaders = {"X2IAlignNetLoader": "alignnet_name", "X2ILightControlLoader": "lightcontrol_name",
                "X2IMLLMLoader": "model_name"}
     checked = 0

@@ -203,7 +203,8 @@ def test_the_alignnet_and_lightcontrol_loaders_list_only_their_own_kind(host, tm
     aligns, lights = options("X2IAlignNetLoader", "alignnet_name"), options("X2ILightControlLoader", "lightcontrol_name")
     from x2i_core.io import weights_file_kind
 
-    kinds = {n: weights_file_kind(os.path.join(x2i, n)) for n in os.listdir(x2i) if os.path.isfile(os.path.join(x2i, n))}
+    # the lists hold names relative to the folder, subfolders included (as ComfyUI lists them)
+    kinds = {n: weights_file_kind(os.path.join(x2i, n)) for n in set(aligns) | set(lights)}
     assert {kinds[n] for n in aligns} <= {"alignnet", None} and {kinds[n] for n in lights} <= {"lightcontrol", None}
     assert "alignnet-looking-lightcontrol.bin" in lights and "alignnet-looking-lightcontrol.bin" not in aligns
     assert "some-lora.safetensors" in aligns and "some-lora.safetensors" in lights  # no recorded kind: both
