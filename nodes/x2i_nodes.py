@@ -68,11 +68,12 @@ class X2IMLLMLoader(io.ComfyNode):
                                          "(re-loaded on the next encode). Off = ComfyUI offloads it when memory is "
                                          "needed."),
                 io.Boolean.Input("trust_remote_code", default=False, optional=True,
-                                 tooltip=f"Needed only for {labels(families_with(remote_code=True), last=' and ')}. "
-                                         "ON runs Python files shipped inside the model folder with your rights: "
+                                 tooltip="No supported MLLM needs it: every family loads from its config, "
+                                         "tokenizer and safetensors files alone. ON makes "
+                                         f"{labels(families_with(remote_code_option=True), last=' and ')} run the "
+                                         "Python files shipped inside its model folder instead, with your rights: "
                                          "enable only for folders from a source you trust whose .py files you have "
-                                         f"read. {labels(families_with(remote_code=False), last=' and ')} never need "
-                                         "it."),
+                                         "read."),
                 io.Combo.Input("cpu_matmul", options=["auto", "torch", "onednn"], default="auto", optional=True,
                                tooltip="How the decoder multiplies when the MLLM runs on the CPU. onednn = weights "
                                        "packed once for oneDNN (about 2x faster encodes of short prompts in fp32; the "

@@ -130,9 +130,9 @@ def _add_generate(sub) -> None:
                    help="the MLLM decoder's products on a CPU: onednn packs the weights once (faster for short "
                         "prompts); auto = onednn for fp32 on a CPU, else torch's nn.Linear")
     g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow MLLM folders that ship Python code "
-                        f"({registry.labels(registry.families_with(remote_code=True))}); runs that code - only for "
-                        "trusted folders")
+                   help="run the Python code an MLLM folder ships instead of reading its files "
+                        f"({registry.labels(registry.families_with(remote_code_option=True))}; no family needs it) - "
+                        "only for trusted folders")
     g.add_argument("--preset", default="auto", choices=["auto", "training", "comfyui", "scripts"],
                    help="X2I prompt convention (auto: training for text, comfyui with media)")
     g.add_argument("--steps", type=_positive_int("steps"), default=28, help="sampling steps (FLUX-dev 28, schnell 4)")

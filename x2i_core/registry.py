@@ -55,10 +55,11 @@ class MLLMFamily:
     model_types: tuple[str, ...]     # config.json model_type values this family loads
     module: str                      # module in x2i_core.mllm
     encoder: str                     # encoder class in that module
-    remote_code: bool                # loading runs Python shipped in the model folder (trust_remote_code)
+    remote_code: bool                # loading needs Python shipped in the model folder (trust_remote_code)
     description: str                 # what it is, for messages ("Qwen2.5-VL-3B/7B-Instruct")
     modalities: frozenset[str]       # what the encoder takes: text, image, video, audio
     folder: str = ""                 # the folder format users need, where it matters ("-hf")
+    remote_code_option: bool = False  # loads from its files alone, and can run the folder's own code if asked
 
     @property
     def label(self) -> str:
@@ -79,8 +80,9 @@ MLLM_FAMILIES: tuple[MLLMFamily, ...] = (
                "Qwen25OmniEncoder", False, "Qwen2.5-Omni-3B/7B (thinker)", _VISUAL | {"audio"}),
     MLLMFamily("internvl", "InternVL", ("internvl",), "internvl", "InternVLEncoder", False,
                "InternVL2.5/3 (-hf transformers format)", _VISUAL, folder="-hf"),
-    MLLMFamily("minicpm-o", "MiniCPM-o", ("minicpmo",), "minicpmo", "MiniCPMOEncoder", True,
-               "MiniCPM-o-2.6 (remote code)", _VISUAL | {"audio"}),
+    MLLMFamily("minicpm-o", "MiniCPM-o", ("minicpmo",), "minicpmo", "MiniCPMOEncoder", False,
+               "MiniCPM-o-2.6 (read from its files; its remote code is optional)", _VISUAL | {"audio"},
+               remote_code_option=True),
 )
 
 
@@ -97,10 +99,12 @@ def family_of_model_type(model_type: str | None) -> MLLMFamily | None:
     return next((f for f in MLLM_FAMILIES if model_type in f.model_types), None)
 
 
-def families_with(modality: str | None = None, remote_code: bool | None = None) -> tuple[MLLMFamily, ...]:
-    """The families taking ``modality`` and/or with this remote-code flag (None = any), in registry order."""
+def families_with(modality: str | None = None, remote_code: bool | None = None,
+                  remote_code_option: bool | None = None) -> tuple[MLLMFamily, ...]:
+    """The families taking ``modality`` and/or with these remote-code flags (None = any), in registry order."""
     return tuple(f for f in MLLM_FAMILIES if (modality is None or modality in f.modalities)
-                 and (remote_code is None or f.remote_code == remote_code))
+                 and (remote_code is None or f.remote_code == remote_code)
+                 and (remote_code_option is None or f.remote_code_option == remote_code_option))
 
 
 def labels(families=MLLM_FAMILIES, sep: str = ", ", last: str | None = None) -> str:

@@ -58,6 +58,8 @@ def load_mllm(path: str | os.PathLike, *, dtype="auto", device="cpu", trust_remo
             f"switched on. {REMOTE_CODE_RISK} The switch is off by default."
         )
     kwargs = {"trust_remote_code": True} if fam.remote_code else {}
+    if fam.remote_code_option:  # read from its files unless the switch asks for the folder's own code
+        kwargs = {"trust_remote_code": bool(trust_remote_code)}
     return _encoder_class(fam).from_pretrained(path, dtype=dtype, device=device, quant=quant, cpu_matmul=cpu_matmul,
                                                **kwargs)
 

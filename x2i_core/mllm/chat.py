@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from .. import registry
-from ..errors import X2IFileError, X2IInputError
+from ..errors import X2IError, X2IFileError, X2IInputError
 from .attention import given_mask
 from .base import EncodeRequest, HiddenStates
 from .cache import FORWARD_CALLS, EncodeCache, digest
@@ -273,6 +273,8 @@ class ChatEncoder(ChatPrompt):
         check_model_folder(path)
         try:
             full, backbone, processor = cls.load_parts(path, torch_dtype, **kwargs)
+        except X2IError:  # already says what is wrong and where
+            raise
         except (TypeError, AttributeError, KeyError, *_CONFIG_ERRORS) as exc:  # transformers reading a malformed config
             raise X2IFileError(f"MLLM folder '{path}': config.json does not describe a usable "
                                f"{cls.display} model ({type(exc).__name__}: {exc}); download it again") from exc

@@ -1,63 +1,46 @@
-"""MiniCPM-o-2.6 as the X2I MLLM - only behind the explicit 'trust remote code' switch.
+"""MiniCPM-o-2.6 as the X2I MLLM - read from its files by default, its own remote code only when asked.
 
-MiniCPM-o is not part of transformers: its folder ships Python files
-(``modeling_minicpmo.py``, ``processing_minicpmo.py`` ...) that transformers
-imports and runs when ``trust_remote_code=True``.  That code runs with your
-rights, so :func:`x2i_core.mllm.load_mllm` refuses the folder unless the switch
-is on, and nothing in the folder is imported before that check.
+Loading (:meth:`MiniCPMOEncoder.load_parts`):
+
+* by default the folder is read, never run: ``config.json`` as JSON, the ``*.safetensors`` weights, the tokenizer
+  and ``preprocessor_config.json`` (see :mod:`.minicpmo_native`, which builds the model from transformers'
+  Qwen2 decoder plus our NaViT-SigLIP, resampler and Whisper modules).  No ``.py`` file of the folder is
+  imported, so this works on every transformers the pack supports;
+* with ``trust_remote_code=True`` the folder's own ``modeling_minicpmo.py`` & co. are imported and run
+  (processor first: a function-level import of the model code needs the processor's modules in transformers'
+  cache).  That code was written for transformers 4.48; where it does not import, the error names the module
+  and the import and points back to the default path.
 
 Two prompt recipes, chosen by the preset:
 
-* ``None`` / ``"auto"`` / ``"comfyui"`` / ``"scripts"`` / ``"minicpm"`` - the
-  reference's *inference* recipe (reported as preset ``minicpm``): one user
-  message whose content is ``(<image>./</image>)`` per image and per video
-  frame, then ``(<audio>./</audio>)`` per audio clip (16 kHz mono), then the
-  text; the tokenizer's chat template with generation prompt; the folder's
-  processor with one slice per image; the model's own
-  ``generate(max_new_tokens=1)`` and its prefill hidden states (all layers of
-  ``llm``), unpadded.  The Qwen-style prompt presets do not apply here.
-* ``"training"`` - the reference's *training* recipe (its MiniCPM-o data
-  module), text only: the caption goes into the instruction dict
-  ``{'Text input': ..., 'Instruction editing description': 'no', 'image input':
-  'no'}`` (the middle field takes the request's instruction when given), whose
-  ``str()`` is the single user message under the chat template with generation
-  prompt.  That prompt goes to the folder's processor with the trainer's exact
-  arguments (``padding="max_length"``, ``max_length=512``, one slice,
-  ``use_image_id=False``, ``chunk_input=True``, ``add_special_tokens=True``, no
-  images, no audio), and the model's ``generate`` gets the returned ids and
-  mask plus one empty image list per row, as the trainer calls it.  The
-  returned attention mask is the mask we report.
+* ``None`` / ``"auto"`` / ``"comfyui"`` / ``"scripts"`` / ``"minicpm"`` - the reference's *inference* recipe
+  (reported as preset ``minicpm``): one user message whose content is ``(<image>./</image>)`` per image and per
+  video frame, then ``(<audio>./</audio>)`` per audio clip (16 kHz mono), then the text; the tokenizer's chat
+  template with generation prompt; one slice per image, chunked audio; the prefill hidden states of all layers
+  of ``llm``, unpadded.  The Qwen-style prompt presets do not apply here.
+* ``"training"`` - the reference's *training* recipe (its MiniCPM-o data module), text only: the caption goes
+  into the instruction dict ``{'Text input': ..., 'Instruction editing description': 'no', 'image input':
+  'no'}`` (the middle field takes the request's instruction when given), whose ``str()`` is the single user
+  message under the chat template with generation prompt.  The processor gets the trainer's arguments
+  (``padding="max_length"``, ``max_length=512``, ``add_special_tokens=True``): in MiniCPM-o's processor
+  ``padding`` reaches ``tokenizer.encode()`` without a length, so the ids are padded to the tokenizer's
+  ``model_max_length`` on its padding side, and ``max_length`` only cuts them to 512 afterwards; the mask marks
+  every position real (pads included).  That is what the released AlignNet saw in training.
 
-Why we hand the padding to the folder's processor instead of padding ourselves:
-in MiniCPM-o's processor the leftover keyword arguments (``padding``,
-``add_special_tokens``) are forwarded to ``tokenizer.encode()``, while
-``max_length`` is not - it only cuts the encoded ids afterwards.  So the
-padding length and side come from the folder's tokenizer settings
-(``model_max_length``, ``padding_side``), and the mask the processor builds
-marks only its own batch padding (for one caption: every position).  With the
-released MiniCPM-o-2.6 folder that is what the released AlignNet saw in
-training (the trainer's buffers are 512 tokens long); calling the folder's
-processor with the reference's arguments reproduces it by construction, where
-padding the ids ourselves would only reproduce our guess of it.
-
-Limits of what is tested: the MiniCPM-o code is remote code shipped in the
-model folder (the reference trainer imports its own copy of it), and the folder
-- its tokenizer files and weights - cannot be fetched here, so no
-reference-stack oracle runs it.  The tests use a small stand-in folder with
-the same public interface: they prove the calls we make (prompt text,
-processor arguments, ``generate`` arguments) and the stacking of the prefill
-hidden states - not MiniCPM-o's own code.
+Fidelity: ``tests/test_minicpmo_oracle.py`` runs the reference repository's own MiniCPM-o code on transformers
+4.48 (the stack it trained on) and compares both recipes with this encoder.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..audio import prepare_audio
-from ..errors import X2IInputError, X2IShapeError
+from ..errors import X2IFileError, X2IInputError, X2IShapeError
 from ..media import as_video_list, to_pil_list
 from ..prompt import VISION_PLACEHOLDERS, _check_has_words
 from .base import EncodeRequest, HiddenStates
@@ -94,14 +77,23 @@ class MiniCPMOEncoder(ChatEncoder, family="minicpm-o"):  # facts: x2i_core.regis
 
     @classmethod
     def load_parts(cls, path: str, torch_dtype: torch.dtype, trust_remote_code: bool = False, **kwargs):
-        if not trust_remote_code:  # load_mllm checks first; this guards direct use of the class
-            raise X2IInputError("MiniCPM-o needs trust_remote_code=True (it runs Python shipped in the model folder)")
-        from transformers import AutoModel, AutoProcessor
+        if kwargs.get("quantization_config") is not None and not trust_remote_code:
+            raise X2IInputError("bitsandbytes quantisation (bnb8 / bnb4) is not available for MiniCPM-o; use "
+                                "quantization 'int8' or 'none'")
+        if not trust_remote_code:
+            from .minicpmo_native import MiniCPMOFilesProcessor, MiniCPMOFromFiles
 
-        model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, init_vision=True,
-                                          init_audio=True, init_tts=False, **kwargs)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        return model, model, processor
+            processor = MiniCPMOFilesProcessor.from_folder(path)  # the cheaper checks first
+            model = MiniCPMOFromFiles.from_folder(path, torch_dtype)
+            return model, model, processor
+        return _load_remote_code(path, torch_dtype, **kwargs)
+
+    @property
+    def from_files(self) -> bool:
+        """True when the model was read from its files (no remote code)."""
+        from .minicpmo_native import MiniCPMOFromFiles
+
+        return isinstance(self.model, MiniCPMOFromFiles)
 
     def text_config(self):
         return self.model.llm.config
@@ -167,27 +159,41 @@ class MiniCPMOEncoder(ChatEncoder, family="minicpm-o"):  # facts: x2i_core.regis
                                                             tokenize=False, add_generation_prompt=True)
 
     def _encode_training(self, req: EncodeRequest) -> HiddenStates:
-        tok = self.processor.tokenizer
         prompt = self.training_prompt(req)
-        # The folder's processor pads (see the module docstring): its output is what the AlignNet saw.
-        inputs = self.processor([prompt], images=None, audios=None, max_slice_nums=1, use_image_id=False,
-                                chunk_input=True, return_tensors="pt", padding="max_length", max_length=512,
-                                sampling_rate=16000, add_special_tokens=True)  # the reference trainer's arguments
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        FORWARD_CALLS[self.name] += 1
-        with torch.inference_mode():
-            # The reference trainer asks for max_new_tokens=2048 but keeps only hidden_states[0], the prefill
-            # pass over the prompt; the tokens generated after it never reach those states, so one is enough.
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      pixel_values=[[]] * ids.shape[0], tokenizer=tok, max_new_tokens=1,
-                                      decode_text=False)
-        hidden = torch.stack(tuple(out.hidden_states[0]), dim=1)
-        mask = mask.detach().to("cpu", torch.long)
+        if self.from_files:
+            inputs = self.processor(prompt, max_length=512, pad_to_model_max=True)
+        else:  # the reference trainer's processor arguments
+            inputs = self.processor([prompt], images=None, audios=None, max_slice_nums=1, use_image_id=False,
+                                    chunk_input=True, return_tensors="pt", padding="max_length", max_length=512,
+                                    sampling_rate=16000, add_special_tokens=True)
+            inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                      "pixel_values": [[]] * inputs["input_ids"].shape[0]}
+        mask = inputs["attention_mask"].detach().to("cpu", torch.long)
+        hidden = self._prefill(inputs)
         if hidden.shape[0] != mask.shape[0] or hidden.shape[2] != mask.shape[1]:
-            raise X2IShapeError(f"MiniCPM-o's generate returned prefill states for {hidden.shape[2]} tokens, but its "
+            raise X2IShapeError(f"MiniCPM-o returned prefill states for {hidden.shape[2]} tokens, but its "
                                 f"processor returned {mask.shape[1]} ({self.name}'s remote code behaves differently "
                                 "from the reference's)")
         return HiddenStates(hidden, mask, self.name, "training", [int(mask.sum())], self.family)
+
+    def _prefill(self, inputs: dict) -> torch.Tensor:
+        """The prefill pass over a prepared prompt -> ``[B, layers + 1, S, H]``.  The reference calls
+        ``generate`` (the trainer with max_new_tokens=2048) and keeps ``hidden_states[0]``, the prefill pass
+        over the prompt: the tokens generated after it never reach those states, so one step is enough."""
+        FORWARD_CALLS[self.name] += 1
+        if self.from_files:
+            with torch.inference_mode():
+                return self.model.prefill(inputs)
+        inputs = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, tokenizer=self.processor.tokenizer, max_new_tokens=1,
+                                      decode_text=False)
+        states = getattr(out, "hidden_states", None)
+        if not states or states[0] is None or any(s is None for s in states[0]):
+            raise X2IShapeError(f"{self.name}: the folder's remote code returned no hidden states from generate (its "
+                                "prepare_inputs_for_generation drops output_hidden_states on this transformers); "
+                                "switch trust_remote_code off to read the folder's files instead")
+        return torch.stack(tuple(states[0]), dim=1)
 
     def encode(self, requests: EncodeRequest | Sequence[EncodeRequest], preset: str | None = None,
                image_size: int | None = None, video_size: int | None = None, exact_fill: bool = True,
@@ -200,34 +206,69 @@ class MiniCPMOEncoder(ChatEncoder, family="minicpm-o"):  # facts: x2i_core.regis
         if pad_rows is not None:
             check_pad_rows(pad_rows)
         if prefill not in (None, "off", "dense"):
-            raise X2IInputError("sparse prefill runs inside transformers' attention of the supported families; "
-                                "MiniCPM-o's remote code is run as shipped - use prefill 'off'")
+            raise X2IInputError("sparse prefill is not available for MiniCPM-o (its prompts are encoded as the "
+                                "reference did, unpadded) - use prefill 'off'")
         if isinstance(requests, EncodeRequest):
             requests = [requests]
         if len(requests) != 1:
             raise X2IInputError("MiniCPM-o encodes one prompt at a time (the reference recipe is unpadded)")
         if recipe == "training":
             if pad_rows not in (None, "reference"):
-                raise X2IInputError(f"pad_rows {pad_rows!r} is not available with MiniCPM-o: its remote code computes "
-                                    "every row as shipped (the reference's rows); use pad_rows 'reference'")
+                raise X2IInputError(f"pad_rows {pad_rows!r} is not available with MiniCPM-o: the training recipe's "
+                                    "rows are the reference's (every position real); use pad_rows 'reference'")
             return self._encode_training(requests[0])
         content, images, audios = self._content(requests[0], video_size)
         tok = self.processor.tokenizer
         prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
-        inputs = self.processor(text=[prompt], images=[images] if images else None,
-                                audios=[[np.asarray(a) for a in audios]] if audios else None, max_slice_nums=1,
-                                use_image_id=False, chunk_input=True, return_tensors="pt", max_length=32768,
-                                sampling_rate=16000)
-        inputs = {k: v for k, v in dict(inputs).items() if k != "image_sizes"}
-        inputs = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        FORWARD_CALLS[self.name] += 1
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, tokenizer=tok, max_new_tokens=1, decode_text=False)
-        hidden = torch.stack(tuple(out.hidden_states[0]), dim=1)
+        clips = [np.asarray(a) for a in audios]
+        if self.from_files:
+            inputs = self.processor(prompt, images, clips, max_length=32768)
+        else:  # the reference inference script's processor arguments
+            inputs = self.processor(text=[prompt], images=[images] if images else None,
+                                    audios=[clips] if audios else None, max_slice_nums=1, use_image_id=False,
+                                    chunk_input=True, return_tensors="pt", max_length=32768, sampling_rate=16000,
+                                    add_special_tokens=True)
+            inputs = {k: v for k, v in dict(inputs).items() if k != "image_sizes"}
+        hidden = self._prefill(inputs)
         n = hidden.shape[2]
         return HiddenStates(hidden, torch.ones(1, n, dtype=torch.long), self.name, "minicpm", [n], self.family)
 
     def generate_answer(self, request, **kwargs):
-        raise X2IInputError("reasoning -> image is supported with Qwen2.5-VL, Qwen2.5-Omni and InternVL; MiniCPM-o's "
-                            "remote code has its own chat API")
+        raise X2IInputError("reasoning -> image is supported with Qwen2.5-VL, Qwen2.5-Omni and InternVL; X2I reads "
+                            "MiniCPM-o's prompt states only (its answers come from its own chat API)")
+
+
+def _load_remote_code(path: str, torch_dtype: torch.dtype, **kwargs):
+    """The folder's own code (trust_remote_code), processor first; an import that fails is named."""
+    from transformers import AutoModel, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype, init_vision=True,
+                                          init_audio=True, init_tts=False, **kwargs)
+    except (ImportError, FileNotFoundError, NameError, AttributeError) as exc:
+        raise X2IFileError(_remote_import_error(path, exc)) from exc
+    return model, model, processor
+
+
+def _remote_import_error(path: str, exc: BaseException) -> str:
+    """Which of the folder's modules failed to import, and what it imported."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "transformers_modules" in f.filename or os.path.dirname(os.path.abspath(f.filename)) ==
+              os.path.abspath(path)]
+    where = f"{os.path.basename(frames[-1].filename)} line {frames[-1].lineno} ({frames[-1].line})" if frames else \
+        "the folder's Python code"
+    what = (f"cannot import name {exc.name!r}" if isinstance(exc, ImportError) and exc.name and
+            "cannot import name" not in str(exc) else str(exc))
+    return (f"MLLM folder '{path}': its remote code does not run on transformers {_tf_version()}: {where} failed - "
+            f"{type(exc).__name__}: {what}. That code was written for transformers 4.48. Switch trust_remote_code "
+            "off: X2I then reads the folder's config, tokenizer and safetensors weights without running its code")
+
+
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
