@@ -29,7 +29,11 @@ REFSTACK   ?= .refstack
 REF_REQS   := requirements/reference-stack.txt
 REF_STAMP  := $(REFSTACK)/.x2i-ref-$(shell cat $(REF_REQS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: env refstack browser comfy-cli demo demo-cli test test-stack test-fast gpu-wheels clean-env
+MINI_STACK := .refstack-minicpmo
+MINI_REQS  := requirements/reference-minicpmo.txt
+MINI_STAMP := $(MINI_STACK)/.x2i-ref-$(shell cat $(MINI_REQS) 2>/dev/null | sha1sum | cut -c1-12)
+
+.PHONY: env refstack refstack-minicpmo browser comfy-cli demo demo-cli test test-stack test-fast gpu-wheels clean-env
 
 env: $(STAMP) $(VENV)/x2i-comfy-version
 
@@ -41,6 +45,16 @@ $(VENV)/x2i-comfy-version: | $(STAMP)
 # folder, put first on PYTHONPATH by the fidelity oracle (tests/test_reference_oracle.py) beside the
 # venv's torch; never imported by the pack.
 refstack: $(REF_STAMP)
+
+# MiniCPM-o's reference stack (transformers 4.48.0, tokenizers 0.21.0: what the reference README asks for with
+# MiniCPM), for the oracle that runs the reference repository's own MiniCPM-o code (tests/test_minicpmo_oracle.py).
+refstack-minicpmo: $(MINI_STAMP)
+
+$(MINI_STAMP): $(MINI_REQS) | $(STAMP)
+	rm -rf $(MINI_STACK) $(MINI_STACK).tmp
+	$(PY) -m pip install --quiet --no-deps --target $(MINI_STACK).tmp -r $(MINI_REQS)
+	mv $(MINI_STACK).tmp $(MINI_STACK)
+	touch $@
 
 $(REF_STAMP): $(REF_REQS) | $(STAMP)
 	rm -rf $(REFSTACK) $(REFSTACK).tmp
@@ -101,7 +115,7 @@ test:
 	[ $$rc -eq 0 ] || exit $$rc; \
 	$(MAKE) --no-print-directory test-stack STACK=current PYTEST_ARGS='-m "$(CURRENT_SUBSET)" -k "not loads_from_its_png" $(PYTEST_ARGS)'
 
-test-stack: env refstack browser comfy-cli
+test-stack: env refstack refstack-minicpmo browser comfy-cli
 	@echo "== stack $(STACK): $$($(PY) -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)'), ComfyUI $(COMFY_VERSION)"
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -122,4 +136,4 @@ gpu-wheels: env
 	du -sh .gpu-wheels
 
 clean-env:
-	rm -rf .venv .venv-2025 $(REFSTACK)
+	rm -rf .venv .venv-2025 $(REFSTACK) $(MINI_STACK)

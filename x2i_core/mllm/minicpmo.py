@@ -254,18 +254,40 @@ def _load_remote_code(path: str, torch_dtype: torch.dtype, **kwargs):
 
 def _remote_import_error(path: str, exc: BaseException) -> str:
     """Which of the folder's modules failed to import, and what it imported."""
+    import re
     import traceback
 
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if "transformers_modules" in f.filename or os.path.dirname(os.path.abspath(f.filename)) ==
               os.path.abspath(path)]
-    where = f"{os.path.basename(frames[-1].filename)} line {frames[-1].lineno} ({frames[-1].line})" if frames else \
-        "the folder's Python code"
-    what = (f"cannot import name {exc.name!r}" if isinstance(exc, ImportError) and exc.name and
-            "cannot import name" not in str(exc) else str(exc))
-    return (f"MLLM folder '{path}': its remote code does not run on transformers {_tf_version()}: {where} failed - "
-            f"{type(exc).__name__}: {what}. That code was written for transformers 4.48. Switch trust_remote_code "
-            "off: X2I then reads the folder's config, tokenizer and safetensors weights without running its code")
+    where = f"{os.path.basename(frames[-1].filename)} line {frames[-1].lineno} ({frames[-1].line})" if frames else ""
+    text = str(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        what = f"no module named {exc.name!r}"
+    elif isinstance(exc, ImportError) and exc.name and "cannot import name" not in text:
+        what = f"cannot import name {exc.name!r}"
+    else:
+        what = text
+    missing = re.search(r"not found in your environment: ([\w\-, .]+?)\. Run", text)
+    if not where and missing:  # transformers' own check of the files' imports, before it runs them
+        where = _importing_file(path, [m.strip() for m in missing.group(1).split(",")])
+    return (f"MLLM folder '{path}': its remote code does not run on transformers {_tf_version()}: "
+            f"{where or 'the folder' + chr(39) + 's Python code'} failed - {type(exc).__name__}: {what}. That code "
+            "was written for transformers 4.48. Switch trust_remote_code off: X2I then reads the folder's config, "
+            "tokenizer and safetensors weights without running its code")
+
+
+def _importing_file(path: str, packages: list[str]) -> str:
+    """``"modeling_minicpmo.py line 20 (import soundfile as sf)"``: the folder's first import of ``packages``."""
+    import re
+
+    pattern = re.compile(r"^\s*(?:import|from)\s+(" + "|".join(re.escape(p) for p in packages) + r")\b")
+    for name in sorted(n for n in os.listdir(path) if n.endswith(".py")):
+        with open(os.path.join(path, name), encoding="utf-8", errors="replace") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if pattern.match(line):
+                    return f"{name} line {lineno} ({line.strip()})"
+    return ""
 
 
 def _tf_version() -> str:
