@@ -34,12 +34,15 @@ TASKS = {
     "x2i_video2image.json": {"text", "video"},
     "x2i_audio2image.json": {"audio"},
     "x2i_x2image.json": {"text", "image", "video", "audio"},
-    "x2i_reasoning2image.json": {"text"},
-    "x2i_multi_turn.json": {"text", "image"},
+    "x2i_reasoning2image.json": {"text", "reasoning"},
+    "x2i_multi_turn.json": {"text", "image", "chat"},
 }
-FAMILIES = {"qwen25vl": ("mllm", {"text", "image", "video"}),
-            "omni": ("mllm_omni", {"text", "image", "video", "audio"}),
-            "internvl": ("mllm_internvl", {"text", "image", "video"})}
+# family -> (its tiny model, what it takes); MiniCPM-o follows the reference's single-message recipe (no chats)
+# and X2I reads only its prompt states (no reasoning)
+FAMILIES = {"qwen25vl": ("mllm", {"text", "image", "video", "reasoning", "chat"}),
+            "omni": ("mllm_omni", {"text", "image", "video", "audio", "reasoning", "chat"}),
+            "internvl": ("mllm_internvl", {"text", "image", "video", "reasoning", "chat"}),
+            "minicpmo": ("mllm_minicpmo", {"text", "image", "video", "audio"})}
 
 
 def _cases(names):
@@ -119,7 +122,7 @@ def executed(host, tmp_path_factory):
 
 
 def test_every_family_has_a_tiny_model_in_the_host(host):
-    assert {"mllm", "mllm_omni", "mllm_internvl"} <= set(host["names"]), sorted(host["names"])
+    assert {"mllm", "mllm_omni", "mllm_internvl", "mllm_minicpmo"} <= set(host["names"]), sorted(host["names"])
 
 
 def test_every_task_runs_through_the_executor_on_every_capable_family(executed, host):

@@ -150,10 +150,13 @@ def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
     _link(tiny["comfy_lightcontrol"], os.path.join(base, "models", "x2i", names["lightcontrol"]))
     _link(tiny["comfy_flux"], os.path.join(base, "models", "diffusion_models", names["unet"]))
     _link(tiny["comfy_vae"], os.path.join(base, "models", "vae", names["vae"]))
-    for key in ("mllm_omni", "mllm_internvl"):  # the other MLLM families, when built
+    for key in ("mllm_omni", "mllm_internvl", "mllm_minicpmo"):  # the other MLLM families, when built
         if key in tiny:
             names[key] = os.path.basename(tiny[key])
             _link(tiny[key], os.path.join(base, "models", "mllm", names[key]))
+    if "alignnet_minicpmo" in tiny:
+        names["alignnet_minicpmo"] = os.path.basename(tiny["alignnet_minicpmo"])
+        _link(tiny["alignnet_minicpmo"], os.path.join(base, "models", "x2i", names["alignnet_minicpmo"]))
     write_sample_media(os.path.join(base, "input"))
     return names
 

@@ -24,9 +24,18 @@ def comfy_host_dir() -> str:
 
 def tiny_mllm_name(names, model_name, family=None):
     """The tiny model standing in for a workflow's MLLM (same family unless ``family`` says otherwise)."""
-    if family is None:
-        family = "omni" if "Omni" in model_name else "internvl" if "InternVL" in model_name else "qwen25vl"
-    return {"qwen25vl": names["mllm"], "omni": names.get("mllm_omni"), "internvl": names.get("mllm_internvl")}[family]
+    return names.get(TINY_MLLM_KEYS[tiny_family(model_name, family)])
+
+
+TINY_MLLM_KEYS = {"qwen25vl": "mllm", "omni": "mllm_omni", "internvl": "mllm_internvl", "minicpmo": "mllm_minicpmo"}
+
+
+def tiny_family(model_name, family=None):
+    """The tiny family standing in for a workflow's MLLM folder name (or ``family`` when given)."""
+    if family is not None:
+        return family
+    return ("omni" if "Omni" in model_name else "internvl" if "InternVL" in model_name else
+            "minicpmo" if "MiniCPM" in model_name else "qwen25vl")
 
 
 def qwen25_tokenizer_dir() -> str:
@@ -79,6 +88,10 @@ def tiny_api(host, workflow_name, family=None, **overrides):
         ct = node["class_type"]
         if ct == "X2IMLLMLoader":  # the tiny model of the workflow's MLLM family (or the one asked for)
             ins["model_name"] = tiny_mllm_name(n, wanted[nid], family)
+            if tiny_family(wanted[nid], family) == "minicpmo":  # its tiny LLM is 128 wide: its own AlignNet
+                for other in api.values():
+                    if other["class_type"] == "X2IAlignNetLoader":
+                        other["inputs"]["alignnet_name"] = n["alignnet_minicpmo"]
         elif ct == "LoadVideo":
             ins["file"] = "clip.mp4"
         elif ct == "LoadAudio":

@@ -210,3 +210,93 @@ def build_internvl(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return out_dir
+
+
+MINICPMO_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "<image>", "</image>", "<slice>", "</slice>",
+    "<image_id>", "</image_id>", "<|audio_start|>", "<|audio|>", "<|audio_end|>", "<|spk_bos|>", "<|spk|>",
+    "<|spk_eos|>", "<|tts_bos|>", "<|tts_eos|>",
+]
+# MiniCPM-o-2.6's chat template: ChatML with a default system message.
+MINICPMO_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The remote-code entry points a released MiniCPM-o folder names (its .py files are not part of the tiny folder:
+# X2I never runs them).
+MINICPMO_AUTO_MAP = {"AutoConfig": "configuration_minicpm.MiniCPMOConfig", "AutoModel": "modeling_minicpmo.MiniCPMO",
+                     "AutoModelForCausalLM": "modeling_minicpmo.MiniCPMO"}
+
+
+def minicpmo_preprocessor_config(scale: int = 56, queries: int = 8) -> dict:
+    """A MiniCPM-o ``preprocessor_config.json``: the image processor's slicing and normalisation settings and the
+    Whisper feature extractor's, in one file as released."""
+    return {"image_processor_type": "MiniCPMVImageProcessor", "feature_extractor_type": "WhisperFeatureExtractor",
+            "processor_class": "MiniCPMOProcessor",
+            "auto_map": {"AutoProcessor": "processing_minicpmo.MiniCPMOProcessor",
+                         "AutoImageProcessor": "image_processing_minicpmv.MiniCPMVImageProcessor"},
+            "max_slice_nums": 9, "scale_resolution": scale, "patch_size": 14, "use_image_id": True,
+            "image_feature_size": queries, "im_start": "<image>", "im_end": "</image>", "slice_start": "<slice>",
+            "slice_end": "</slice>", "unk": "<unk>", "im_id_start": "<image_id>", "im_id_end": "</image_id>",
+            "slice_mode": True, "norm_mean": [0.5, 0.5, 0.5], "norm_std": [0.5, 0.5, 0.5], "version": 2.6,
+            "feature_size": 80, "sampling_rate": 16000, "hop_length": 160, "chunk_length": 30, "n_fft": 400,
+            "padding_value": 0.0, "padding_side": "right", "return_attention_mask": False}
+
+
+def build_minicpmo(out_dir: str, seed: int = 0, num_layers: int = 2, hidden: int = 128) -> str:
+    """A MiniCPM-o-2.6 folder as released, minus the TTS model and the remote code: ``config.json`` (Qwen2 keys at
+    the top, ``vision_config``, ``audio_config``, MiniCPM-o's keys, ``auto_map``), ``model.safetensors`` with
+    MiniCPM-o's key names, a Qwen2-style tokenizer with MiniCPM-o's tokens (``tokenizer_class``
+    ``MiniCPMOTokenizerFast``) and ``preprocessor_config.json``.  ``hidden`` must be a multiple of 128 (the
+    resampler has hidden / 128 heads)."""
+    from safetensors.torch import save_file
+
+    from ..mllm.minicpmo_native import MiniCPMOFromFiles
+
+    with _staging(out_dir) as tmp:
+        tok = build_tokenizer(tmp, special_tokens=MINICPMO_SPECIAL_TOKENS, chat_template=MINICPMO_CHAT_TEMPLATE)
+        tok.model_max_length = 8192
+        tok.padding_side = "right"
+        tok.save_pretrained(tmp)
+        path = os.path.join(tmp, "tokenizer_config.json")
+        with open(path, encoding="utf-8") as fh:
+            tcfg = json.load(fh)
+        tcfg["tokenizer_class"] = "MiniCPMOTokenizerFast"
+        tcfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_minicpmo_fast.MiniCPMOTokenizerFast"]}
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(tcfg, fh, indent=2, ensure_ascii=False)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(minicpmo_preprocessor_config(), fh, indent=2)
+        ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+        cfg = {"architectures": ["MiniCPMO"], "auto_map": MINICPMO_AUTO_MAP, "model_type": "minicpmo",
+               "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": hidden * 2,
+               "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+               "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 32768,
+               "max_window_layers": num_layers, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+               "torch_dtype": "float32", "query_num": 8, "image_size": 448, "drop_vision_last_layer": True,
+               "batch_vision_input": True, "use_image_id": True, "vision_batch_size": 16, "audio_pool_step": 2,
+               "audio_chunk_length": 1.0, "chunk_input": True, "stream_input": False, "init_vision": True,
+               "init_audio": True, "init_tts": True,
+               "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv", "scale_resolution": 56},
+               "vision_config": {"hidden_size": 32, "image_size": 140, "intermediate_size": 64, "model_type": "siglip",
+                                 "num_attention_heads": 2, "num_hidden_layers": 3, "patch_size": 14},
+               "audio_config": {"model_type": "whisper", "d_model": 32, "encoder_layers": 2,
+                                "encoder_attention_heads": 2, "encoder_ffn_dim": 128, "num_mel_bins": 80,
+                                "max_source_positions": 1500, "activation_function": "gelu"}}
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(cfg, fh, indent=2)
+        torch.manual_seed(seed)
+        model = MiniCPMOFromFiles(cfg, tmp)
+        g = torch.Generator().manual_seed(seed)
+        state = {}
+        for name, p in model.state_dict().items():
+            noise = torch.randn(p.shape, generator=g) * 0.05
+            norm = p.dim() == 1 and any(k in name for k in ("norm", "ln_"))
+            state[name] = (1.0 + noise if norm else noise).contiguous()
+        # as released: the LM head too (X2I never reads it)
+        state["llm.lm_head.weight"] = torch.randn(len(tok), hidden, generator=g) * 0.05
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir

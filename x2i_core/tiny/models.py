@@ -48,7 +48,7 @@ from .parts import (  # noqa: F401  (re-exported: the tokenizer and helpers are 
 
 log = logging.getLogger("x2i")
 
-TINY_VERSION = 9
+TINY_VERSION = 10
 
 def build_teacher_text_encoders(seed: int = 0, joint_dim: int = 4096, pooled_dim: int = 768):
     """Tiny CLIP-L and T5-XXL stand-ins (2 layers) with their tokenizers: FLUX's teacher encoders."""
@@ -309,13 +309,20 @@ def make_tiny_models(root: str, seed: int = 0, comfy: bool = True, force: bool =
     }
     log.info("building tiny models in %s", root)
     build_qwen25vl(os.path.join(root, paths["mllm"]), seed=seed)
-    from .families import build_internvl, build_qwen25omni
+    from .families import build_internvl, build_minicpmo, build_qwen25omni
 
     paths["mllm_omni"] = "mllm/Qwen2.5-Omni-tiny"
     build_qwen25omni(os.path.join(root, paths["mllm_omni"]), seed=seed + 10)
     paths["mllm_internvl"] = "mllm/InternVL-tiny"
     build_internvl(os.path.join(root, paths["mllm_internvl"]), seed=seed + 11)
+    paths["mllm_minicpmo"] = "mllm/MiniCPM-o-tiny"
+    build_minicpmo(os.path.join(root, paths["mllm_minicpmo"]), seed=seed + 12)
     os.makedirs(os.path.join(root, "x2i"), exist_ok=True)
+    # MiniCPM-o's tiny LLM is 128 wide (its resampler has width / 128 heads): an AlignNet of its own, in the
+    # published layout (a bare torch state dict, as the released AlignNets)
+    paths["alignnet_minicpmo"] = "x2i/alignnet-minicpmo-tiny.pt"
+    save_published_alignnet(build_alignnet(channels=3, hidden=128, seed=seed + 13),
+                            os.path.join(root, paths["alignnet_minicpmo"]))
     net = build_alignnet(channels=3, hidden=64, seed=seed + 1)
     save_published_alignnet(net, os.path.join(root, paths["alignnet"]))
     net.save(os.path.join(root, paths["alignnet_safetensors"]))
