@@ -132,8 +132,11 @@ class X2IMLLMEncode(io.ComfyNode):
                 video_fps=1.0, max_frames=768, frames_fps=24.0, sparse_prefill="off", image=None, video=None,
                 frames=None, audio=None, chat=None, pad_rows="reference") -> io.NodeOutput:
         node = cls.DISPLAY
+        # frames are resized as they decode only for encoders whose video size that widget sets (the Qwen-style
+        # recipes); MiniCPM-o resizes each frame as an image, from the full frame, as the reference did
+        fit = getattr(mllm.encoder, "video_decode_fit", True)
         media = node_media(node, text, image, video, frames, audio, video_fps=video_fps, max_frames=max_frames,
-                           frames_fps=frames_fps, video_resolution=video_resolution)
+                           frames_fps=frames_fps, video_resolution=video_resolution if fit else None)
         history = tuple(chat or ())
         if chat is not None and not history:
             raise NodeError(f"{node}: the connected chat has no turns; add an X2I Chat Turn with text or media")

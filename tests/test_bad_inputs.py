@@ -192,6 +192,42 @@ def row_mllm_remote_code_switch_off(ctx):
     _mllm(ctx, d)
 
 
+def _minicpmo_copy(ctx):
+    dst = os.path.join(ctx["tmp"], "minicpmo-copy")
+    shutil.copytree(ctx["tiny"]["mllm_minicpmo"], dst)
+    return dst
+
+
+def row_minicpmo_pickle_weights(ctx):
+    import torch
+    from safetensors.torch import load_file
+
+    d = _minicpmo_copy(ctx)
+    torch.save(load_file(os.path.join(d, "model.safetensors")), os.path.join(d, "pytorch_model.bin"))
+    os.remove(os.path.join(d, "model.safetensors"))
+    _mllm(ctx, d)
+
+
+def row_minicpmo_missing_tensors(ctx):
+    from safetensors.torch import load_file, save_file
+
+    d = _minicpmo_copy(ctx)
+    state = load_file(os.path.join(d, "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("resampler.")}, os.path.join(d, "model.safetensors"))
+    _mllm(ctx, d)
+
+
+def row_minicpmo_bad_vision_config(ctx):
+    d = _minicpmo_copy(ctx)
+    path = os.path.join(d, "config.json")
+    with open(path) as fh:
+        cfg = json.load(fh)
+    cfg["vision_config"]["patch_size"] = 0
+    with open(path, "w") as fh:
+        json.dump(cfg, fh)
+    _mllm(ctx, d)
+
+
 def row_mllm_published_pickle_file(ctx):
     _evil_torch_file(ctx["tmp"] / "qwen2.5-vl-7b-instruct.pt", ctx["marker"], "processor")
     _mllm(ctx, ctx["tmp"] / "qwen2.5-vl-7b-instruct.pt")
@@ -535,7 +571,11 @@ ROWS = {
     "mllm-weights-truncated": (row_mllm_weights_truncated, X2IFileError, r"truncated or corrupt \.safetensors"),
     "mllm-weights-code-pickle": (row_mllm_weights_code_pickle, X2IFileError, r"weights-only.*refused"),
     "mllm-wrong-family": (row_mllm_wrong_family, X2IFileError, r"model_type 'llama'; supported: qwen2_5_vl"),
-    "mllm-remote-code-switch-off": (row_mllm_remote_code_switch_off, X2IFileError, r"trust remote code.*off by default"),
+    "mllm-remote-code-switch-off": (row_mllm_remote_code_switch_off, X2IFileError, r"no tokenizer files"),
+    "minicpmo-pickle-weights": (row_minicpmo_pickle_weights, X2IFileError, r"only torch pickles.*does not unpickle"),
+    "minicpmo-missing-tensors": (row_minicpmo_missing_tensors, X2IFileError, r"lack \d+ tensor.*resampler"),
+    "minicpmo-bad-vision-config": (row_minicpmo_bad_vision_config, X2IFileError,
+                                   r"vision_config\.patch_size must be positive"),
     "mllm-published-pickle-file": (row_mllm_published_pickle_file, X2IFileError, r"is a file.*pickle.*never opened"),
     "alignnet-for-another-mllm": (row_alignnet_for_another_mllm, X2IShapeError, r"C=29.*Qwen2.5-VL-tiny.*C=3"),
     "alignnet-for-another-flux": (row_alignnet_for_another_flux, X2IShapeError, r"width 4096.*expects 64"),

@@ -197,10 +197,11 @@ def test_task_bad_inputs_are_clear_node_errors(host):
     turn = next(k for k, v in api.items() if v["class_type"] == "X2IChatTurn" and v["inputs"]["role"] == "assistant")
     api[turn]["inputs"]["image"] = ["20", 0]
     _expect_node_error(host, api, "X2IChatTurn", "assistant turn cannot carry media")
-    # a remote-code model (MiniCPM-o) with the switch off: refused, nothing from the folder runs
+    # a MiniCPM-o folder with .py files but no tokenizer or weights, switch off: read from its files (so none of its
+    # Python runs) and refused naming what is missing
     marker = os.path.join(host["base"], "remote-code-ran")
     api = tiny_api(host, "x2i_sampler.json", X2IMLLMLoader={"model_name": "minicpmo-remote"})
-    _expect_node_error(host, api, "X2IMLLMLoader", "trust remote code", "off by default")
+    _expect_node_error(host, api, "X2IMLLMLoader", "no tokenizer files")
     assert not os.path.exists(marker)
     # the host keeps working
     entry = host["server"].run(tiny_api(host, "x2i_sampler.json"))

@@ -20,8 +20,8 @@ DOCS = os.path.join(ROOT, "web", "docs")
 
 FITS = ("MLLMs: Qwen2.5-VL-3B/7B-Instruct (released AlignNets `qwen2.5-vl-3b_proj.pt` / `qwen2.5-vl-7b_proj.pt` from "
         "Hugging Face `OPPOer/X2I`), Qwen2.5-Omni-3B/7B (audio), InternVL2.5/3 in the transformers `-hf` format "
-        "(`python -m x2i_core convert-internvl` for the original folders), MiniCPM-o-2.6 (remote code, off by "
-        "default). An AlignNet fits exactly one MLLM size (its C layers+1 and width H).")
+        "(`python -m x2i_core convert-internvl` for the original folders), MiniCPM-o-2.6 (audio; read from its "
+        "files, no remote code). An AlignNet fits exactly one MLLM size (its C layers+1 and width H).")
 MLLM_FOLDERS = ("MLLM folders are whole Hugging Face model folders (config.json, *.safetensors, tokenizer and "
                 "processor files) in `models/mllm/<name>/`, e.g. `huggingface-cli download "
                 "Qwen/Qwen2.5-VL-7B-Instruct --local-dir models/mllm/Qwen2.5-VL-7B-Instruct`.")
@@ -32,7 +32,7 @@ NOTES = {
                       "X2I MLLM Loader -> X2I MLLM Encode -> X2I AlignNet Project -> X2I Sampler."),
     "X2IMLLMEncode": ("Encodes any prompt - text in any language, images, a video, audio, a chat - with the MLLM "
                       "into the hidden states an AlignNet turns into FLUX conditioning.", FITS,
-                      "Connect an image and type an instruction to edit; connect audio with Qwen2.5-Omni."),
+                      "Connect an image and type an instruction to edit; connect audio with Qwen2.5-Omni or MiniCPM-o."),
     "X2IAlignNetLoader": ("Loads an AlignNet from `models/x2i`; only AlignNet files are listed (each file's own "
                           "header says what it is).", FITS,
                           "Put `qwen2.5-vl-7b_proj.pt` from `OPPOer/X2I` in `models/x2i` for Qwen2.5-VL-7B."),

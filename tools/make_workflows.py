@@ -186,8 +186,10 @@ MODELS_VL = ("Models: a Qwen2.5-VL-7B-Instruct folder in models/mllm (huggingfac
 MODELS_OMNI = ("Models: a Qwen2.5-Omni folder in models/mllm (huggingface-cli download Qwen/Qwen2.5-Omni-7B "
                "--local-dir models/mllm/Qwen2.5-Omni-7B; only its thinker is loaded) with an AlignNet distilled "
                "for it in models/x2i (python -m x2i_core distill --mllm models/mllm/Qwen2.5-Omni-7B ...; no official "
-               "one is published), FLUX in models/diffusion_models, its VAE in models/vae. The published MiniCPM-o "
-               "AlignNet works with a MiniCPM-o folder instead (loader switch 'trust_remote_code', read its risk).")
+               "one is published), FLUX in models/diffusion_models, its VAE in models/vae. Or MiniCPM-o-2.6, the "
+               "reference's audio model: pick its folder (huggingface-cli download openbmb/MiniCPM-o-2_6 --local-dir "
+               "models/mllm/MiniCPM-o-2_6; read from its files, trust_remote_code stays off) and the released "
+               "MiniCPM-o AlignNet from huggingface.co/OPPOer/X2I.")
 
 
 def _task(text, mllm=VL7B, alignnet=ALIGN_VL7B, inputs=(), encode_conns=None, instruction="", preset="auto",
@@ -252,7 +254,8 @@ TASK_WORKFLOWS = {
               encode_conns={"video": (20, 0)}, prefix="X2I_video2image"),
     ),
     "x2i_audio2image.json": (
-        "Audio to image: the stock Load Audio feeds an audio-capable MLLM (Qwen2.5-Omni); any rate or channel count "
+        "Audio to image: the stock Load Audio feeds an audio-capable MLLM (Qwen2.5-Omni or MiniCPM-o); any rate or "
+        "channel count "
         "is resampled to 16 kHz mono without torchaudio. " + MODELS_OMNI,
         _task("", mllm=OMNI7B, alignnet=ALIGN_OMNI7B, inputs=[(20, "LoadAudio", (40, 660), ["sound.wav", None, None],
                                                                 {}, None)],
@@ -302,7 +305,7 @@ TASK_THUMBS = {
                                                    "AlignNet -> X2I Sampler", "edited image"]),
     "x2i_video2image.json": ("X2I: video to image", ["Load Video", "frames at 1 fps", "MLLM encode",
                                                      "AlignNet -> X2I Sampler", "image"]),
-    "x2i_audio2image.json": ("X2I: audio to image", ["Load Audio", "16 kHz mono", "Qwen2.5-Omni encode",
+    "x2i_audio2image.json": ("X2I: audio to image", ["Load Audio", "16 kHz mono", "Omni / MiniCPM-o encode",
                                                      "AlignNet -> X2I Sampler", "image"]),
     "x2i_x2image.json": ("X2I: anything to image", ["image + video + audio + text", "Qwen2.5-Omni encode",
                                                     "AlignNet project", "X2I Sampler", "image"]),

@@ -195,6 +195,7 @@ class ChatEncoder(ChatPrompt):
     display = "MLLM"
     model_types: tuple[str, ...] = ()
     trust_remote_code = False
+    video_decode_fit = True  # a video file's frames may be resized as they decode to this encoder's video size
 
     def __init_subclass__(cls, family: str | None = None, **kwargs):
         """``class X(ChatEncoder, family="internvl")``: the family's facts (id, display name, config.json model

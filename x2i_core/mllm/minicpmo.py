@@ -73,6 +73,7 @@ def recipe_of(preset: str | None) -> str:
 
 class MiniCPMOEncoder(ChatEncoder, family="minicpm-o"):  # facts: x2i_core.registry
     placeholders = ("<image>", "</image>", "<audio>", "</audio>")
+    video_decode_fit = False  # each frame is resized as an image, from the full frame (the reference's way)
     max_audio_seconds = 300.0
 
     @classmethod
