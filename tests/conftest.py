@@ -73,7 +73,7 @@ def host(tmp_path_factory):
     os.makedirs(other)
     with open(os.path.join(other, "config.json"), "w") as fh:
         json.dump({"model_type": "llama", "hidden_size": 64}, fh)
-    # A MiniCPM-o-style remote-code folder whose Python would leave a marker file if anything imported it.
+    # A MiniCPM-o folder with remote-code files (that would leave a marker if imported) but no tokenizer or weights.
     remote = os.path.join(base, "models", "mllm", "minicpmo-remote")
     os.makedirs(remote)
     with open(os.path.join(remote, "config.json"), "w") as fh:

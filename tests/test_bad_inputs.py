@@ -222,7 +222,7 @@ def row_minicpmo_bad_vision_config(ctx):
     path = os.path.join(d, "config.json")
     with open(path) as fh:
         cfg = json.load(fh)
-    cfg["vision_config"]["patch_size"] = 0
+    cfg["audio_pool_step"] = 2.5
     with open(path, "w") as fh:
         json.dump(cfg, fh)
     _mllm(ctx, d)
@@ -575,7 +575,7 @@ ROWS = {
     "minicpmo-pickle-weights": (row_minicpmo_pickle_weights, X2IFileError, r"only torch pickles.*does not unpickle"),
     "minicpmo-missing-tensors": (row_minicpmo_missing_tensors, X2IFileError, r"lack \d+ tensor.*resampler"),
     "minicpmo-bad-vision-config": (row_minicpmo_bad_vision_config, X2IFileError,
-                                   r"vision_config\.patch_size must be positive"),
+                                   r"audio_pool_step must be a whole number, found 2\.5"),
     "mllm-published-pickle-file": (row_mllm_published_pickle_file, X2IFileError, r"is a file.*pickle.*never opened"),
     "alignnet-for-another-mllm": (row_alignnet_for_another_mllm, X2IShapeError, r"C=29.*Qwen2.5-VL-tiny.*C=3"),
     "alignnet-for-another-flux": (row_alignnet_for_another_flux, X2IShapeError, r"width 4096.*expects 64"),

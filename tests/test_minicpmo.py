@@ -310,3 +310,19 @@ def test_default_presets_keep_the_inference_recipe(loaded):
         assert "padding" not in kwargs and kwargs["max_length"] == 32768
         first = hs.hidden if first is None else first
         assert torch.equal(hs.hidden, first)
+
+
+def test_remote_code_without_hidden_states_is_an_x2i_error(standin, monkeypatch):
+    """Remote code whose generate returns no hidden states (as MiniCPM-o's own code does on transformers 4.57,
+    its prepare_inputs_for_generation dropping output_hidden_states) is named, not a bare TypeError."""
+    import types
+
+    from x2i_core.errors import X2IShapeError
+
+    folder, _ = standin
+    enc = load_mllm(folder, dtype="fp32", trust_remote_code=True)
+    assert not enc.from_files
+    monkeypatch.setattr(enc.model, "generate", lambda **kw: types.SimpleNamespace(hidden_states=(None,)))
+    for preset in ("auto", "training"):
+        with pytest.raises(X2IShapeError, match="returned no hidden states.*switch trust_remote_code off"):
+            enc.encode(EncodeRequest(text="a red fox"), preset=preset)

@@ -28,7 +28,6 @@ Shims on this stack - each changes an import, no arithmetic:
 
 import json
 import os
-import shutil
 import sys
 import types
 

@@ -412,8 +412,8 @@ class MiniCPMOFromFiles(nn.Module):
         cfg = read_model_config(path)
         with torch.device("meta"):
             model = cls(cfg, path)
-        state = read_safetensors_folder(path)
         expected = dict(model.state_dict())
+        state = read_safetensors_folder(path, wanted=set(expected))
         missing = [k for k in expected if k not in state]
         if missing:
             raise X2IFileError(f"MiniCPM-o folder '{path}': the weights lack {len(missing)} tensor(s) its config.json "
@@ -512,11 +512,14 @@ class MiniCPMOFromFiles(nn.Module):
         return torch.stack(tuple(out.hidden_states), dim=1)
 
 
-def read_safetensors_folder(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's ``*.safetensors`` files (the index's shards when there is an index); a folder
-    with only torch pickles is refused, never unpickled."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_NOT_READ = torch.empty(0)  # a tensor present in the folder that X2I does not read
+
+
+def read_safetensors_folder(path: str, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the folder's ``*.safetensors`` files (the index's shards when there is an index): those
+    named in ``wanted`` (the others - the TTS model, the LM head - are listed by name but never read), or all; a
+    folder with only torch pickles is refused, never unpickled."""
+    from safetensors import SafetensorError, safe_open
 
     names = sorted(os.listdir(path))
     index = os.path.join(path, "model.safetensors.index.json")
@@ -541,7 +544,9 @@ def read_safetensors_folder(path: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         try:
-            state.update(load_file(os.path.join(path, shard)))
+            with safe_open(os.path.join(path, shard), framework="pt") as fh:
+                for key in fh.keys():
+                    state[key] = fh.get_tensor(key) if wanted is None or key in wanted else _NOT_READ
         except (SafetensorError, OSError) as exc:
             raise X2IFileError(f"MiniCPM-o folder '{path}': {shard} is truncated or corrupt ({exc}); download it "
                                "again") from exc
