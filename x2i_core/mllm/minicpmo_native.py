@@ -413,12 +413,12 @@ class MiniCPMOFromFiles(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, path)
         expected = dict(model.state_dict())
-        state = read_safetensors_folder(path, wanted=set(expected))
+        state, keys = read_safetensors_folder(path, wanted=set(expected))
         missing = [k for k in expected if k not in state]
         if missing:
             raise X2IFileError(f"MiniCPM-o folder '{path}': the weights lack {len(missing)} tensor(s) its config.json "
                                f"describes, e.g. {missing[:3]} - download the model's *.safetensors files completely")
-        unknown = [k for k in state if k not in expected and not k.startswith(UNUSED_PREFIXES)]
+        unknown = [k for k in keys if k not in expected and not k.startswith(UNUSED_PREFIXES)]
         if unknown:
             log.warning("MiniCPM-o folder '%s': %d weight tensor(s) not used by X2I, e.g. %s", path, len(unknown),
                         unknown[:3])
@@ -512,13 +512,10 @@ class MiniCPMOFromFiles(nn.Module):
         return torch.stack(tuple(out.hidden_states), dim=1)
 
 
-_NOT_READ = torch.empty(0)  # a tensor present in the folder that X2I does not read
-
-
-def read_safetensors_folder(path: str, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of the folder's ``*.safetensors`` files (the index's shards when there is an index): those
-    named in ``wanted`` (the others - the TTS model, the LM head - are listed by name but never read), or all; a
-    folder with only torch pickles is refused, never unpickled."""
+def read_safetensors_folder(path: str, wanted: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """From the folder's ``*.safetensors`` files (the index's shards when there is an index): the tensors named in
+    ``wanted``, and the name of every tensor the files hold (the others - the TTS model, the LM head - are never
+    read); a folder with only torch pickles is refused, never unpickled."""
     from safetensors import SafetensorError, safe_open
 
     names = sorted(os.listdir(path))
@@ -542,15 +539,16 @@ def read_safetensors_folder(path: str, wanted: set[str] | None = None) -> dict[s
                 "get the model's .safetensors weights") if pickles else ""
         raise X2IFileError(f"MiniCPM-o folder '{path}' has no *.safetensors weights{hint}")
     state: dict[str, torch.Tensor] = {}
+    keys: list[str] = []
     for shard in shards:
         try:
             with safe_open(os.path.join(path, shard), framework="pt") as fh:
-                for key in fh.keys():
-                    state[key] = fh.get_tensor(key) if wanted is None or key in wanted else _NOT_READ
+                keys.extend(fh.keys())
+                state.update((k, fh.get_tensor(k)) for k in fh.keys() if k in wanted)
         except (SafetensorError, OSError) as exc:
             raise X2IFileError(f"MiniCPM-o folder '{path}': {shard} is truncated or corrupt ({exc}); download it "
                                "again") from exc
-    return state
+    return state, keys
 
 
 # -- the processor ------------------------------------------------------------------------------------------------
