@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers.comfy import _expect_node_error, node_of, tiny_api
-from tools.comfy_fetch import ROOT
+from tools.comfy_fetch import PACK_LINK_NAME, ROOT
 from tools.comfy_server import execution_error
 
 pytestmark = pytest.mark.comfy
@@ -33,7 +33,7 @@ def test_quick_test_for_ci_imports_the_pack_without_failures(host, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "IMPORT FAILED" not in out
-    assert "comfyui-x2i" in out  # listed among the custom node imports
+    assert PACK_LINK_NAME in out  # listed among the custom node imports
 
 
 def test_all_node_ids_registered_with_tooltips_on_every_input(host):

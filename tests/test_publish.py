@@ -157,6 +157,11 @@ def test_workflow_nodes_carry_their_pack_and_their_models_download_addresses(hos
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
         project = tomllib.load(fh)["project"]
+    from tools.comfy_fetch import PACK_LINK_NAME
+
+    # the test host holds the pack where the Registry installs it: custom_nodes/<its id> (the badge users see)
+    assert PACK_LINK_NAME == project["name"]
+    assert str(host["server"].object_info()["X2IMLLMEncode"]["python_module"]) == f"custom_nodes.{project['name']}"
     info = host["server"].object_info()
     checked_models = 0
     for name in WORKFLOWS:

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from helpers.comfy import comfy_host_dir, tiny_api
-from tools.comfy_fetch import ROOT, prepare_base
+from tools.comfy_fetch import PACK_LINK_NAME, ROOT, prepare_base
 from tools.comfy_server import ComfyServer, execution_error
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -300,7 +300,7 @@ def test_host_still_answers_and_its_log_is_clean(soak):
     assert soak["queue_left"] == {"queue_running": [], "queue_pending": []}
     assert server.proc.poll() is None
     log = server.log()
-    ours = [b for b in _tracebacks(log) if "comfyui-x2i" in b or "x2i_core" in b or ROOT in b]
+    ours = [b for b in _tracebacks(log) if PACK_LINK_NAME in b or "x2i_core" in b or ROOT in b]
     assert not ours, "\n\n".join(ours)[:6000]
     assert "!!! Exception during processing" not in log, log[-6000:]
     assert "memory leak with model" not in log  # ComfyUI's own check on models still referenced after unload

@@ -55,7 +55,9 @@ def comfy_version() -> str:
 
 
 COMFY_VERSION = comfy_version()
-PACK_LINK_NAME = "comfyui-x2i"
+# The pack's folder under custom_nodes: its Registry id (pyproject's project.name), the folder the Registry and the
+# Manager install it into, so the frontend's pack badge reads as a Registry user sees it.
+PACK_LINK_NAME = "x2i-any-prompt"
 
 
 def cache_root() -> str:
@@ -136,6 +138,10 @@ def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
                 "models/diffusion_models", "models/vae", "models/loras"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     _link(ROOT, os.path.join(base, "custom_nodes", PACK_LINK_NAME))
+    for entry in os.scandir(os.path.join(base, "custom_nodes")):  # a base kept from before under another name
+        if entry.name != PACK_LINK_NAME and entry.is_symlink() and \
+                os.path.realpath(entry.path) == os.path.realpath(ROOT):
+            os.remove(entry.path)
     names = {
         "mllm": os.path.basename(tiny["mllm"]),
         "alignnet": os.path.basename(tiny["alignnet_safetensors"]),

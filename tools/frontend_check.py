@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.request
 
 LOW_QUALITY_ZOOM = 0.6  # below this zoom the frontend draws nodes as bare boxes (LiteGraph's low-quality mode)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -46,9 +47,20 @@ def _start_browser():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts), profile
 
 
+# the frontend's passing notices over the graph: 1.32's toasts, 1.5x's "N issues found" card
+_NOTICES = "for (const t of document.querySelectorAll('.p-toast, [data-testid=\"error-overlay\"]')) "
+RESET_SETTINGS = {"Comfy.RightSidePanel.IsOpen": False}  # 1.5x's right side panel (closed by default)
+
+
 def _fresh_page(driver, url: str, timeout: float) -> list[str]:
     """Load the frontend from a clean slate (it restores the last workflow from storage) and close what a
     first visit opens (the Templates browser, announcement banners), so screenshots show the graph."""
+    # the frontend keeps its panels' state in the server's user settings: a side panel that an earlier check
+    # opened (the Issues panel) would cover the graph of every later page
+    for key, value in RESET_SETTINGS.items():
+        req = urllib.request.Request(f"{url}/settings/{key}", data=json.dumps(value).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
     if not (driver.current_url or "").startswith(url):  # storage can be cleared only from the page's origin
         driver.get(url + "/")
     driver.execute_script("localStorage.clear(); sessionStorage.clear();")
@@ -144,6 +156,7 @@ def _graph_state(driver) -> dict:
         " const x = (n.pos[0] + ds.offset[0]) * ds.scale, y = (n.pos[1] - th + ds.offset[1]) * ds.scale;"
         " return {id: n.id, type: n.type, x: x, y: y, w: n.size[0] * ds.scale, h: (n.size[1] + th) * ds.scale}; }), "
         "view: [window.app.canvas.canvas.clientWidth, window.app.canvas.canvas.clientHeight], "
+        "canvas_at: (() => { const r = window.app.canvas.canvas.getBoundingClientRect(); return [r.left, r.top]; })(), "
         "scale: window.app.canvas.ds.scale}")
     state["edges"] = sorted([int(v) for v in e] for e in state["edges"])
     return state
@@ -213,7 +226,16 @@ def open_workflows(url: str, workflows: dict[str, dict | bytes], shot_dir: str, 
             text = driver.execute_script("return document.body.innerText")
             state = _graph_state(driver)
             logs = [e["message"] for e in driver.get_log("browser")]
+            # the graph as it opens (what the layout check measured; the frontend's passing notices hidden for
+            # the picture: the "N issues found" toast is read below), then with the Issues panel open (1.5x)
+            shot = os.path.join(shot_dir, name.replace(".json", ".png") if name.endswith(".json")
+                                else name.replace(".png", ".from-png.png"))
+            driver.execute_script(_NOTICES + "t.style.visibility = 'hidden';")
+            driver.save_screenshot(shot)
+            driver.execute_script(_NOTICES + "t.style.visibility = '';")
             issues = issues_panel(driver)
+            if issues:
+                driver.save_screenshot(shot.replace(".png", ".issues.png"))
             # what the frontend lacks model files for is no fault of the graph: its "Missing Models" dialog (1.32)
             # or Issues-panel section (1.5x) is reported apart (the shipped workflows name the release files)
             missing_models = [d for d in state["dialogs"] if d.strip().startswith("Missing Models")]
@@ -223,9 +245,6 @@ def open_workflows(url: str, workflows: dict[str, dict | bytes], shot_dir: str, 
                 reported.append(" ".join(sum((v for k, v in issues["sections"].items() if k != "Missing Models"),
                                              [])))
                 reported.extend(k for k in issues["sections"] if k != "Missing Models")
-            shot = os.path.join(shot_dir, name.replace(".json", ".png") if name.endswith(".json")
-                                else name.replace(".png", ".from-png.png"))
-            driver.save_screenshot(shot)
             new_text = text.replace(before, "") if before and before in text else text
             results[name] = {
                 "loaded": done, "state": state, "console": logs, "screenshot": shot,

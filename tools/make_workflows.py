@@ -231,8 +231,9 @@ TASK_WORKFLOWS = {
               prefix="X2I_image2image"),
     ),
     "x2i_multi_image.json": (
-        "Multi-image composition: several images in one prompt, in order (the stock Image Batch node joins them; "
-        "it resizes the second to the first's size). The text says how to combine them. " + MODELS_VL,
+        "Multi-image composition: several images in one prompt, in order (the stock Image Batch node joins them and "
+        "resizes the second to the first's size; ComfyUI 0.28+ lists it as deprecated but runs it, and its newer "
+        "Batch Images node does the same). The text says how to combine them. " + MODELS_VL,
         _task("Put the animal from picture 1 into the scene of picture 2.",
               inputs=[(20, "LoadImage", (460, 320), ["subject.png", "image"], {}, None),
                       (21, "LoadImage", (460, 700), ["scene.png", "image"], {}, None),
@@ -524,26 +525,33 @@ def screenshots(workflows: dict[str, dict]) -> dict[str, str]:
     bad = {n: r["problems"] for n, r in results.items() if r["problems"] or r["loaded"] is not True}
     if bad:
         raise SystemExit(f"the frontend reported problems, no thumbnails written: {bad}")
-    return {n: r["screenshot"] for n, r in results.items()}
+    return {n: (r["screenshot"], r["state"]) for n, r in results.items()}
 
 
-def _canvas(shot: str):
-    """The graph part of a frontend screenshot (side bar, top bars and bottom tool bar cut), 800 px wide,
+def _canvas(shot: str, state: dict, margin: int = 16):
+    """The graph part of a frontend screenshot: the box around every node as drawn (title bars and badges
+    included; the frontend's own bars and panels differ between versions, the nodes' boxes do not), 800 px wide,
     reduced to 128 colours (small files)."""
     from PIL import Image
 
     img = Image.open(shot).convert("RGB")
     w, h = img.size
-    img = img.crop((60, 90, w, h - 70))
+    left, top = state["canvas_at"]
+    boxes = state["boxes"]
+    x0 = max(0, int(left + min(b["x"] for b in boxes)) - margin)
+    y0 = max(0, int(top + min(b["y"] for b in boxes)) - margin)
+    x1 = min(w, int(left + max(b["x"] + b["w"] for b in boxes)) + margin)
+    y1 = min(h, int(top + max(b["y"] + b["h"] for b in boxes)) + margin)
+    img = img.crop((x0, y0, x1, y1))
     img = img.resize((800, round(800 * img.size[1] / img.size[0])), Image.LANCZOS)
     return img.quantize(colors=128)
 
 
 def thumbnail(path, title, steps, workflow=None, api=None, shot=None):
-    """The template thumbnail: the graph as the frontend shows it (``shot``, from ``--shoot``), else the
-    pixels already there, else a diagram of ``steps``. It also carries the graph as ComfyUI's SaveImage writes
-    it (PNG text chunks ``workflow`` = UI JSON, ``prompt`` = API JSON), so dropping the picture on the canvas
-    loads the workflow."""
+    """The template thumbnail: the graph as the frontend shows it (``shot`` = (screenshot, graph state), from
+    ``--shoot``), else the pixels already there, else a diagram of ``steps``. It also carries the graph as
+    ComfyUI's SaveImage writes it (PNG text chunks ``workflow`` = UI JSON, ``prompt`` = API JSON), so dropping
+    the picture on the canvas loads the workflow."""
     from PIL import Image, ImageDraw
     from PIL.PngImagePlugin import PngInfo
 
@@ -553,7 +561,7 @@ def thumbnail(path, title, steps, workflow=None, api=None, shot=None):
     if workflow is not None:
         info.add_text("workflow", json.dumps(workflow))
     if shot or os.path.exists(path):
-        img = _canvas(shot) if shot else Image.open(path)
+        img = _canvas(*shot) if shot else Image.open(path)
         img.save(path, pnginfo=info)
         return
     img = Image.new("RGB", (512, 384), (30, 32, 40))
