@@ -116,6 +116,21 @@ def test_a_single_long_prompt_is_still_cut_as_the_reference_training_did(encoder
     assert hs.hidden.shape[2] == 512 and hs.lengths[0] > 512
 
 
+def test_a_text_over_the_token_budget_is_refused_before_the_forward(encoder, monkeypatch):
+    """A long text or chat under a growing preset is held to the same budget as media (every layer's hidden
+    states of every token are kept): refused with the numbers after tokenising, before the decoder runs."""
+    from x2i_core.errors import X2IInputError
+
+    monkeypatch.setenv("X2I_TOKEN_BUDGET", "300")
+    calls = []
+    monkeypatch.setattr(encoder.model, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(X2IInputError, match=r"prompt 1 is \d+ tokens .* more than 300, X2I's token budget"):
+        encoder.encode(EncodeRequest(text=LONG), preset="comfyui")
+    assert calls == []
+    monkeypatch.undo()  # the control: the same text under the default budget encodes
+    assert encoder.encode(EncodeRequest(text=LONG), preset="comfyui").lengths[0] > 300
+
+
 def test_reasoning_over_a_question_longer_than_512_tokens_keeps_its_generation_prompt(encoder):
     """Once: the question was cut at 512 (losing the generation prompt) and the answer sliced at the uncut
     length: "produced no answer tokens" although the model answered."""

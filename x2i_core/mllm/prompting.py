@@ -230,6 +230,13 @@ class ChatPrompt:
                 f"prompt {longest + 1} is {lengths[longest]} tokens (padded to {target} by the '{spec.name}' "
                 f"preset); {self.name} takes at most {int(limit)} positions (max_position_embeddings). Shorten "
                 "the text, use fewer or smaller images, fewer video frames or shorter audio")
+        budget, why = self.token_budget()
+        if target > budget:  # a long text or chat: token ids are all that exists yet, the forward is refused
+            longest = max(range(len(lengths)), key=lambda i: lengths[i])
+            raise X2IInputError(
+                f"prompt {longest + 1} is {lengths[longest]} tokens (padded to {target} by the '{spec.name}' "
+                f"preset), more than {budget}, {why}. Shorten the text or the chat, use the 'training' preset "
+                "(512 tokens), fewer or smaller images, fewer video frames or shorter audio")
         media_ids = self.media_token_ids()
         ids_rows, mask_rows = [], []
         token_rows: dict[str, list[torch.Tensor]] = {k: [] for k in TOKEN_KEYS if k in per_prompt[0]}
