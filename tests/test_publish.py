@@ -217,3 +217,24 @@ def test_the_alignnet_and_lightcontrol_loaders_list_only_their_own_kind(host, tm
     # chosen anyway through an API prompt: refused by the host's list check (0.28) or by the loader, by name
     api = tiny_api(host, "x2i_sampler.json", X2IAlignNetLoader={"alignnet_name": "alignnet-looking-lightcontrol.bin"})
     _expect_node_error(host, api, "X2IAlignNetLoader", "is a LightControl file", "X2I LightControl Loader")
+
+
+def test_a_kept_base_holds_one_copy_of_the_pack(tmp_path):
+    """The demo, thumbnail and object-info bases live in the cache between runs: the pack linked there under an
+    earlier name, or from another checkout, is removed, so the host never registers the nodes twice; other packs
+    stay."""
+    from tools.comfy_fetch import PACK_LINK_NAME, prepare_base
+
+    nodes_dir = tmp_path / "base" / "custom_nodes"
+    nodes_dir.mkdir(parents=True)
+    old_checkout, other_pack = tmp_path / "old-checkout", tmp_path / "some-pack"
+    (old_checkout / "x2i_core").mkdir(parents=True)
+    (old_checkout / "x2i_core" / "__init__.py").write_text("")
+    other_pack.mkdir()
+    os.symlink(old_checkout, nodes_dir / "comfyui-x2i")
+    os.symlink(other_pack, nodes_dir / "some-pack")
+    tiny = {k: str(tmp_path / k) for k in ("mllm", "alignnet_safetensors", "alignnet", "comfy_flux", "comfy_vae",
+                                           "comfy_lightcontrol")}
+    prepare_base(str(tmp_path / "base"), tiny)
+    assert sorted(os.listdir(nodes_dir)) == sorted([PACK_LINK_NAME, "some-pack"])
+    assert os.path.samefile(nodes_dir / PACK_LINK_NAME, ROOT)

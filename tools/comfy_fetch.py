@@ -138,9 +138,11 @@ def prepare_base(base: str, tiny: dict[str, str]) -> dict[str, str]:
                 "models/diffusion_models", "models/vae", "models/loras"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     _link(ROOT, os.path.join(base, "custom_nodes", PACK_LINK_NAME))
-    for entry in os.scandir(os.path.join(base, "custom_nodes")):  # a base kept from before under another name
+    # a base kept from before may hold this pack (this checkout or another) linked under another name: two
+    # copies of the pack would register the same nodes
+    for entry in os.scandir(os.path.join(base, "custom_nodes")):
         if entry.name != PACK_LINK_NAME and entry.is_symlink() and \
-                os.path.realpath(entry.path) == os.path.realpath(ROOT):
+                os.path.isfile(os.path.join(entry.path, "x2i_core", "__init__.py")):
             os.remove(entry.path)
     names = {
         "mllm": os.path.basename(tiny["mllm"]),
