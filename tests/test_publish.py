@@ -159,10 +159,10 @@ def test_workflow_nodes_carry_their_pack_and_their_models_download_addresses(hos
         project = tomllib.load(fh)["project"]
     from tools.comfy_fetch import PACK_LINK_NAME
 
+    info = host["server"].object_info()
     # the test host holds the pack where the Registry installs it: custom_nodes/<its id> (the badge users see)
     assert PACK_LINK_NAME == project["name"]
-    assert str(host["server"].object_info()["X2IMLLMEncode"]["python_module"]) == f"custom_nodes.{project['name']}"
-    info = host["server"].object_info()
+    assert str(info["X2IMLLMEncode"]["python_module"]) == f"custom_nodes.{project['name']}"
     checked_models = 0
     for name in WORKFLOWS:
         for node in load_workflow(name)["nodes"]:

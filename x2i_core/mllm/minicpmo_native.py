@@ -543,8 +543,9 @@ def read_safetensors_folder(path: str, wanted: set[str]) -> tuple[dict[str, torc
     for shard in shards:
         try:
             with safe_open(os.path.join(path, shard), framework="pt") as fh:
-                keys.extend(fh.keys())
-                state.update((k, fh.get_tensor(k)) for k in fh.keys() if k in wanted)
+                held = list(fh.keys())
+                keys.extend(held)
+                state.update((k, fh.get_tensor(k)) for k in held if k in wanted)
         except (SafetensorError, OSError) as exc:
             raise X2IFileError(f"MiniCPM-o folder '{path}': {shard} is truncated or corrupt ({exc}); download it "
                                "again") from exc

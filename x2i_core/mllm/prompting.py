@@ -149,8 +149,8 @@ class ChatPrompt:
         (``X2I_TOKEN_BUDGET``, 32768 by default: what one 24 GB GPU encodes with the released 7B MLLMs)."""
         budget, why = token_budget_setting(), "X2I's token budget (environment variable X2I_TOKEN_BUDGET)"
         limit = self.max_positions()
-        if limit and int(limit) < budget:
-            budget, why = int(limit), f"{self.name}'s max_position_embeddings"
+        if limit and int(limit) <= budget:  # where both agree, the model's own limit (no setting raises it)
+            budget, why = int(limit), f"{self.name} takes at most {int(limit)} positions (max_position_embeddings)"
         return budget, why
 
     def image_tokens(self, width: int, height: int, spec) -> int:
@@ -223,15 +223,8 @@ class ChatPrompt:
             target = lengths[0]
         else:
             raise X2IInputError(f"prompts of different lengths {lengths} cannot be batched without padding")
-        limit = self.max_positions()
-        if limit and target > int(limit):
-            longest = max(range(len(lengths)), key=lambda i: lengths[i])
-            raise X2IInputError(
-                f"prompt {longest + 1} is {lengths[longest]} tokens (padded to {target} by the '{spec.name}' "
-                f"preset); {self.name} takes at most {int(limit)} positions (max_position_embeddings). Shorten "
-                "the text, use fewer or smaller images, fewer video frames or shorter audio")
         budget, why = self.token_budget()
-        if target > budget:  # a long text or chat: token ids are all that exists yet, the forward is refused
+        if target > budget:  # the model's positions or X2I's budget: token ids are all that exists yet
             longest = max(range(len(lengths)), key=lambda i: lengths[i])
             raise X2IInputError(
                 f"prompt {longest + 1} is {lengths[longest]} tokens (padded to {target} by the '{spec.name}' "
